@@ -1,0 +1,1 @@
+"""Exemplar-CNN local feature descriptor (Dosovitskiy et al., NIPS 2014 / TPAMI 2016)."""

@@ -1,0 +1,28 @@
+from setuptools import setup
+
+setup(
+    name="exemplar_desc",
+    version="0.1.0",
+    description="Exemplar-CNN local feature descriptor with an OpenCV-style API",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["exemplar_desc", "exemplar_desc.weights", "benchmarks"],
+    # weights/ lives at the top level of the repository but installs inside the package,
+    # so ExemplarDescriptor() finds it from any working directory.
+    package_dir={"exemplar_desc.weights": "weights"},
+    package_data={"exemplar_desc.weights": ["*.pt", "*.json", "*.md"]},
+    install_requires=[
+        "torch>=2.1",
+        "kornia>=0.7",
+        "opencv-python-headless>=4.8",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "h5py>=3.8",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "scikit-image>=0.21",
+        "pycolmap>=3.10",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)

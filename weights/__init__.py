@@ -1,0 +1,1 @@
+"""Trained Exemplar-CNN descriptor weights, installed as ``exemplar_desc.weights``."""
