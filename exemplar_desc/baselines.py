@@ -1,0 +1,78 @@
+"""SIFT and RootSIFT with the same Feature2D-style interface as ExemplarDescriptor.
+
+Used as references by the matching benchmark and the SfM pipeline; RootSIFT is
+Arandjelovic & Zisserman (CVPR 2012): L1-normalise, square root, which makes the
+Euclidean distance a Hellinger kernel on the SIFT histograms.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+__all__ = ["RootSIFT", "create_descriptor", "DESCRIPTOR_NAMES"]
+
+DESCRIPTOR_NAMES = ("exemplar", "sift", "rootsift")
+
+
+class RootSIFT:
+    """OpenCV SIFT followed by the RootSIFT mapping; descriptors (N, 128) float32, unit L2 norm."""
+
+    def __init__(self, **sift_kwargs) -> None:
+        self._sift = cv2.SIFT_create(**sift_kwargs)
+
+    @staticmethod
+    def _root(desc: np.ndarray | None) -> np.ndarray | None:
+        if desc is None:
+            return None
+        desc = desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-12)
+        return np.sqrt(desc).astype(np.float32)
+
+    def detect(self, image: np.ndarray, mask: np.ndarray | None = None) -> Sequence[cv2.KeyPoint]:
+        return self._sift.detect(image, mask)
+
+    def compute(self, image: np.ndarray, keypoints: Sequence[cv2.KeyPoint]):
+        kps, desc = self._sift.compute(image, keypoints)
+        return kps, self._root(desc)
+
+    def detectAndCompute(self, image: np.ndarray, mask: np.ndarray | None = None, useProvidedKeypoints: bool = False):
+        kps, desc = self._sift.detectAndCompute(image, mask, useProvidedKeypoints=useProvidedKeypoints)
+        return kps, self._root(desc)
+
+    def descriptorSize(self) -> int:
+        return 128
+
+    def descriptorType(self) -> int:
+        return cv2.CV_32F
+
+    def defaultNorm(self) -> int:
+        return cv2.NORM_L2
+
+    def getDefaultName(self) -> str:
+        return "Feature2D.RootSIFT"
+
+
+def create_descriptor(name: str, device: str = "cpu", **kwargs):
+    """Build a descriptor by name.
+
+    Args:
+        name: ``"sift"`` (OpenCV SIFT), ``"rootsift"``, ``"exemplar"`` (the shipped default
+            model) or ``"exemplar:<model>"`` (a shipped model name or a weights path).
+        device: torch device for the Exemplar models.
+        kwargs: passed to the constructor (e.g. ``nfeatures`` for SIFT's detector).
+
+    Returns:
+        An object with OpenCV's Feature2D methods (detect, compute, detectAndCompute, ...).
+    """
+    if name == "sift":
+        return cv2.SIFT_create(**kwargs)
+    if name == "rootsift":
+        return RootSIFT(**kwargs)
+    if name == "exemplar" or name.startswith("exemplar:"):
+        from .descriptor import ExemplarDescriptor
+
+        model = name.split(":", 1)[1] if ":" in name else None
+        return ExemplarDescriptor(model=model, device=device, **kwargs)
+    raise ValueError(f"unknown descriptor {name!r}; available: {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>")
