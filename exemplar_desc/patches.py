@@ -25,6 +25,7 @@ __all__ = [
     "to_gray_float",
     "keypoints_to_arrays",
     "build_pyramid",
+    "keypoint_frames",
     "extract_patches",
     "normalize_patches",
 ]
@@ -121,52 +122,63 @@ def build_pyramid(gray: np.ndarray, min_side: int = 16) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(level))[None, None] for level in levels]
 
 
-def extract_patches(
-    pyramid: list[torch.Tensor],
-    xy: np.ndarray,
-    size: np.ndarray,
-    angle: np.ndarray | None,
-    magnification: float,
-    patch_size: int = 32,
-) -> torch.Tensor:
-    """Cut square patches of side ``magnification * size`` pixels around keypoints.
+def keypoint_frames(size: np.ndarray, angle: np.ndarray | None, magnification: float) -> np.ndarray:
+    """Patch frames of keypoints: squares of side ``magnification * size`` turned by ``angle``.
 
-    Each patch is resampled (bilinear) to ``patch_size`` pixels from the pyramid level
-    whose pixel step is closest below the patch's own, so the source is already low-pass
-    filtered for the sampling rate. Points near or beyond the border get reflected content.
+    Args:
+        size: (N,) keypoint diameters in pixels.
+        angle: (N,) degrees, clockwise on screen (OpenCV); negative values and ``None`` mean upright.
+        magnification: patch side in units of ``size``.
+
+    Returns:
+        (N, 2, 2) float64 frames ``A`` for :func:`extract_patches`.
+    """
+    size = np.asarray(size, dtype=np.float64)
+    theta = np.zeros_like(size) if angle is None else np.deg2rad(np.where(np.asarray(angle) < 0, 0.0, angle))
+    cos, sin = np.cos(theta), np.sin(theta)
+    # With y pointing down, this rotation by +angle turns the patch clockwise on screen, as OpenCV's angle does.
+    rotation = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+    return rotation * (magnification * size / 2)[:, None, None]
+
+
+def extract_patches(
+    pyramid: list[torch.Tensor], centers: np.ndarray, frames: np.ndarray, patch_size: int = 32
+) -> torch.Tensor:
+    """Cut patches ``centers + frames @ [-1, 1]^2`` out of an image pyramid, resampled to ``patch_size``.
+
+    Same convention as kornia's local affine frames (``[A | c]``): column 0 of ``A`` is the
+    image of the patch's x axis, column 1 of its y axis (rows run down the patch), both in
+    level-0 pixels. Each patch is sampled (bilinear) from the pyramid level whose pixel step
+    is closest below the patch's own, so the source is already low-pass filtered for the
+    sampling rate. Points near or beyond the border get reflected content.
 
     Args:
         pyramid: levels from :func:`build_pyramid`.
-        xy: (N, 2) keypoint centres in level-0 pixels (x, y).
-        size: (N,) keypoint diameters in level-0 pixels.
-        angle: (N,) degrees, clockwise in image coordinates; negative values and ``None``
-            mean upright patches.
-        magnification: patch side in units of ``size``.
+        centers: (N, 2) patch centres (x, y) in level-0 pixels.
+        frames: (N, 2, 2) frames ``A`` in level-0 pixels (see :func:`keypoint_frames`).
         patch_size: output side P in pixels.
 
     Returns:
-        (N, 1, P, P) float32 patches with the image's intensities; the patch's +x axis
-        points along the keypoint's angle.
+        (N, 1, P, P) float32 patches with the image's intensities.
     """
-    n = len(xy)
+    n = len(centers)
     out = torch.empty((n, 1, patch_size, patch_size), dtype=torch.float32)
     if n == 0:
         return out
-    step = magnification * np.asarray(size, dtype=np.float64) / patch_size  # level-0 pixels per patch pixel
+    frames = np.asarray(frames, dtype=np.float64)
+    centers = np.asarray(centers, dtype=np.float64)
+    step = 2 * np.sqrt(np.abs(np.linalg.det(frames))) / patch_size  # level-0 pixels per patch pixel
     level = np.clip(np.floor(np.log2(np.maximum(step, 1e-12))), 0, len(pyramid) - 1).astype(int)
-    theta = np.zeros(n) if angle is None else np.deg2rad(np.where(np.asarray(angle) < 0, 0.0, angle))
-    offsets = (np.arange(patch_size) - (patch_size - 1) / 2.0).astype(np.float64)
-    u, v = np.meshgrid(offsets, offsets)  # patch-pixel offsets from the centre, (P, P)
+    cells = (2 * np.arange(patch_size) + 1) / patch_size - 1  # cell centres in [-1, 1]
+    u, v = np.meshgrid(cells, cells)  # (P, P): u along a row, v down the rows
     for lev in np.unique(level):
         idx = np.nonzero(level == lev)[0]
         image = pyramid[lev]
         h, w = image.shape[-2:]
         factor = 2.0**lev
-        s = step[idx, None, None] / factor
-        cos, sin = np.cos(theta[idx])[:, None, None], np.sin(theta[idx])[:, None, None]
-        # Rotating by +angle with y down turns the patch clockwise on screen, as OpenCV's angle does.
-        x = (xy[idx, 0, None, None] + 0.5) / factor - 0.5 + s * (cos * u - sin * v)
-        y = (xy[idx, 1, None, None] + 0.5) / factor - 0.5 + s * (sin * u + cos * v)
+        a = frames[idx, :, :, None, None] / factor
+        x = (centers[idx, 0, None, None] + 0.5) / factor - 0.5 + a[:, 0, 0] * u + a[:, 0, 1] * v
+        y = (centers[idx, 1, None, None] + 0.5) / factor - 0.5 + a[:, 1, 0] * u + a[:, 1, 1] * v
         grid = np.stack([(x + 0.5) / w * 2 - 1, (y + 0.5) / h * 2 - 1], axis=-1)
         # One (1, n*P, P) grid over the single image avoids n copies of the image.
         grid_t = torch.from_numpy(grid.astype(np.float32)).reshape(1, len(idx) * patch_size, patch_size, 2)

@@ -1,0 +1,220 @@
+"""ExemplarDescriptor: the Exemplar-CNN descriptor behind OpenCV's Feature2D interface."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from .model_io import load_model
+from .networks import DescriptorNet
+from .patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches, to_gray_float
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExemplarDescriptor", "describe_frames"]
+
+
+@torch.inference_mode()
+def describe_frames(
+    net: DescriptorNet,
+    pyramid: list[torch.Tensor],
+    centers: np.ndarray,
+    frames: np.ndarray,
+    patch_size: int = 32,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Describe patches ``centers + frames @ [-1, 1]^2`` (see :func:`extract_patches`) in batches.
+
+    Args:
+        net: descriptor network (eval mode) on any device.
+        pyramid: from :func:`build_pyramid`.
+        centers: (N, 2) pixels (x, y); frames: (N, 2, 2) pixels.
+
+    Returns:
+        (N, D) float32 descriptors with unit L2 norm.
+    """
+    device = next(net.parameters()).device
+    desc = np.empty((len(centers), net.head.projection.shape[1]), dtype=np.float32)
+    for start in range(0, len(centers), batch_size):
+        stop = start + batch_size
+        patches = normalize_patches(extract_patches(pyramid, centers[start:stop], frames[start:stop], patch_size))
+        patches = patches.to(device).contiguous(memory_format=torch.channels_last)
+        desc[start:stop] = net(patches).float().cpu().numpy()
+    return desc
+
+
+class ExemplarDescriptor:
+    """Exemplar-CNN local descriptor with OpenCV's ``Feature2D`` methods.
+
+    Example::
+
+        descriptor = ExemplarDescriptor()                 # the shipped default model
+        kps = cv2.SIFT_create(nfeatures=2000).detect(img, None)
+        kps, desc = descriptor.compute(img, kps)          # (N, 128) float32, unit L2 norm
+
+    Each keypoint's patch is a square of side ``magnification * KeyPoint.size`` pixels
+    centred on ``KeyPoint.pt``, turned by ``KeyPoint.angle`` (clockwise, degrees) unless
+    ``upright``, cut from an anti-aliased image pyramid and resampled to the network's
+    input size. ``compute`` returns every keypoint it was given, in order (points near or
+    beyond the border get reflected image content).
+
+    Args:
+        model: shipped model name (see :func:`exemplar_desc.model_io.list_models`), or a path
+            to a model card (.json) or weights file (.pt); ``None`` for the default model.
+        device: torch device, ``"cpu"`` (default) or ``"cuda"``.
+        upright: ignore keypoint angles.
+        magnification: patch side in units of ``KeyPoint.size``; ``None`` uses the model card's.
+        batch_size: keypoints per network batch; bounds memory for any number of keypoints.
+        detector: ``cv2.Feature2D`` used by :meth:`detect`; default ``cv2.SIFT_create()``.
+        output_dtype: ``np.float32`` (default) or ``np.uint8`` (COLMAP's SIFT quantisation:
+            x512, clipped to 255).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        upright: bool = False,
+        magnification: float | None = None,
+        batch_size: int = 1024,
+        detector: cv2.Feature2D | None = None,
+        output_dtype: type = np.float32,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if np.dtype(output_dtype) not in (np.float32, np.uint8):
+            raise ValueError(f"output_dtype must be np.float32 or np.uint8, got {output_dtype}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' requested but CUDA is not available; use device='cpu'")
+        self.net, self.card = load_model(model, self.device)
+        self.net = self.net.to(memory_format=torch.channels_last)
+        self.magnification = float(self.card["magnification"] if magnification is None else magnification)
+        if not self.magnification > 0:
+            raise ValueError(f"magnification must be positive, got {self.magnification}")
+        self.patch_size = int(self.card["patch_size"])
+        self.upright = upright
+        self.batch_size = batch_size
+        self.output_dtype = np.dtype(output_dtype)
+        self.detector = detector if detector is not None else cv2.SIFT_create()
+
+    def __repr__(self) -> str:
+        return (
+            f"ExemplarDescriptor(model={self.card['name']!r}, device={str(self.device)!r}, upright={self.upright}, "
+            f"magnification={self.magnification:g})"
+        )
+
+    # --- Feature2D interface -------------------------------------------------------------
+
+    def descriptorSize(self) -> int:
+        """Descriptor length (128 for the shipped models)."""
+        return int(self.card["head"]["dim"])
+
+    def descriptorType(self) -> int:
+        """``cv2.CV_32F``, or ``cv2.CV_8U`` with ``output_dtype=np.uint8``."""
+        return cv2.CV_8U if self.output_dtype == np.uint8 else cv2.CV_32F
+
+    def defaultNorm(self) -> int:
+        """``cv2.NORM_L2``: descriptors are compared by Euclidean distance."""
+        return cv2.NORM_L2
+
+    def getDefaultName(self) -> str:
+        return "Feature2D.ExemplarDescriptor"
+
+    def detect(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[cv2.KeyPoint, ...]:
+        """Keypoints of the detector (default SIFT/DoG) on the image's grey version.
+
+        Args:
+            image: see :meth:`compute`.
+            mask: optional (H, W) uint8; keypoints only where it is non-zero.
+        """
+        gray = to_gray_float(image)
+        return self.detector.detect(self._to_uint8(gray), self._check_mask(mask, gray.shape))
+
+    def compute(self, image: np.ndarray, keypoints: Sequence[cv2.KeyPoint]) -> tuple[list[cv2.KeyPoint], np.ndarray | None]:
+        """Describe keypoints.
+
+        Args:
+            image: (H, W) grey, (H, W, 3) BGR or (H, W, 4) BGRA; uint8, uint16 or float in [0, 1].
+            keypoints: cv2.KeyPoints from any detector (pixel coordinates, ``size`` a diameter in
+                pixels, ``angle`` in degrees clockwise, -1 for none).
+
+        Returns:
+            (keypoints as a list, in the given order; descriptors (N, D) float32 with unit L2 norm,
+            or uint8 with ``output_dtype=np.uint8``). An empty keypoint list gives ``([], None)``.
+        """
+        gray = to_gray_float(image)
+        if keypoints is None:
+            raise TypeError("keypoints must be a sequence of cv2.KeyPoint, got None")
+        keypoints = list(keypoints)
+        if not keypoints:
+            return [], None
+        xy, size, angle = keypoints_to_arrays(keypoints)
+        frames = keypoint_frames(size, None if self.upright else angle, self.magnification)
+        desc = self._describe(build_pyramid(gray), xy, frames)
+        return keypoints, self._finish(desc)
+
+    def detectAndCompute(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray | None = None,
+        keypoints: Sequence[cv2.KeyPoint] | None = None,
+        useProvidedKeypoints: bool = False,
+    ) -> tuple[list[cv2.KeyPoint], np.ndarray | None]:
+        """:meth:`detect` then :meth:`compute`; with ``useProvidedKeypoints`` describe ``keypoints`` instead."""
+        if useProvidedKeypoints:
+            if keypoints is None:
+                raise ValueError("useProvidedKeypoints=True needs keypoints")
+            return self.compute(image, keypoints)
+        return self.compute(image, self.detect(image, mask))
+
+    # --- kornia interface ----------------------------------------------------------------
+
+    def compute_lafs(self, image: torch.Tensor, lafs: torch.Tensor) -> torch.Tensor:
+        """Describe kornia local affine frames.
+
+        Args:
+            image: (B, C, H, W) float tensor in [0, 1], C = 1 (grey) or 3 (RGB).
+            lafs: (B, N, 2, 3) frames ``[A | c]`` in pixels (kornia's convention: the patch
+                covers ``c + A [-1, 1]^2``). The full affine shape of ``A`` is used.
+
+        Returns:
+            (B, N, D) float32 descriptors with unit L2 norm, on the input's device.
+        """
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] not in (1, 3):
+            raise ValueError(f"image must be a (B, 1|3, H, W) tensor, got {getattr(image, 'shape', type(image))}")
+        if not isinstance(lafs, torch.Tensor) or lafs.ndim != 4 or lafs.shape[2:] != (2, 3) or lafs.shape[0] != image.shape[0]:
+            raise ValueError(f"lafs must be a (B, N, 2, 3) tensor with the image's B, got {getattr(lafs, 'shape', type(lafs))}")
+        out = []
+        for img, laf in zip(image.detach().cpu(), lafs.detach().cpu().double().numpy()):
+            rgb = img.permute(1, 2, 0).float().numpy()
+            gray = to_gray_float(np.ascontiguousarray(rgb[..., ::-1]) if rgb.shape[2] == 3 else rgb)
+            out.append(torch.from_numpy(self._describe(build_pyramid(gray), laf[:, :, 2], laf[:, :, :2])))
+        return torch.stack(out).to(image.device)
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _describe(self, pyramid: list[torch.Tensor], centers: np.ndarray, frames: np.ndarray) -> np.ndarray:
+        return describe_frames(self.net, pyramid, centers, frames, self.patch_size, self.batch_size)
+
+    def _finish(self, desc: np.ndarray) -> np.ndarray:
+        if self.output_dtype == np.uint8:
+            return np.clip(np.round(desc * 512.0), 0, 255).astype(np.uint8)
+        return desc
+
+    @staticmethod
+    def _to_uint8(gray: np.ndarray) -> np.ndarray:
+        return np.round(gray * 255.0).astype(np.uint8)
+
+    @staticmethod
+    def _check_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, np.ndarray) or mask.shape != shape:
+            raise ValueError(f"mask must be a numpy array of shape {shape} (the image's H, W), got {getattr(mask, 'shape', type(mask))}")
+        return (mask != 0).astype(np.uint8)

@@ -1,0 +1,270 @@
+"""Exemplar-CNN networks built from the paper's notation, and the descriptor head.
+
+Notation (Dosovitskiy et al.): ``64c5`` is a convolution with 64 filters of 5x5,
+``s2`` appended gives it stride 2, ``512f`` is a fully connected layer of 512 units.
+``"64c5-128c5-256c5-512f"`` is the main NIPS 2014 network.
+
+Official choices: convolutions padded to keep the size (stride 1), ReLU, 3x3 stride-2
+max-pooling after the first two convolutions, dropout 0.5 on the fully connected layer,
+and a softmax classifier over the surrogate classes for training.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "Architecture",
+    "ARCHITECTURES",
+    "parse_architecture",
+    "resolve_architecture",
+    "architecture_from_dict",
+    "ConvTrunk",
+    "ExemplarClassifier",
+    "DescriptorHead",
+    "DescriptorNet",
+    "count_flops",
+]
+
+_CONV = re.compile(r"^(\d+)c(\d+)(?:s(\d+))?$")
+_FC = re.compile(r"^(\d+)f$")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A parsed network description.
+
+    Attributes:
+        spec: the notation string, e.g. ``"64c5-128c5-256c5-512f"``.
+        convs: (filters, kernel, stride) per convolution.
+        fcs: units per fully connected layer (before the classifier).
+        pool_after: max-pool (3x3, stride 2) after each of the first ``pool_after`` convolutions.
+        batch_norm: batch normalisation after each convolution (not in the paper).
+    """
+
+    spec: str
+    convs: tuple[tuple[int, int, int], ...]
+    fcs: tuple[int, ...]
+    pool_after: int = 2
+    batch_norm: bool = False
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "pool_after": self.pool_after, "batch_norm": self.batch_norm}
+
+
+def parse_architecture(spec: str, pool_after: int = 2, batch_norm: bool = False) -> Architecture:
+    """Parse the paper's notation, e.g. ``"64c7s2-128c5-256c5-512f"``.
+
+    Raises:
+        ValueError: malformed token, no convolution, or a convolution after a fc layer.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("architecture must be a non-empty string such as '64c5-128c5-256c5-512f'")
+    convs: list[tuple[int, int, int]] = []
+    fcs: list[int] = []
+    for token in spec.strip().split("-"):
+        conv, fc = _CONV.match(token), _FC.match(token)
+        if conv:
+            if fcs:
+                raise ValueError(f"convolution {token!r} after a fully connected layer in {spec!r}")
+            filters, kernel, stride = int(conv[1]), int(conv[2]), int(conv[3] or 1)
+            if min(filters, kernel, stride) < 1:
+                raise ValueError(f"zero-sized layer {token!r} in {spec!r}")
+            convs.append((filters, kernel, stride))
+        elif fc:
+            if int(fc[1]) < 1:
+                raise ValueError(f"zero-sized layer {token!r} in {spec!r}")
+            fcs.append(int(fc[1]))
+        else:
+            raise ValueError(
+                f"bad layer {token!r} in {spec!r}: expected '<filters>c<kernel>[s<stride>]' or '<units>f'"
+            )
+    if not convs:
+        raise ValueError(f"architecture {spec!r} has no convolution")
+    if not 0 <= pool_after <= len(convs):
+        raise ValueError(f"pool_after must be in [0, {len(convs)}], got {pool_after}")
+    return Architecture(spec.strip(), tuple(convs), tuple(fcs), pool_after, batch_norm)
+
+
+#: Named architectures. The paper's nets keep their official layout; ``fast`` is ours:
+#: strided convolutions instead of max-pooling and batch normalisation, ~12 MFLOP per
+#: 32x32 patch up to its last convolution, so the descriptor keeps pace with SIFT on a CPU.
+ARCHITECTURES: dict[str, Architecture] = {
+    "exemplar-small": parse_architecture("64c5-64c5-128f"),
+    "exemplar-nips": parse_architecture("64c5-128c5-256c5-512f"),
+    "exemplar-large": parse_architecture("92c5-256c5-512c5-1024f"),
+    "exemplar-blur": parse_architecture("64c7s2-128c5-256c5-512f"),
+    "fast": parse_architecture("32c4s2-64c3s2-128c3-256f", pool_after=0, batch_norm=True),
+}
+
+
+def resolve_architecture(name_or_spec: str, pool_after: int | None = None, batch_norm: bool | None = None) -> Architecture:
+    """A named architecture from :data:`ARCHITECTURES`, or a notation string parsed with the paper's defaults."""
+    base = ARCHITECTURES.get(name_or_spec) or parse_architecture(name_or_spec)
+    return parse_architecture(
+        base.spec,
+        base.pool_after if pool_after is None else pool_after,
+        base.batch_norm if batch_norm is None else batch_norm,
+    )
+
+
+class ConvTrunk(nn.Module):
+    """The convolutional layers of an Exemplar-CNN.
+
+    Input (B, C, P, P) float patches; output of :meth:`forward` the feature map after the
+    last convolution (with ReLU and, where the architecture says so, pooling).
+    """
+
+    def __init__(self, arch: Architecture, in_channels: int = 1) -> None:
+        super().__init__()
+        self.arch = arch
+        blocks = []
+        channels = in_channels
+        for i, (filters, kernel, stride) in enumerate(arch.convs):
+            layers: list[nn.Module] = [
+                nn.Conv2d(channels, filters, kernel, stride=stride, padding=(kernel - 1) // 2, bias=not arch.batch_norm)
+            ]
+            if arch.batch_norm:
+                layers.append(nn.BatchNorm2d(filters))
+            layers.append(nn.ReLU(inplace=True))
+            if i < arch.pool_after:
+                layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+            blocks.append(nn.Sequential(*layers))
+            channels = filters
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """Feature map of convolution ``upto`` (0-based, negative from the end; default the last).
+
+        Args:
+            x: (B, C, P, P) float tensor.
+
+        Returns:
+            (B, F, h, w) float tensor.
+        """
+        last = len(self.blocks) - 1 if upto is None else upto % len(self.blocks)
+        for block in self.blocks[: last + 1]:
+            x = block(x)
+        return x
+
+
+class ExemplarClassifier(nn.Module):
+    """Trunk + fully connected layers with dropout 0.5 + linear classifier over surrogate classes.
+
+    Input (B, C, P, P) float patches; output (B, num_classes) logits.
+    """
+
+    def __init__(self, arch: Architecture, num_classes: int, in_channels: int = 1, patch_size: int = 32) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"need at least 2 surrogate classes, got {num_classes}")
+        self.trunk = ConvTrunk(arch, in_channels)
+        with torch.no_grad():
+            flat = self.trunk(torch.zeros(1, in_channels, patch_size, patch_size)).numel()
+        layers: list[nn.Module] = [nn.Flatten()]
+        for units in arch.fcs:
+            layers += [nn.Linear(flat, units), nn.ReLU(inplace=True), nn.Dropout(0.5)]
+            flat = units
+        self.fc = nn.Sequential(*layers)
+        self.classifier = nn.Linear(flat, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.fc(self.trunk(x)))
+
+
+class DescriptorHead(nn.Module):
+    """Conv features max-pooled to a ``grid x grid`` layout, PCA-projected, L2-normalised.
+
+    The PCA (mean and projection, whitening optional) is fitted on unlabeled patches by
+    :meth:`fit`; before that the head holds zeros and refuses to run.
+    """
+
+    def __init__(self, in_channels: int, grid: int = 4, dim: int = 128) -> None:
+        super().__init__()
+        in_dim = in_channels * grid * grid
+        if not 1 <= dim <= in_dim:
+            raise ValueError(f"descriptor dimension must be in [1, {in_dim}], got {dim}")
+        self.grid = grid
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("projection", torch.zeros(in_dim, dim))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F, h, w) feature maps -> (B, F * grid * grid) pooled vectors."""
+        return F.adaptive_max_pool2d(features, self.grid).flatten(1)
+
+    @torch.no_grad()
+    def fit(self, pooled: torch.Tensor, whiten: bool = False, eps: float = 1e-6) -> torch.Tensor:
+        """Fit the PCA on (M, F * grid * grid) pooled features; returns the explained variance ratio per kept component."""
+        pooled = pooled.double()
+        mean = pooled.mean(0)
+        cov = torch.cov((pooled - mean).T)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        order = torch.argsort(eigval, descending=True)[: self.projection.shape[1]]
+        eigval, eigvec = eigval[order].clamp_min(0), eigvec[:, order]
+        # Fix each component's sign so that refits on the same data are identical.
+        eigvec = eigvec * torch.sign(eigvec[eigvec.abs().argmax(0), torch.arange(eigvec.shape[1])])
+        if whiten:
+            eigvec = eigvec / torch.sqrt(eigval + eps * eigval.max())
+        self.mean.copy_(mean.float())
+        self.projection.copy_(eigvec.float())
+        return eigval / torch.linalg.eigvalsh(cov).clamp_min(0).sum()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F, h, w) conv features -> (B, dim) unit-length descriptors."""
+        if not torch.any(self.projection):
+            raise RuntimeError("descriptor head is not fitted: call fit() on pooled features first")
+        return F.normalize((self.pool(features) - self.mean) @ self.projection, dim=1)
+
+
+class DescriptorNet(nn.Module):
+    """Inference network: normalised patches (B, 1, P, P) -> descriptors (B, dim), unit L2 norm."""
+
+    def __init__(self, arch: Architecture, layer: int = -1, grid: int = 4, dim: int = 128) -> None:
+        super().__init__()
+        self.layer = layer % len(arch.convs)
+        self.trunk = ConvTrunk(arch, in_channels=1)
+        # Only the layers up to the descriptor layer are needed at inference time.
+        self.trunk.blocks = self.trunk.blocks[: self.layer + 1]
+        self.head = DescriptorHead(arch.convs[self.layer][0], grid, dim)
+
+    def features(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, 1, P, P) normalised patches -> (B, F, h, w) feature maps of the descriptor layer."""
+        return self.trunk(patches)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(patches))
+
+
+def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds x 2 of the convolution and linear layers for one input of ``input_shape`` (C, H, W)."""
+    total = 0
+
+    def hook(layer: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(layer, nn.Conv2d):
+            total += 2 * output.numel() * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] // layer.groups
+        elif isinstance(layer, nn.Linear):
+            total += 2 * layer.in_features * layer.out_features
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+    return total
+
+
+def architecture_from_dict(config: dict) -> Architecture:
+    """Inverse of :meth:`Architecture.to_dict` (as stored in model cards)."""
+    return parse_architecture(config["spec"], config.get("pool_after", 2), config.get("batch_norm", False))
+
