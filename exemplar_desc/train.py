@@ -232,11 +232,11 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
         )
 
     t0 = time.time()
-    last_ckpt = time.time()
+    last_ckpt, first_step = time.time(), step
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     loss_avg = acc_avg = None
-    finished = False
+    finished = progress_of(step) >= 1.0
     while not finished:
         epoch = step // steps_per_epoch
         ids = torch.randint(cfg.num_classes, (cfg.batch_size,), generator=gen, device=device)
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
         acc_avg = acc if acc_avg is None else 0.98 * acc_avg + 0.02 * acc
         bar.update(1)
         if step % 10 == 0:
-            rate = (step - bar.initial) * cfg.batch_size / max(1e-9, time.time() - t0)
+            rate = (step - first_step) * cfg.batch_size / max(1e-9, time.time() - t0)
             bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}", samples_s=f"{rate:.0f}", epoch=epoch + 1)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr")

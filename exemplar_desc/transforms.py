@@ -121,7 +121,9 @@ def warp(context: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, angle:
 
     Args:
         context: (B, C, S, S) float crops centred on the seeds (S > patch_size leaves room).
-        shift: (B, 2) fractions of the patch side (x, y); scale: (B,); angle: (B,) degrees, clockwise on screen.
+        shift: (B, 2) fractions of the patch side (x, y); scale: (B,) (> 1 samples a larger area);
+            angle: (B,) degrees; the sampling frame turns clockwise on screen, as with OpenCV's
+            KeyPoint.angle, so the content appears turned counter-clockwise.
 
     Returns:
         (B, C, P, P) float patches; zero parameters give the central crop exactly.

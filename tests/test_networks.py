@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from exemplar_desc.networks import (
+    ARCHITECTURES,
+    DescriptorHead,
+    DescriptorNet,
+    ExemplarClassifier,
+    count_flops,
+    parse_architecture,
+    resolve_architecture,
+)
+
+
+def test_parse_main_net():
+    arch = parse_architecture("64c5-128c5-256c5-512f")
+    assert arch.convs == ((64, 5, 1), (128, 5, 1), (256, 5, 1))
+    assert arch.fcs == (512,)
+    assert arch.pool_after == 2 and not arch.batch_norm
+
+
+def test_parse_stride():
+    assert parse_architecture("64c7s2-128c5-256c5-512f").convs[0] == (64, 7, 2)
+
+
+@pytest.mark.parametrize("bad", ["", "64x5", "64c5-512f-128c5", "512f", "0c5", "64c5--128c5", "64c5-abc"])
+def test_parse_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_architecture(bad)
+
+
+def test_official_layout_reaches_fc_as_8x8x256():
+    model = ExemplarClassifier(ARCHITECTURES["exemplar-nips"], num_classes=10)
+    assert model.trunk(torch.zeros(2, 1, 32, 32)).shape == (2, 256, 8, 8)
+    pools = [m for m in model.trunk.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert len(pools) == 2 and all(p.kernel_size == 3 and p.stride == 2 for p in pools)
+    dropouts = [m for m in model.fc.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) == 1 and dropouts[0].p == 0.5
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_named_architecture_builds(name):
+    net = DescriptorNet(ARCHITECTURES[name])
+    assert net.features(torch.zeros(1, 1, 32, 32)).ndim == 4
+
+
+def test_resolve_by_name_and_spec():
+    assert resolve_architecture("fast").batch_norm
+    assert resolve_architecture("64c5-64c5-128f").spec == "64c5-64c5-128f"
+
+
+def test_fast_net_is_cheap():
+    flops = count_flops(DescriptorNet(ARCHITECTURES["fast"]).trunk, (1, 32, 32))
+    assert 5e6 < flops < 15e6
+
+
+def test_head_pca_and_normalisation():
+    torch.manual_seed(0)
+    head = DescriptorHead(in_channels=8, grid=2, dim=4)
+    features = torch.rand(200, 8, 6, 6)
+    with pytest.raises(RuntimeError):
+        head(features)
+    ratio = head.fit(head.pool(features))
+    assert ratio.shape == (4,) and torch.all(ratio[:-1] >= ratio[1:])
+    out = head(features)
+    assert out.shape == (200, 4)
+    assert torch.allclose(out.norm(dim=1), torch.ones(200), atol=1e-5)
+    projected = (head.pool(features) - head.mean) @ head.projection
+    cov = torch.cov(projected.T)
+    assert torch.allclose(cov - torch.diag(torch.diag(cov)), torch.zeros(4, 4), atol=1e-4)  # decorrelated
+
+
+def test_head_dimension_is_a_parameter():
+    with pytest.raises(ValueError):
+        DescriptorHead(in_channels=2, grid=2, dim=9)
+    assert DescriptorNet(ARCHITECTURES["fast"], dim=64).head.projection.shape == (128 * 16, 64)

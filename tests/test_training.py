@@ -1,0 +1,103 @@
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from exemplar_desc import train as train_module
+from exemplar_desc.seeds import list_images, load_stl10_unlabeled, sample_seeds
+from exemplar_desc.train import TrainConfig, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    (folder / "sub").mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        cv2.imwrite(str(folder / "sub" / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(folder / "camera.jpg"), skimage.data.camera())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def test_list_images_is_recursive_and_filters(image_folder, tmp_path):
+    names = sorted(p.name for p in list_images(image_folder))
+    assert names == ["astronaut.png", "broken.jpg", "camera.jpg", "chelsea.png", "coffee.png", "rocket.png"]
+    with pytest.raises(ValueError, match="no images"):
+        list_images(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        list_images(tmp_path / "missing")
+
+
+def test_seeds_follow_gradient_energy_and_avoid_duplicates():
+    image = np.zeros((200, 200, 3), np.uint8)
+    image[100:, :] = 255  # all the structure lies on one horizontal edge
+    rng = np.random.default_rng(0)
+    contexts = sample_seeds([image], 6, rng, per_image=6, scales=(1.0,))
+    assert contexts.shape == (6, 3, 80, 80) and contexts.dtype == torch.uint8
+    centre_rows = contexts[:, 0, 24:56, 24:56].float().mean(dim=(1, 2))
+    assert torch.all((centre_rows > 0) & (centre_rows < 255))  # every seed patch touches the edge
+    with pytest.raises(ValueError, match="usable seed patches"):
+        sample_seeds([image], 50, np.random.default_rng(0), per_image=60, scales=(1.0,))
+
+
+def test_stl10_reader(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    path = tmp_path / "unlabeled_X.bin"
+    path.write_bytes(np.transpose(images, (0, 3, 2, 1)).tobytes())  # STL-10 is column-major per channel
+    assert np.array_equal(load_stl10_unlabeled(path), images)
+    assert len(load_stl10_unlabeled(path, max_images=2)) == 2
+    path.write_bytes(b"\0" * 1000)
+    with pytest.raises(ValueError, match="not an STL-10 binary"):
+        load_stl10_unlabeled(path)
+
+
+def test_lr_schedule_is_the_official_one_rescaled():
+    assert lr_at(0.0, 0.01) == 0.01
+    assert lr_at(0.5, 0.01) == 0.01
+    assert math.isclose(lr_at(0.8, 0.01), 0.004)
+    assert math.isclose(lr_at(0.999, 0.01), 0.0001)
+
+
+def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
+    cfg = TrainConfig(
+        images=(str(image_folder),), arch="fast", num_classes=16, seeds_per_image=8, samples_per_class=64,
+        epochs=3, batch_size=32, lr=0.05, val_per_class=4, seed=0, device="cpu",
+    )
+    with caplog.at_level("WARNING"):
+        result = train(cfg, tmp_path / "run", progress=False)
+    assert "skipped 1 unreadable image" in caplog.text and "broken.jpg" in caplog.text
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert log[-1]["train_loss"] < math.log(16) - 0.5
+    assert log[-1]["val_accuracy"] > 3 / 16  # chance is 1/16
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert result["samples_seen"] == 3 * 16 * 64
+
+    # Simulate an interruption after epoch 2: --resume runs exactly the missing epoch.
+    ckpt_path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt_path, weights_only=True)
+    state["step"] = 2 * 16 * 64 // 32
+    torch.save(state, ckpt_path)
+    (tmp_path / "run" / "log.json").write_text(json.dumps(log[:2]))
+    resumed = train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert [r["epoch"] for r in resumed["log"]] == [1, 2, 3]
+    assert resumed["steps"] == 3 * 16 * 64 // 32
+    with pytest.raises(ValueError, match="different configuration"):
+        train(TrainConfig(**{**vars(cfg), "lr": 0.1}), tmp_path / "run", resume=True, progress=False)
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert train_module.main([str(tmp_path)]) == 2
+    assert "no images" in capsys.readouterr().err
+    folder = tmp_path / "few"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), np.full((64, 64, 3), 128, np.uint8))
+    assert train_module.main([str(folder), "--num-classes", "100", "--workdir", str(tmp_path / "w")]) == 2
+    assert "usable seed patches" in capsys.readouterr().err
+    assert train_module.main([]) == 2
+    assert "no training data" in capsys.readouterr().err
