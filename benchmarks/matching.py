@@ -85,6 +85,17 @@ def detect(image: np.ndarray, detector: str = "sift", num_features: int = 2000) 
     return kps, ellipses
 
 
+def _source_indices(kps_in: list[cv2.KeyPoint], kps_out: list[cv2.KeyPoint]) -> np.ndarray:
+    """(N_out,) index of the detected keypoint each returned one stands for: its ``class_id``
+    as set by :func:`detect`, or the nearest detection when a descriptor did not keep it."""
+    ids = np.array([kp.class_id for kp in kps_out], dtype=int)
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(kps_in)):
+        xy_in = np.array([kp.pt for kp in kps_in], dtype=np.float64)
+        xy_out = np.array([kp.pt for kp in kps_out], dtype=np.float64)
+        ids = np.linalg.norm(xy_out[:, None] - xy_in[None], axis=2).argmin(axis=1)
+    return ids
+
+
 def _aggregate(pairs: list[dict]) -> dict:
     """Mean of per-pair metrics (mAP ignores pairs without any correct correspondence)."""
     if not pairs:
@@ -132,9 +143,9 @@ def run_benchmark(
                     kps_out, desc = descriptor.compute(image, kps)
                     seconds += time.perf_counter() - start
                     count += len(kps_out)
-                    ids = np.array([kp.class_id for kp in kps_out], dtype=int)
                     xy = np.array([kp.pt for kp in kps_out], dtype=np.float64).reshape(-1, 2)
-                    described.append((xy, as_float(desc, norm, len(kps_out)), None if ellipses is None else ellipses[ids]))
+                    regions = None if ellipses is None else ellipses[_source_indices(kps, kps_out)]
+                    described.append((xy, as_float(desc, norm, len(kps_out)), regions))
                 xy1, d1, e1 = described[0]
                 pairs = {}
                 for k in range(1, len(seq.images)):

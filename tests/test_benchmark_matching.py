@@ -117,3 +117,14 @@ def test_tfeat_loads_from_torch_hub_cache(monkeypatch):
     kps, _ = detect(image, "sift", 40)
     _, desc = built["tfeat"].compute(image, kps)
     assert desc.shape == (len(kps), 128) and np.all(np.isfinite(desc))
+
+
+def test_regions_follow_keypoints_that_lost_their_class_id():
+    from benchmarks.matching import _source_indices
+
+    kps = [cv2.KeyPoint(10.0 * i, 5.0, 3.0) for i in range(5)]
+    for i, kp in enumerate(kps):
+        kp.class_id = i
+    assert _source_indices(kps, [kps[3], kps[1]]).tolist() == [3, 1]
+    fresh = [cv2.KeyPoint(40.2, 5.0, 3.0), cv2.KeyPoint(0.1, 4.9, 3.0)]  # class_id -1
+    assert _source_indices(kps, fresh).tolist() == [4, 0]
