@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Callable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np

@@ -24,7 +24,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .datasets import SequenceError, load_sequence
+from .datasets import SequenceError, load_sequence, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +66,6 @@ def _wanted_members(archive: Path) -> dict[str, tarfile.TarInfo]:
     if missing:
         raise DownloadError(f"{archive}: archive lacks {', '.join(missing)}")
     return members
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _fetch(url: str, dest: Path, timeout: float) -> None:
@@ -156,7 +150,7 @@ def download_oxford(
                     archive.unlink(missing_ok=True)
                     raise
                 record[name] = sha256sum(archive)
-                _write_json_atomic(record_path, record)
+                write_bytes_atomic(record_path, json.dumps(record, indent=2, sort_keys=True).encode())
             _unpack(archive, cache / name)
         except DownloadError as err:
             logger.error("%s", err)

@@ -20,16 +20,14 @@ import io
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
+from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences, write_bytes_atomic
 from .descriptors import as_float, build_descriptors, catalogue
 from .metrics import HOMOGRAPHY_THRESHOLDS, MMA_THRESHOLDS, evaluate_pair
 
@@ -221,17 +219,6 @@ def _json_safe(value):
     return value
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _csv_rows(results: dict) -> list[list]:
     header = ["descriptor", "scope", "kind", "sequence", "pair", "mAP", "matching_score",
               *[f"MMA@{t}px" for t in MMA_THRESHOLDS], *_H_KEYS, "homography_error", "time_per_keypoint_ms"]
@@ -327,7 +314,7 @@ def write_outputs(results: dict, out_dir: str | Path) -> list[Path]:
     if results["descriptors"] and any(e["sequences"] for e in results["descriptors"].values()):
         files.update(_plots(results))
     for name, data in files.items():
-        _write_atomic(out_dir / name, data)
+        write_bytes_atomic(out_dir / name, data)
     return [out_dir / name for name in files]
 
 
