@@ -87,7 +87,10 @@ def _exemplar_models() -> tuple[list[str], str | None]:
         from exemplar_desc.model_io import list_models
     except ImportError as err:
         return [], f"no shipped model found (exemplar_desc.model_io not available: {err})"
-    models = list(list_models())
+    try:
+        models = list(list_models())
+    except Exception as err:  # a broken weights folder must not stop the other descriptors
+        return [], f"no shipped model found (list_models failed: {type(err).__name__}: {err})"
     return models, None if models else "no shipped model found in weights/"
 
 

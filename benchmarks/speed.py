@@ -49,6 +49,7 @@ def _default_descriptor() -> tuple[str, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (0 ok, 1 descriptor unavailable, 2 bad arguments)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--descriptor", help="descriptor name (default: the first shipped Exemplar model); see "
                    "python -m benchmarks.matching --list")

@@ -128,3 +128,25 @@ def test_regions_follow_keypoints_that_lost_their_class_id():
     assert _source_indices(kps, [kps[3], kps[1]]).tolist() == [3, 1]
     fresh = [cv2.KeyPoint(40.2, 5.0, 3.0), cv2.KeyPoint(0.1, 4.9, 3.0)]  # class_id -1
     assert _source_indices(kps, fresh).tolist() == [4, 0]
+
+
+def test_every_shipped_exemplar_model_is_benchmarked(monkeypatch):
+    """With model_io and descriptor modules present (stand-ins here), each model gets a name and is built."""
+    import sys
+    import types
+
+    created = []
+
+    class FakeExemplar:
+        def __init__(self, model=None, device="cpu", **kwargs):
+            created.append((model, device))
+
+    monkeypatch.setitem(sys.modules, "exemplar_desc.model_io",
+                        types.SimpleNamespace(list_models=lambda: ["small", "blur"], DEFAULT_MODEL="small"))
+    monkeypatch.setitem(sys.modules, "exemplar_desc.descriptor", types.SimpleNamespace(ExemplarDescriptor=FakeExemplar))
+    names, unavailable = catalogue()
+    assert names[:2] == ["exemplar:small", "exemplar:blur"] and "exemplar" not in names
+    assert not any(n.startswith("exemplar") for n in unavailable)
+    built, skipped = build_descriptors(["exemplar:small", "exemplar:blur"])
+    assert set(built) == {"exemplar:small", "exemplar:blur"} and not skipped
+    assert created == [("small", "cpu"), ("blur", "cpu")]
