@@ -120,6 +120,9 @@ def run_benchmark(
 ) -> dict:
     """Describe the shared keypoints of every image with every descriptor and evaluate all pairs 1-k.
 
+    Each descriptor first describes one image untimed (warm-up); its time per keypoint is
+    the wall time of all further ``compute`` calls over the keypoints they returned.
+
     Returns:
         ``{"descriptors": {name: {"time_per_keypoint_ms", "sequences": {seq: {"kind",
         "pairs": {"1-k": metrics}}}}}, "errors": {...}}``; :func:`summarise` adds the summaries.
@@ -132,6 +135,10 @@ def run_benchmark(
     for name, descriptor in descriptors.items():
         seconds, count, per_seq = 0.0, 0, {}
         norm = descriptor.defaultNorm() if hasattr(descriptor, "defaultNorm") else cv2.NORM_L2
+        try:  # untimed warm-up, so one-off start-up costs (lazy init, allocation) are not timed
+            descriptor.compute(sequences[0].images[0], detections[sequences[0].name][0][0])
+        except Exception:  # noqa: BLE001 - the same call fails again below, where it is reported per sequence
+            logger.debug("warm-up of %s failed", name, exc_info=True)
         for seq in sequences:
             bar.set_postfix_str(f"{name} / {seq.name}")
             try:

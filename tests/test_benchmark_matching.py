@@ -150,3 +150,24 @@ def test_every_shipped_exemplar_model_is_benchmarked(monkeypatch):
     built, skipped = build_descriptors(["exemplar:small", "exemplar:blur"])
     assert set(built) == {"exemplar:small", "exemplar:blur"} and not skipped
     assert created == [("small", "cpu"), ("blur", "cpu")]
+
+
+def test_a_failing_descriptor_is_reported_and_others_still_run(tiny_data, tmp_path):
+    from benchmarks.datasets import load_sequences
+    from benchmarks.matching import format_table, run_benchmark, summarise, write_outputs
+
+    class Broken:
+        def compute(self, image, keypoints):
+            raise RuntimeError("boom")
+
+    sequences, _ = load_sequences(tiny_data)
+    sift = build_descriptors(["sift"])[0]["sift"]
+    results = summarise(run_benchmark(sequences, {"broken": Broken(), "sift": sift}, num_features=100, progress=False))
+    assert set(results["errors"]) == {"broken/tiny-blur", "broken/tiny-zoom"}
+    assert "boom" in results["errors"]["broken/tiny-blur"]
+    assert results["descriptors"]["sift"]["summary"]["num_pairs"] == 4
+    assert results["descriptors"]["broken"]["summary"] == {"num_pairs": 0}
+    table = format_table(results).splitlines()
+    assert table[2].split()[0] == "broken" and set(table[2].split()[1:-1]) == {"-"}
+    written = write_outputs(results, tmp_path / "out")
+    assert len(written) == 7 and json.loads((tmp_path / "out" / "results.json").read_text())["errors"]
