@@ -15,6 +15,17 @@ from benchmarks.synthetic import make_sequence, sample_photo
 TORCH_HUB = Path(__file__).resolve().parents[1] / ".." / "shared" / "peers" / "torch_hub"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Single-threaded torch keeps these tests fast and steady on small, busy machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """Two small synthetic sequences (first three images of each) in the Oxford layout."""
