@@ -87,3 +87,22 @@ def test_base_url_from_environment_and_bad_archive(server, tmp_path, monkeypatch
     _, errors = download_oxford(tmp_path / "cache", names=["wall"], timeout=5)
     assert "not a readable tar archive" in errors["wall"]
     assert not (tmp_path / "cache" / "wall").exists()
+
+
+def test_cli_download_then_benchmark(server, tmp_path, monkeypatch, capsys):
+    from benchmarks.matching import main
+
+    www, url = server
+    (www / "affine").mkdir()
+    _archive(www / "affine" / "graf.tar.gz", "graf")
+    monkeypatch.setenv(URL_ENV, url)
+    out = tmp_path / "out"
+    code = main(["--download", "oxford", "--cache", str(tmp_path / "cache"), "--descriptors", "sift",
+                 "--num-features", "50", "--no-progress", "--out", str(out)])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "download of wall failed" in captured.err and "download of graf failed" not in captured.err
+    results = json.loads((out / "results.json").read_text())
+    # tiny noise images: few or no keypoints, but the run completes and reports the pairs
+    assert list(results["descriptors"]["sift"]["sequences"]) == ["graf"]
+    assert len(results["descriptors"]["sift"]["sequences"]["graf"]["pairs"]) == 5
