@@ -2,7 +2,8 @@
 
 Each archive ``<base_url>/<name>.tar.gz`` is streamed to a temporary file, checked (it
 opens as a tar archive and holds img1..img6 and H1to2p..H1to6p), kept under
-``<cache>/archives/`` with its sha256 recorded in ``<cache>/sha256.json``, and unpacked
+``<cache>/.archives/`` with its sha256 recorded in ``<cache>/.archives/sha256.json`` (hidden,
+so the cache stays a plain folder of sequences for the loader), and unpacked
 into a temporary folder that replaces ``<cache>/<name>`` in one ``os.replace``. A later
 call re-verifies a kept archive against the recorded sha256 and downloads again only when
 the archive or the unpacked sequence is missing or damaged.
@@ -108,7 +109,8 @@ def download_oxford(
     """Fetch, verify and unpack Oxford sequences into ``cache``.
 
     Args:
-        cache: folder that receives ``<name>/`` sequence folders, ``archives/`` and ``sha256.json``.
+        cache: folder that receives ``<name>/`` sequence folders, and ``.archives/`` with the
+            archives and ``sha256.json``.
         names: sequences to fetch.
         base_url: URL of the folder holding ``<name>.tar.gz``; default ``$EXEMPLAR_DESC_OXFORD_URL``
             or :data:`OXFORD_URL`.
@@ -119,10 +121,10 @@ def download_oxford(
         sequences that failed; the others are complete.
     """
     cache = Path(cache)
-    archives = cache / "archives"
+    archives = cache / ".archives"
     archives.mkdir(parents=True, exist_ok=True)
     base_url = (base_url or os.environ.get(URL_ENV) or OXFORD_URL).rstrip("/")
-    record_path = cache / "sha256.json"
+    record_path = archives / "sha256.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     errors = {}
     for name in names:

@@ -57,14 +57,15 @@ def test_download_verify_unpack_and_reverify(server, tmp_path):
     assert set(errors) == {"bark", "ubc"}
     assert "H1to4p" in errors["bark"]
     assert "404" in errors["ubc"] or "Not Found" in errors["ubc"]
-    assert not (cache / "bark").exists() and not (cache / "archives" / "bark.tar.gz").exists()
+    assert not (cache / "bark").exists() and not (cache / ".archives" / "bark.tar.gz").exists()
     for name in ("graf", "boat"):
         files = sorted(p.name for p in (cache / name).iterdir())
         assert files == [f"H1to{k}p" for k in range(2, 7)] + [f"img{k}.ppm" for k in range(1, 7)]
     assert not (cache / "escape.txt").exists() and not (tmp_path / "escape.txt").exists()
-    record = json.loads((cache / "sha256.json").read_text())
-    assert record["graf"] == sha256sum(cache / "archives" / "graf.tar.gz")
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    record = json.loads((cache / ".archives" / "sha256.json").read_text())
+    assert record["graf"] == sha256sum(cache / ".archives" / "graf.tar.gz")
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == [".archives"]  # no temporary leftovers
+    assert sorted(p.name for p in (cache / ".archives").iterdir()) == ["boat.tar.gz", "graf.tar.gz", "sha256.json"]
 
     # Second call: verified from the record, nothing fetched (the server no longer has the file).
     (www / "affine" / "graf.tar.gz").unlink()
@@ -73,10 +74,10 @@ def test_download_verify_unpack_and_reverify(server, tmp_path):
 
     # A damaged kept archive fails re-verification and is fetched again.
     _archive(www / "affine" / "graf.tar.gz", "graf")
-    (cache / "archives" / "graf.tar.gz").write_bytes(b"garbage")
+    (cache / ".archives" / "graf.tar.gz").write_bytes(b"garbage")
     _, errors = download_oxford(cache, names=["graf"], base_url=url, timeout=5)
     assert errors == {}
-    assert json.loads((cache / "sha256.json").read_text())["graf"] == sha256sum(www / "affine" / "graf.tar.gz")
+    assert json.loads((cache / ".archives" / "sha256.json").read_text())["graf"] == sha256sum(www / "affine" / "graf.tar.gz")
 
 
 def test_base_url_from_environment_and_bad_archive(server, tmp_path, monkeypatch):
@@ -102,6 +103,7 @@ def test_cli_download_then_benchmark(server, tmp_path, monkeypatch, capsys):
     assert code == 0
     captured = capsys.readouterr()
     assert "download of wall failed" in captured.err and "download of graf failed" not in captured.err
+    assert "skipped sequence" not in captured.err  # the cache holds nothing but sequences for the loader
     results = json.loads((out / "results.json").read_text())
     # tiny noise images: few or no keypoints, but the run completes and reports the pairs
     assert list(results["descriptors"]["sift"]["sequences"]) == ["graf"]
