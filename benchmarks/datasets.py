@@ -149,8 +149,8 @@ def _read_image(path: Path) -> np.ndarray:
 def load_sequence(folder: str | os.PathLike) -> ImageSequence:
     """Load one sequence folder in the Oxford or HPatches layout (detected from the file names).
 
-    Images 1..6 are read in order until the first missing index; each image k > 1 needs
-    its homography file.
+    Images 1..k are read up to the last index that has an image or a homography file;
+    each of them must exist, and each image k > 1 needs its homography file.
 
     Raises:
         SequenceError: unknown layout, fewer than two images, a missing homography,
@@ -166,11 +166,16 @@ def load_sequence(folder: str | os.PathLike) -> ImageSequence:
         raise SequenceError(
             f"{folder}: no first image (expected img1 or 1 with extension {'/'.join(IMAGE_EXTENSIONS)})"
         )
+    # The last index with an image or a homography; every index up to it needs both.
+    last = max(k for k in range(1, _MAX_IMAGES + 1)
+               if _find_image(folder, image_stem(k)) is not None or (folder / h_name(k)).is_file())
     paths, images, homographies = [], [], []
-    for k in range(1, _MAX_IMAGES + 1):
+    for k in range(1, last + 1):
         path = _find_image(folder, image_stem(k))
         if path is None:
-            break
+            raise SequenceError(
+                f"{folder / image_stem(k)}.*: missing image {k} (expected extension {'/'.join(IMAGE_EXTENSIONS)})"
+            )
         if k > 1:
             h_path = folder / h_name(k)
             if not h_path.is_file():

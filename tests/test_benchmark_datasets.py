@@ -51,9 +51,12 @@ def test_bad_sequences_are_reported_and_others_still_load(tmp_path):
     _write(tmp_path / "badtext", "oxford")
     (tmp_path / "badtext" / "H1to2p").write_text("1 2 3\n4 5\n")
     (tmp_path / "empty").mkdir()
+    _write(tmp_path / "gap", "oxford", n=4)
+    (tmp_path / "gap" / "img3.png").unlink()
     sequences, errors = load_sequences(tmp_path)
     assert [s.name for s in sequences] == ["good"]
-    assert set(errors) == {"nohomography", "singular", "unreadable", "single", "badtext", "empty"}
+    assert set(errors) == {"nohomography", "singular", "unreadable", "single", "badtext", "empty", "gap"}
+    assert "img3" in errors["gap"] and "missing image" in errors["gap"]
     assert "H1to3p" in errors["nohomography"] and "missing" in errors["nohomography"]
     assert "H_1_2" in errors["singular"] and "singular" in errors["singular"]
     assert "img2.png" in errors["unreadable"]
