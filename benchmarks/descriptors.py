@@ -156,7 +156,7 @@ def build_descriptors(names: Sequence[str] | None = None, device: str = "cpu") -
             built[name] = _build(name, device)
         except Exception as err:  # a peer that cannot load is reported, not fatal
             reasons[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-            logger.warning("descriptor %s skipped: %s", name, reasons[name])
+            logger.info("descriptor %s skipped: %s", name, reasons[name])
     return built, reasons
 
 
