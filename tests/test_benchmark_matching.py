@@ -1,0 +1,184 @@
+"""Descriptor registry and a tiny end-to-end benchmark run."""
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from benchmarks.datasets import write_sequence
+from benchmarks.descriptors import KorniaPatchDescriptor, as_float, build_descriptors, catalogue
+from benchmarks.matching import detect, main
+from benchmarks.synthetic import make_sequence, sample_photo
+
+TORCH_HUB = Path(__file__).resolve().parents[1] / ".." / "shared" / "peers" / "torch_hub"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Single-threaded torch keeps these tests fast and steady on small, busy machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Two small synthetic sequences (first three images of each) in the Oxford layout."""
+    root = tmp_path_factory.mktemp("data")
+    photo = cv2.resize(sample_photo("astronaut"), (240, 240), interpolation=cv2.INTER_AREA)
+    for kind, name in [("zoom+rotation", "tiny-zoom"), ("blur", "tiny-blur")]:
+        images, homographies = make_sequence(photo, kind)
+        write_sequence(root / name, images[:3], homographies[:3])
+    (root / "broken").mkdir()
+    return root
+
+
+def test_unknown_descriptor_lists_available():
+    with pytest.raises(ValueError) as err:
+        build_descriptors(["sift", "nosuch"])
+    message = str(err.value)
+    assert "nosuch" in message and "rootsift" in message and "tfeat" in message
+
+
+def test_unavailable_descriptors_are_listed_with_a_reason():
+    names, unavailable = catalogue()
+    assert {"sift", "rootsift", "kornia:sift", "tfeat", "hardnet", "sosnet", "hynet"} <= set(names)
+    assert any(n.startswith("exemplar") for n in names)
+    for name, reason in unavailable.items():
+        assert name in names and reason
+    if not hasattr(cv2, "xfeatures2d"):
+        assert "cv2.xfeatures2d" in unavailable["xfeatures2d:daisy"]
+    built, skipped = build_descriptors([n for n in names if n.startswith("exemplar")] + ["sift"])
+    assert "sift" in built
+    assert set(built) | set(skipped) == {n for n in names if n.startswith("exemplar")} | {"sift"}
+
+
+def test_kornia_sift_descriptor_on_shared_keypoints():
+    image = cv2.resize(sample_photo("camera"), (200, 200), interpolation=cv2.INTER_AREA)
+    kps, _ = detect(image, "sift", 50)
+    descriptor = build_descriptors(["kornia:sift"])[0]["kornia:sift"]
+    assert isinstance(descriptor, KorniaPatchDescriptor)
+    out, desc = descriptor.compute(image, kps)
+    assert len(out) == len(kps) and desc.shape == (len(kps), 128) and desc.dtype == np.float32
+    assert np.all(np.isfinite(desc)) and desc.std() > 0
+
+
+def test_binary_descriptors_are_unpacked_for_l2():
+    bits = as_float(np.array([[0b10100000, 1]], dtype=np.uint8), cv2.NORM_HAMMING, 1)
+    assert bits.shape == (1, 16) and bits.sum() == 3
+    assert as_float(None, cv2.NORM_L2, 4).shape == (4, 0)
+
+
+def test_mser_ellipses_match_keypoints():
+    image = sample_photo("camera")
+    kps, ellipses = detect(image, "mser", 100)
+    assert 0 < len(kps) <= 100 and ellipses.shape == (len(kps), 5)
+    assert [kp.class_id for kp in kps] == list(range(len(kps)))
+    np.testing.assert_allclose(ellipses[:, :2], [kp.pt for kp in kps], atol=1e-3)
+    assert np.all(ellipses[:, 2] * ellipses[:, 4] - ellipses[:, 3] ** 2 > 0)  # positive definite
+
+
+def test_end_to_end_sift_rootsift(tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--data", str(tiny_data), "--descriptors", "sift,rootsift", "--num-features", "300",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr()
+    assert "sift" in printed.out and "rootsift" in printed.out and "mAP" in printed.out
+    assert "broken" in printed.err  # the bad folder is named, the others ran
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["descriptors"]) == {"sift", "rootsift"}
+    sift = results["descriptors"]["sift"]
+    assert set(sift["sequences"]) == {"tiny-zoom", "tiny-blur"}
+    assert list(sift["sequences"]["tiny-blur"]["pairs"]) == ["1-2", "1-3"]
+    assert set(sift["per_kind"]) == {"zoom+rotation", "blur"}
+    for entry in results["descriptors"].values():
+        s = entry["summary"]
+        assert 0.3 < s["mAP"] <= 1.0 and 0.3 < s["MMA"][2] <= 1.0 and s["num_pairs"] == 4
+        assert s["MMA"] == sorted(s["MMA"])  # accuracy can only grow with the threshold
+        assert entry["time_per_keypoint_ms"] > 0
+    assert results["protocol"]["num_features"] == 300
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("descriptor,scope,kind,sequence,pair,mAP")
+    assert len(rows) == 1 + 2 * (4 + 2 + 2 + 1)  # per descriptor: 4 pairs, 2 sequences, 2 kinds, overall
+    for png in ("mAP.png", "matching_score.png", "MMA_3px.png", "homography_3px.png", "mma_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_errors(tiny_data, capsys):
+    assert main(["--data", str(tiny_data), "--descriptors", "siftt"]) == 2
+    assert "available:" in capsys.readouterr().err
+    assert main(["--data", str(tiny_data / "absent"), "--descriptors", "sift"]) == 2
+    assert main(["--list"]) == 0
+    assert "hardnet" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (TORCH_HUB / "hub" / "checkpoints").is_dir(), reason=f"TFeat weights not found in {TORCH_HUB}")
+def test_tfeat_loads_from_torch_hub_cache(monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(TORCH_HUB))
+    built, skipped = build_descriptors(["tfeat"])
+    assert "tfeat" in built, skipped
+    image = cv2.resize(sample_photo("camera"), (200, 200), interpolation=cv2.INTER_AREA)
+    kps, _ = detect(image, "sift", 40)
+    _, desc = built["tfeat"].compute(image, kps)
+    assert desc.shape == (len(kps), 128) and np.all(np.isfinite(desc))
+
+
+def test_regions_follow_keypoints_that_lost_their_class_id():
+    from benchmarks.matching import _source_indices
+
+    kps = [cv2.KeyPoint(10.0 * i, 5.0, 3.0) for i in range(5)]
+    for i, kp in enumerate(kps):
+        kp.class_id = i
+    assert _source_indices(kps, [kps[3], kps[1]]).tolist() == [3, 1]
+    fresh = [cv2.KeyPoint(40.2, 5.0, 3.0), cv2.KeyPoint(0.1, 4.9, 3.0)]  # class_id -1
+    assert _source_indices(kps, fresh).tolist() == [4, 0]
+
+
+def test_every_shipped_exemplar_model_is_benchmarked(monkeypatch):
+    """With model_io and descriptor modules present (stand-ins here), each model gets a name and is built."""
+    import sys
+    import types
+
+    created = []
+
+    class FakeExemplar:
+        def __init__(self, model=None, device="cpu", **kwargs):
+            created.append((model, device))
+
+    monkeypatch.setitem(sys.modules, "exemplar_desc.model_io",
+                        types.SimpleNamespace(list_models=lambda: ["small", "blur"], DEFAULT_MODEL="small"))
+    monkeypatch.setitem(sys.modules, "exemplar_desc.descriptor", types.SimpleNamespace(ExemplarDescriptor=FakeExemplar))
+    names, unavailable = catalogue()
+    assert names[:2] == ["exemplar:small", "exemplar:blur"] and "exemplar" not in names
+    assert not any(n.startswith("exemplar") for n in unavailable)
+    built, skipped = build_descriptors(["exemplar:small", "exemplar:blur"])
+    assert set(built) == {"exemplar:small", "exemplar:blur"} and not skipped
+    assert created == [("small", "cpu"), ("blur", "cpu")]
+
+
+def test_a_failing_descriptor_is_reported_and_others_still_run(tiny_data, tmp_path):
+    from benchmarks.datasets import load_sequences
+    from benchmarks.matching import format_table, run_benchmark, summarise, write_outputs
+
+    class Broken:
+        def compute(self, image, keypoints):
+            raise RuntimeError("boom")
+
+    sequences, _ = load_sequences(tiny_data)
+    sift = build_descriptors(["sift"])[0]["sift"]
+    results = summarise(run_benchmark(sequences, {"broken": Broken(), "sift": sift}, num_features=100, progress=False))
+    assert set(results["errors"]) == {"broken/tiny-blur", "broken/tiny-zoom"}
+    assert "boom" in results["errors"]["broken/tiny-blur"]
+    assert results["descriptors"]["sift"]["summary"]["num_pairs"] == 4
+    assert results["descriptors"]["broken"]["summary"] == {"num_pairs": 0}
+    table = format_table(results).splitlines()
+    assert table[2].split()[0] == "broken" and set(table[2].split()[1:-1]) == {"-"}
+    written = write_outputs(results, tmp_path / "out")
+    assert len(written) == 7 and json.loads((tmp_path / "out" / "results.json").read_text())["errors"]

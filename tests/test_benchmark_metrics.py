@@ -1,0 +1,135 @@
+"""Matching metrics on hand-made cases with known answers."""
+
+import numpy as np
+import pytest
+
+from benchmarks.metrics import (
+    average_precision,
+    corner_error,
+    ellipse_overlaps,
+    evaluate_pair,
+    mean_matching_accuracy,
+    mutual_nearest_neighbours,
+    nearest_neighbours,
+    project,
+    project_ellipses,
+    reprojection_errors,
+)
+
+SHAPE = (200, 300)
+H = np.array([[1.1, 0.05, 7.0], [-0.03, 0.95, -4.0], [1e-4, -5e-5, 1.0]])
+
+
+def _scene(n=150, seed=0):
+    """Keypoints in image 1, their exact images in image 2 (in shuffled order), random descriptors."""
+    rng = np.random.default_rng(seed)
+    xy1 = rng.uniform([20, 20], [240, 160], size=(n, 2))
+    perm = rng.permutation(n)
+    xy2 = project(H, xy1)[perm]
+    desc1 = rng.normal(size=(n, 32)).astype(np.float32)
+    desc2 = desc1[perm] + 0.01 * rng.normal(size=(n, 32)).astype(np.float32)
+    return xy1, xy2, desc1, desc2
+
+
+def test_average_precision_known_values():
+    assert average_precision([0.1, 0.2, 0.3], [True, True, True], 3) == pytest.approx(1.0)
+    # ranked: correct, wrong, correct -> (1/1 + 2/3) / 2
+    assert average_precision([0.1, 0.2, 0.3], [True, False, True], 2) == pytest.approx((1 + 2 / 3) / 2)
+    # a positive never retrieved halves the recall reached
+    assert average_precision([0.5], [True], 2) == pytest.approx(0.5)
+    # order comes from the distances, not the input order
+    assert average_precision([0.3, 0.1], [True, False], 1) == pytest.approx(0.5)
+    assert np.isnan(average_precision([0.1], [False], 0))
+
+
+def test_mutual_nearest_neighbours():
+    d1 = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 0.2]])
+    d2 = np.array([[0.0, 0.1], [10.0, 1.0]])
+    nn, dist = nearest_neighbours(d1, d2)
+    assert nn.tolist() == [0, 1, 0]
+    assert dist == pytest.approx([0.1, 1.0, 0.1])
+    matches, _ = mutual_nearest_neighbours(d1, d2)
+    # d2[0] is equally close to d1[0] and d1[2]; argmin picks d1[0]; d1[2] is not mutual.
+    assert matches.tolist() == [[0, 0], [1, 1]]
+
+
+def test_mma_thresholds():
+    acc = mean_matching_accuracy([0.5, 2.5, 9.0, 20.0])
+    assert acc[0] == 0.25 and acc[2] == 0.5 and acc[8] == 0.75 and acc[9] == 0.75
+    assert mean_matching_accuracy([]).tolist() == [0.0] * 10
+
+
+def test_reprojection_errors_symmetric_is_larger():
+    xy1 = np.array([[50.0, 50.0]])
+    xy2 = project(H, xy1) + [[2.0, 0.0]]
+    one = reprojection_errors(xy1, xy2, H, symmetric=False)
+    both = reprojection_errors(xy1, xy2, H, symmetric=True)
+    assert one[0, 0] == pytest.approx(2.0)
+    assert both[0, 0] >= one[0, 0]
+    assert both[0, 0] == pytest.approx(max(2.0, np.linalg.norm(project(np.linalg.inv(H), xy2) - xy1)))
+
+
+def test_corner_error():
+    assert corner_error(H, H, SHAPE) == pytest.approx(0.0)
+    shifted = np.array([[1, 0, 3.0], [0, 1, 4.0], [0, 0, 1]]) @ H
+    assert corner_error(shifted, H, SHAPE) == pytest.approx(5.0)
+    assert corner_error(None, H, SHAPE) == float("inf")
+
+
+def test_perfect_descriptors_score_one():
+    xy1, xy2, d1, d2 = _scene()
+    r = evaluate_pair(xy1, xy2, d1, d2, H, SHAPE, SHAPE)
+    assert r["mAP"] == pytest.approx(1.0)
+    assert r["MMA"] == pytest.approx([1.0] * 10)
+    assert r["matching_score"] == pytest.approx(1.0)
+    assert r["homography_error"] < 0.1 and r["H@1px"] == 1.0
+
+
+def test_shuffled_descriptors_score_near_zero():
+    xy1, xy2, d1, d2 = _scene()
+    d2 = d2[np.random.default_rng(1).permutation(len(d2))]
+    r = evaluate_pair(xy1, xy2, d1, d2, H, SHAPE, SHAPE)
+    assert r["mAP"] < 0.1
+    assert r["MMA"][2] < 0.1
+    assert r["matching_score"] < 0.1
+    assert r["H@5px"] == 0.0
+
+
+def test_points_outside_the_other_image_are_not_positives():
+    xy1, xy2, d1, d2 = _scene()
+    small = (100, 120)  # image 2 sees only part of image 1
+    seen = (xy2[:, 0] <= 119.5) & (xy2[:, 1] <= 99.5)
+    inside = int(seen.sum())
+    assert 5 < inside < len(xy1)
+    r = evaluate_pair(xy1, xy2[seen], d1, d2[seen], H, SHAPE, small)
+    assert r["num_covisible"] == [inside, inside]
+    assert r["num_positives"] == inside
+    assert r["mAP"] == pytest.approx(1.0)
+
+
+def test_ellipse_overlap():
+    circle = np.array([[0.0, 0.0, 1 / 100.0, 0.0, 1 / 100.0]])  # radius 10
+    assert ellipse_overlaps(circle, circle)[0, 0] == pytest.approx(1.0, abs=0.02)
+    half = np.array([[0.0, 0.0, 1 / 50.0, 0.0, 1 / 50.0]])  # radius sqrt(50): half the area, inside
+    assert ellipse_overlaps(circle, half)[0, 0] == pytest.approx(0.5, abs=0.03)
+    far = np.array([[30.0, 0.0, 1 / 100.0, 0.0, 1 / 100.0]])
+    assert ellipse_overlaps(circle, far)[0, 0] == 0.0
+    # a region mapped by H overlaps its own projection perfectly
+    e = np.array([[60.0, 70.0, 1 / 64.0, 0.0, 1 / 25.0]])
+    assert ellipse_overlaps(project_ellipses(H, e), project_ellipses(H, e))[0, 0] == pytest.approx(1.0, abs=0.02)
+    # affine H: projected ellipse area scales with |det|
+    A = np.array([[2.0, 0.0, 5.0], [0.0, 1.5, 0.0], [0, 0, 1]])
+    p = project_ellipses(A, e)[0]
+    area = lambda a, b, c: np.pi / np.sqrt(a * c - b * b)
+    assert area(*p[2:]) == pytest.approx(3.0 * area(*e[0, 2:]))
+
+
+def test_ellipse_criterion_in_evaluate_pair():
+    xy1, xy2, d1, d2 = _scene(n=60)
+    e1 = np.column_stack([xy1, np.full(60, 1 / 16.0), np.zeros(60), np.full(60, 1 / 16.0)])
+    perm = np.argsort([np.argmin(np.linalg.norm(project(H, xy1) - p, axis=1)) for p in xy2])
+    e2 = project_ellipses(H, e1)[np.argsort(perm)]
+    r = evaluate_pair(xy1, xy2, d1, d2, H, SHAPE, SHAPE, ellipses1=e1, ellipses2=e2)
+    assert r["mAP"] == pytest.approx(1.0)
+    r = evaluate_pair(xy1, xy2, d1, d2[::-1].copy(), H, SHAPE, SHAPE, ellipses1=e1, ellipses2=e2)
+    assert r["mAP"] < 0.2
