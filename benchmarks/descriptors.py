@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from exemplar_desc.baselines import create_descriptor
-from exemplar_desc.patches import build_pyramid, extract_patches, keypoints_to_arrays, to_gray_float
+from exemplar_desc.model_io import list_models
+from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, to_gray_float
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class KorniaPatchDescriptor:
             The keypoints unchanged (as a list) and (N, D) float32 descriptors.
         """
         xy, size, angle = keypoints_to_arrays(keypoints)
-        patches = extract_patches(build_pyramid(to_gray_float(image)), xy, size, angle, self.magnification, 32)
+        frames = keypoint_frames(size, angle, self.magnification)
+        patches = extract_patches(build_pyramid(to_gray_float(image)), xy, frames, 32)
         out = [self.module(patches[s : s + self.batch_size].to(self.device)).cpu()
                for s in range(0, len(patches), self.batch_size)]
         desc = torch.cat(out).numpy() if out else np.zeros((0, self.descriptorSize()), np.float32)
@@ -83,10 +85,6 @@ class KorniaPatchDescriptor:
 
 def _exemplar_models() -> tuple[list[str], str | None]:
     """Shipped Exemplar model names, or the reason there are none."""
-    try:
-        from exemplar_desc.model_io import list_models
-    except ImportError as err:
-        return [], f"no shipped model found (exemplar_desc.model_io not available: {err})"
     try:
         models = list(list_models())
     except Exception as err:  # a broken weights folder must not stop the other descriptors

@@ -141,26 +141,20 @@ def test_regions_follow_keypoints_that_lost_their_class_id():
     assert _source_indices(kps, fresh).tolist() == [4, 0]
 
 
-def test_every_shipped_exemplar_model_is_benchmarked(monkeypatch):
-    """With model_io and descriptor modules present (stand-ins here), each model gets a name and is built."""
-    import sys
-    import types
+def test_every_shipped_exemplar_model_is_benchmarked(monkeypatch, random_model):
+    """Each model in the weights folder gets a name and is built as an ExemplarDescriptor."""
+    import exemplar_desc.model_io as model_io
 
-    created = []
-
-    class FakeExemplar:
-        def __init__(self, model=None, device="cpu", **kwargs):
-            created.append((model, device))
-
-    monkeypatch.setitem(sys.modules, "exemplar_desc.model_io",
-                        types.SimpleNamespace(list_models=lambda: ["small", "blur"], DEFAULT_MODEL="small"))
-    monkeypatch.setitem(sys.modules, "exemplar_desc.descriptor", types.SimpleNamespace(ExemplarDescriptor=FakeExemplar))
+    monkeypatch.setattr(model_io, "weights_dir", lambda: random_model.parent)
     names, unavailable = catalogue()
-    assert names[:2] == ["exemplar:small", "exemplar:blur"] and "exemplar" not in names
+    assert names[0] == "exemplar:random-fast" and "exemplar" not in names
     assert not any(n.startswith("exemplar") for n in unavailable)
-    built, skipped = build_descriptors(["exemplar:small", "exemplar:blur"])
-    assert set(built) == {"exemplar:small", "exemplar:blur"} and not skipped
-    assert created == [("small", "cpu"), ("blur", "cpu")]
+    built, skipped = build_descriptors(["exemplar:random-fast"])
+    assert set(built) == {"exemplar:random-fast"} and not skipped
+    image = cv2.resize(sample_photo("camera"), (200, 200), interpolation=cv2.INTER_AREA)
+    kps, _ = detect(image, "sift", 40)
+    _, desc = built["exemplar:random-fast"].compute(image, kps)
+    assert desc.shape == (len(kps), 128) and desc.dtype == np.float32
 
 
 def test_a_failing_descriptor_is_reported_and_others_still_run(tiny_data, tmp_path):
