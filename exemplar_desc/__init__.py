@@ -1,1 +1,11 @@
-"""Exemplar-CNN local feature descriptor (Dosovitskiy et al., NIPS 2014 / TPAMI 2016)."""
+"""Exemplar-CNN local feature descriptor (Dosovitskiy et al., NIPS 2014 / TPAMI 2016).
+
+``ExemplarDescriptor`` describes cv2.KeyPoints with OpenCV's Feature2D interface, using
+the trained models shipped in ``weights/``.
+"""
+
+from .descriptor import ExemplarDescriptor
+from .model_io import DEFAULT_MODEL, list_models
+
+__all__ = ["ExemplarDescriptor", "DEFAULT_MODEL", "list_models"]
+__version__ = "0.1.0"

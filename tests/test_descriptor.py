@@ -1,0 +1,161 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from exemplar_desc import ExemplarDescriptor
+from exemplar_desc.patches import to_gray_float
+
+
+@pytest.fixture(scope="module")
+def descriptor(random_model):
+    return ExemplarDescriptor(random_model)
+
+
+@pytest.fixture(scope="module")
+def keypoints(photo_bgr):
+    return cv2.SIFT_create(nfeatures=300).detect(photo_bgr, None)
+
+
+def test_feature2d_interface(descriptor):
+    assert descriptor.descriptorSize() == 128
+    assert descriptor.descriptorType() == cv2.CV_32F
+    assert descriptor.defaultNorm() == cv2.NORM_L2
+    assert descriptor.getDefaultName() == "Feature2D.ExemplarDescriptor"
+
+
+def test_compute_returns_every_keypoint_in_order(descriptor, photo_bgr, keypoints):
+    border = [cv2.KeyPoint(0.0, 0.0, 10.0), cv2.KeyPoint(600.0, -20.0, 30.0, 45.0)]  # on and beyond the border
+    kps = list(keypoints) + border
+    out_kps, desc = descriptor.compute(photo_bgr, kps)
+    assert out_kps == kps
+    assert desc.shape == (len(kps), 128) and desc.dtype == np.float32
+    assert np.allclose(np.linalg.norm(desc, axis=1), 1, atol=1e-5)
+
+
+def test_image_types_give_the_same_descriptors(descriptor, photo_bgr, keypoints):
+    _, ref = descriptor.compute(photo_bgr, keypoints)
+    gray = cv2.cvtColor(photo_bgr, cv2.COLOR_BGR2GRAY)
+    variants = [
+        cv2.cvtColor(photo_bgr, cv2.COLOR_BGR2BGRA),
+        photo_bgr.astype(np.uint16) * 257,
+        photo_bgr.astype(np.float32) / 255,
+    ]
+    for image in variants:
+        assert np.allclose(descriptor.compute(image, keypoints)[1], ref, atol=1e-4)
+    assert np.abs(descriptor.compute(gray, keypoints)[1] - ref).max() < 0.05  # uint8 grey rounding only
+
+
+def test_deterministic_and_batch_independent(random_model, photo_bgr, keypoints):
+    a = ExemplarDescriptor(random_model, batch_size=1024).compute(photo_bgr, keypoints)[1]
+    b = ExemplarDescriptor(random_model, batch_size=1024).compute(photo_bgr, keypoints)[1]
+    c = ExemplarDescriptor(random_model, batch_size=7).compute(photo_bgr, keypoints)[1]
+    assert np.array_equal(a, b)
+    assert np.allclose(a, c, atol=1e-5)
+
+
+def test_empty_keypoints(descriptor, photo_bgr):
+    assert descriptor.compute(photo_bgr, []) == ([], None)
+    assert descriptor.compute(photo_bgr, ()) == ([], None)
+
+
+@pytest.mark.parametrize(
+    "image, error",
+    [(None, TypeError), (np.zeros((0, 0), np.uint8), ValueError), (np.zeros((4, 4, 2), np.uint8), ValueError),
+     (np.full((8, 8), np.inf, np.float32), ValueError), (np.zeros((8, 8), np.int64), TypeError), ("img.png", TypeError)],
+)
+def test_bad_images_are_refused(descriptor, image, error):
+    with pytest.raises(error):
+        descriptor.compute(image, [cv2.KeyPoint(1.0, 1.0, 2.0)])
+
+
+def test_bad_keypoints_and_mask(descriptor, photo_bgr):
+    with pytest.raises(TypeError):
+        descriptor.compute(photo_bgr, None)
+    with pytest.raises(TypeError, match="cv2.KeyPoint"):
+        descriptor.compute(photo_bgr, [(10, 10)])
+    with pytest.raises(ValueError, match="mask"):
+        descriptor.detect(photo_bgr, np.ones((10, 10), np.uint8))
+    with pytest.raises(FileNotFoundError, match="unknown model"):
+        ExemplarDescriptor(descriptor.card["name"] + "-missing")
+
+
+def test_detect_and_mask(descriptor, photo_bgr):
+    mask = np.zeros(photo_bgr.shape[:2], np.uint8)
+    mask[:, :256] = 255
+    kps = descriptor.detect(photo_bgr, mask)
+    assert kps and all(kp.pt[0] < 256 for kp in kps)
+    kps2, desc = descriptor.detectAndCompute(photo_bgr, mask)
+    assert len(kps2) == len(kps) == len(desc)
+    given = list(kps[:5])
+    assert descriptor.detectAndCompute(photo_bgr, None, given, useProvidedKeypoints=True)[0] == given
+
+
+def test_detector_is_replaceable(random_model, photo_bgr):
+    orb = ExemplarDescriptor(random_model, detector=cv2.ORB_create(50))
+    kps, desc = orb.detectAndCompute(photo_bgr)
+    assert 0 < len(kps) <= 50 and desc.shape == (len(kps), 128)
+
+
+def test_upright_ignores_angles(random_model, photo_bgr, keypoints):
+    upright = ExemplarDescriptor(random_model, upright=True)
+    turned = [cv2.KeyPoint(kp.pt[0], kp.pt[1], kp.size, (kp.angle + 90) % 360) for kp in keypoints]
+    assert np.array_equal(upright.compute(photo_bgr, keypoints)[1], upright.compute(photo_bgr, turned)[1])
+
+
+def test_works_with_opencv_matchers(descriptor, photo_bgr, keypoints):
+    _, desc = descriptor.compute(photo_bgr, keypoints)
+    matches = cv2.BFMatcher(descriptor.defaultNorm(), crossCheck=True).match(desc, desc)
+    assert len(matches) == len(desc) and all(m.queryIdx == m.trainIdx for m in matches)
+    flann = cv2.FlannBasedMatcher({"algorithm": 1, "trees": 4}, {"checks": 64})
+    assert len(flann.knnMatch(desc, desc, k=2)) == len(desc)
+
+
+def test_uint8_output(random_model, photo_bgr, keypoints):
+    quantised = ExemplarDescriptor(random_model, output_dtype=np.uint8)
+    assert quantised.descriptorType() == cv2.CV_8U
+    _, q = quantised.compute(photo_bgr, keypoints)
+    assert q.dtype == np.uint8 and q.shape == (len(keypoints), 128)
+    matches = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True).match(q, q)
+    assert all(m.queryIdx == m.trainIdx for m in matches)
+
+
+def test_kornia_lafs_match_keypoints(descriptor, photo_bgr, keypoints):
+    import kornia.feature as KF
+
+    kps = list(keypoints[:50])
+    _, ref = descriptor.compute(photo_bgr, kps)
+    xy = torch.tensor([kp.pt for kp in kps], dtype=torch.float64)[None]
+    # kornia's patch covers c + A [-1, 1]^2: scale = magnification * size / 2; its angle is anticlockwise.
+    scale = torch.tensor([descriptor.magnification * kp.size / 2 for kp in kps], dtype=torch.float64)[None, :, None, None]
+    ori = torch.tensor([-kp.angle for kp in kps], dtype=torch.float64)[None, :, None]
+    lafs = KF.laf_from_center_scale_ori(xy, scale, ori)
+    rgb = torch.from_numpy(cv2.cvtColor(photo_bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)[None].float() / 255
+    out = descriptor.compute_lafs(rgb, lafs)
+    assert out.shape == (1, 50, 128)
+    assert np.allclose(out[0].numpy(), ref, atol=1e-3)
+    with pytest.raises(ValueError, match="lafs"):
+        descriptor.compute_lafs(rgb, lafs[0])
+
+
+def test_shipped_model_matches_a_synthetic_warp(photo_bgr):
+    """Under a known homography the same point's descriptors are nearer than other points'."""
+    descriptor = ExemplarDescriptor()
+    h, w = photo_bgr.shape[:2]
+    hom = cv2.getPerspectiveTransform(
+        np.float32([[0, 0], [w, 0], [w, h], [0, h]]), np.float32([[30, 10], [w - 20, 40], [w - 40, h - 10], [10, h - 30]])
+    )
+    warped = cv2.warpPerspective(photo_bgr, hom, (w, h))
+    kps = cv2.SIFT_create(nfeatures=400).detect(photo_bgr, None)
+    moved = cv2.perspectiveTransform(np.float32([kp.pt for kp in kps])[:, None], hom)[:, 0]
+    inside = (moved[:, 0] > 20) & (moved[:, 0] < w - 20) & (moved[:, 1] > 20) & (moved[:, 1] < h - 20)
+    kps = [kp for kp, keep in zip(kps, inside) if keep]
+    # The warp's local scale is close to 1: keep the size, carry the angle by the local rotation.
+    angle = np.degrees(np.arctan2(hom[1, 0], hom[0, 0]))
+    warped_kps = [cv2.KeyPoint(float(x), float(y), kp.size, (kp.angle + angle) % 360) for kp, (x, y) in zip(kps, moved[inside])]
+    _, d1 = descriptor.compute(photo_bgr, kps)
+    _, d2 = descriptor.compute(warped, warped_kps)
+    dist = np.linalg.norm(d1[:, None] - d2[None], axis=2)
+    nearest_is_self = (dist.argmin(1) == np.arange(len(kps))).mean()
+    assert nearest_is_self > 0.8
+    assert np.median(np.diag(dist)) < np.median(dist)

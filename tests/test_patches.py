@@ -1,0 +1,101 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches, to_gray_float
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((20, 30), np.uint8),
+        np.zeros((20, 30, 1), np.uint8),
+        np.zeros((20, 30, 3), np.uint8),
+        np.zeros((20, 30, 4), np.uint8),
+        np.zeros((20, 30, 3), np.uint16),
+        np.zeros((20, 30), np.float32),
+        np.ones((20, 30, 3), np.float64),
+    ],
+)
+def test_accepted_images(image):
+    gray = to_gray_float(image)
+    assert gray.shape == (20, 30) and gray.dtype == np.float32
+
+
+def test_scaling_by_dtype():
+    assert to_gray_float(np.full((2, 2), 255, np.uint8)).max() == pytest.approx(1.0)
+    assert to_gray_float(np.full((2, 2), 65535, np.uint16)).max() == pytest.approx(1.0)
+    bgr = np.zeros((2, 2, 3), np.uint8)
+    bgr[..., 0] = 255  # pure blue in OpenCV's BGR order
+    assert to_gray_float(bgr)[0, 0] == pytest.approx(0.114, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "image, error, message",
+    [
+        (None, TypeError, "None"),
+        ([[1, 2]], TypeError, "numpy array"),
+        (np.zeros((0, 5), np.uint8), ValueError, "empty"),
+        (np.zeros((5,), np.uint8), ValueError, "shape"),
+        (np.zeros((5, 5, 2), np.uint8), ValueError, "shape"),
+        (np.zeros((2, 5, 5, 3), np.uint8), ValueError, "shape"),
+        (np.full((5, 5), np.nan, np.float32), ValueError, "NaN"),
+        (np.full((5, 5), 255.0, np.float32), ValueError, r"\[0, 1\]"),
+        (np.zeros((5, 5), np.int32), TypeError, "uint8"),
+    ],
+)
+def test_rejected_images(image, error, message):
+    with pytest.raises(error, match=message):
+        to_gray_float(image)
+
+
+def test_keypoint_checks():
+    xy, size, angle = keypoints_to_arrays([cv2.KeyPoint(1.5, 2.5, 4.0, 30.0)])
+    assert xy.tolist() == [[1.5, 2.5]] and size.tolist() == [4.0] and angle.tolist() == [30.0]
+    with pytest.raises(TypeError):
+        keypoints_to_arrays([(1, 2)])
+    with pytest.raises(ValueError, match="size"):
+        keypoints_to_arrays([cv2.KeyPoint(1.0, 2.0, 0.0)])
+
+
+def test_upright_patch_is_the_crop_around_the_keypoint():
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64)).astype(np.float32)
+    # A 32-pixel patch centred between pixels 31 and 32 covers image[16:48, 16:48] at step 1.
+    frames = keypoint_frames(np.array([32.0]), None, magnification=1.0)
+    patch = extract_patches(build_pyramid(image), np.array([[31.5, 31.5]]), frames, 32)
+    assert torch.allclose(patch[0, 0], torch.from_numpy(image[16:48, 16:48]), atol=1e-5)
+
+
+def test_angle_turns_the_patch_clockwise():
+    image = np.zeros((64, 64), np.float32)
+    image[10:20, 28:36] = 1.0  # a blob straight above the centre
+    frames = keypoint_frames(np.array([32.0, 32.0]), np.array([-1.0, 90.0]), magnification=1.0)
+    up, turned = extract_patches(build_pyramid(image), np.array([[31.5, 31.5]] * 2), frames, 32)[:, 0]
+    assert up[:8].sum() > 10 and up[-8:].sum() == 0  # upright (-1): the blob is at the top
+    # The frame turned clockwise by 90 deg: its +x axis points down, its -y axis points right,
+    # so the blob, above the centre, is to the left of the patch's x axis... at the patch's left.
+    assert turned[:, :8].sum() > 10 and turned[:, -8:].sum() == 0
+
+
+def test_large_patches_come_from_coarse_levels_without_aliasing():
+    # A 1-pixel checkerboard averages to grey when sampled 4x coarser, never to a moire pattern.
+    image = (np.indices((256, 256)).sum(0) % 2).astype(np.float32)
+    frames = keypoint_frames(np.array([128.0]), None, magnification=1.0)
+    patch = extract_patches(build_pyramid(image), np.array([[128.0, 128.0]]), frames, 32)
+    assert abs(float(patch.mean()) - 0.5) < 0.02 and float(patch.std()) < 0.05
+
+
+def test_border_points_get_patches():
+    image = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    centers = np.array([[0.0, 0.0], [39.0, 39.0], [-10.0, 60.0]])
+    patches = extract_patches(build_pyramid(image), centers, keypoint_frames(np.full(3, 4.0), None, 8.0), 32)
+    assert patches.shape == (3, 1, 32, 32) and torch.isfinite(patches).all()
+
+
+def test_normalize_patches():
+    out = normalize_patches(torch.rand(4, 1, 8, 8) * 5 + 3)
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(out.std(dim=(1, 2, 3)), torch.ones(4), atol=1e-3)
+    assert torch.isfinite(normalize_patches(torch.ones(1, 1, 8, 8))).all()
