@@ -12,6 +12,7 @@ import torch
 
 from .model_io import load_model
 from .networks import DescriptorNet
+from .quantization import quantize_uint8
 from .patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches, to_gray_float
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,8 @@ class ExemplarDescriptor:
         magnification: patch side in units of ``KeyPoint.size``; ``None`` uses the model card's.
         batch_size: keypoints per network batch; bounds memory for any number of keypoints.
         detector: ``cv2.Feature2D`` used by :meth:`detect`; default ``cv2.SIFT_create()``.
-        output_dtype: ``np.float32`` (default) or ``np.uint8`` (COLMAP's SIFT quantisation:
-            x512, clipped to 255).
+        output_dtype: ``np.float32`` (default) or ``np.uint8`` (128 bytes with a constant norm,
+            so COLMAP's dot-product matching ranks like L2; see :mod:`exemplar_desc.quantization`).
     """
 
     def __init__(
@@ -203,9 +204,7 @@ class ExemplarDescriptor:
         return describe_frames(self.net, pyramid, centers, frames, self.patch_size, self.batch_size)
 
     def _finish(self, desc: np.ndarray) -> np.ndarray:
-        if self.output_dtype == np.uint8:
-            return np.clip(np.round(desc * 512.0), 0, 255).astype(np.uint8)
-        return desc
+        return quantize_uint8(desc, signed=True) if self.output_dtype == np.uint8 else desc
 
     @staticmethod
     def _to_uint8(gray: np.ndarray) -> np.ndarray:
