@@ -94,7 +94,7 @@ class ExemplarDescriptor:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available; use device='cpu'")
         self.net, self.card = load_model(model, self.device)
-        self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = self.net.fuse_batch_norm().to(memory_format=torch.channels_last)
         self.magnification = float(self.card["magnification"] if magnification is None else magnification)
         if not self.magnification > 0:
             raise ValueError(f"magnification must be positive, got {self.magnification}")

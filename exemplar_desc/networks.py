@@ -232,6 +232,17 @@ class DescriptorNet(nn.Module):
         self.trunk.blocks = self.trunk.blocks[: self.layer + 1]
         self.head = DescriptorHead(arch.convs[self.layer][0], grid, dim)
 
+    @torch.no_grad()
+    def fuse_batch_norm(self) -> "DescriptorNet":
+        """Fold each batch normalisation into its convolution (eval-mode inference only); returns self."""
+        for block in self.trunk.blocks:
+            for i in range(len(block) - 1):
+                conv, bn = block[i], block[i + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    block[i] = nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+                    block[i + 1] = nn.Identity()
+        return self
+
     def features(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, 1, P, P) normalised patches -> (B, F, h, w) feature maps of the descriptor layer."""
         return self.trunk(patches)

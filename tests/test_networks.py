@@ -75,3 +75,20 @@ def test_head_dimension_is_a_parameter():
     with pytest.raises(ValueError):
         DescriptorHead(in_channels=2, grid=2, dim=9)
     assert DescriptorNet(ARCHITECTURES["fast"], dim=64).head.projection.shape == (128 * 16, 64)
+
+
+def test_batch_norm_fusion_keeps_the_output():
+    torch.manual_seed(0)
+    net = DescriptorNet(ARCHITECTURES["fast"])
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 2)
+    net.eval()
+    x = torch.randn(8, 1, 32, 32)
+    net.head.fit(net.head.pool(net.features(torch.randn(300, 1, 32, 32))))
+    before = net(x)
+    fused = net.fuse_batch_norm()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert torch.allclose(fused(x), before, atol=1e-5)
