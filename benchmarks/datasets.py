@@ -37,7 +37,6 @@ __all__ = [
     "load_sequences",
     "write_sequence",
     "default_cache_dir",
-    "write_bytes_atomic",
 ]
 
 IMAGE_EXTENSIONS = (".ppm", ".pgm", ".png", ".jpg")
@@ -223,19 +222,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("EXEMPLAR_DESC_CACHE"):
         return Path(os.environ["EXEMPLAR_DESC_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exemplar_desc"
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file through a temporary sibling and ``os.replace``, so it is never seen half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")

@@ -25,7 +25,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from .datasets import SequenceError, load_sequence, write_bytes_atomic
+from exemplar_desc.atomic import atomic_write
+
+from .datasets import SequenceError, load_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +72,11 @@ def _wanted_members(archive: Path) -> dict[str, tarfile.TarInfo]:
 
 
 def _fetch(url: str, dest: Path, timeout: float) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    def download(tmp: str) -> None:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, out)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, download)
 
 
 def _unpack(archive: Path, dest: Path) -> None:
@@ -152,7 +151,7 @@ def download_oxford(
                     archive.unlink(missing_ok=True)
                     raise
                 record[name] = sha256sum(archive)
-                write_bytes_atomic(record_path, json.dumps(record, indent=2, sort_keys=True).encode())
+                atomic_write(record_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2, sort_keys=True)))
             _unpack(archive, cache / name)
         except DownloadError as err:
             logger.error("%s", err)

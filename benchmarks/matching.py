@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences, write_bytes_atomic
+from exemplar_desc.atomic import atomic_write
+from exemplar_desc.model_io import resolve_card_path
+
+from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
 from .descriptors import as_float, build_descriptors, catalogue
 from .metrics import HOMOGRAPHY_THRESHOLDS, MMA_THRESHOLDS, evaluate_pair
 
@@ -321,7 +325,7 @@ def write_outputs(results: dict, out_dir: str | Path) -> list[Path]:
     if results["descriptors"] and any(e["sequences"] for e in results["descriptors"].values()):
         files.update(_plots(results))
     for name, data in files.items():
-        write_bytes_atomic(out_dir / name, data)
+        atomic_write(out_dir / name, lambda tmp: Path(tmp).write_bytes(data))
     return [out_dir / name for name in files]
 
 
@@ -339,6 +343,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px) for a correct match in mAP and matching score (default 3)")
     p.add_argument("--device", default="cpu", help="torch device of the network descriptors (default cpu)")
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
+    p.add_argument("--record-in-card", action="store_true",
+                   help="store the summary (with this command and the other descriptors' numbers) in the model card "
+                        "of every shipped Exemplar model benchmarked")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -404,7 +411,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         for path in write_outputs(results, args.out):
             print(f"wrote {path}")
+    if args.record_in_card:
+        argv = sys.argv[1:] if argv is None else argv
+        for path in record_in_cards(results, "python -m benchmarks.matching " + " ".join(shlex.quote(a) for a in argv)):
+            print(f"recorded the results in {path}")
     return 0 if descriptors else 1
+
+
+def record_in_cards(results: dict, command: str) -> list[Path]:
+    """Write a compact summary of ``results`` into the card of each shipped ``exemplar:<model>`` benchmarked.
+
+    The entry is keyed by the data folder's name; it holds the command, the protocol and, for
+    every descriptor of the run, mAP, matching score, MMA@3px and homography accuracy per
+    kind and overall (fractions). Returns the cards written.
+    """
+    mma3 = MMA_THRESHOLDS.index(3)
+
+    def compact(summary: dict) -> dict:
+        if "mAP" not in summary:
+            return {}
+        return {"mAP": summary["mAP"], "matching_score": summary["matching_score"], "MMA@3px": summary["MMA"][mma3],
+                **{key: summary[key] for key in _H_KEYS}}
+
+    table = {name: {"overall": compact(entry.get("summary", {})),
+                    **{kind: compact(v) for kind, v in entry.get("per_kind", {}).items()}}
+             for name, entry in results["descriptors"].items()}
+    entry = _json_safe({"command": command, "protocol": results["protocol"], "results": table})
+    written = []
+    for name in results["descriptors"]:
+        if not name.startswith("exemplar:"):
+            continue
+        card_path = resolve_card_path(name.split(":", 1)[1])
+        card = json.loads(card_path.read_text())
+        card.setdefault("benchmark", {})[Path(results["protocol"]["data"]).name] = entry
+        atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
+        written.append(card_path)
+    return written
 
 
 if __name__ == "__main__":

@@ -12,16 +12,16 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .networks import DescriptorNet, architecture_from_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MODEL", "weights_dir", "list_models", "resolve_card_path", "save_model", "load_model", "sha256_of", "atomic_write"]
+__all__ = ["DEFAULT_MODEL", "weights_dir", "list_models", "resolve_card_path", "save_model", "load_model", "sha256_of"]
 
 #: The model ExemplarDescriptor() loads when none is named.
 DEFAULT_MODEL = "exemplar-fast"
@@ -69,23 +69,6 @@ def sha256_of(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(temporary_path)``, then move the result over ``path``, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(net: DescriptorNet, card: dict, directory: str | os.PathLike, name: str) -> Path:

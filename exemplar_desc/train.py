@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shlex
 import sys
 import time
@@ -27,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model_io import atomic_write, save_model
-from .networks import Architecture, DescriptorNet, ExemplarClassifier, count_flops, resolve_architecture
+from .atomic import atomic_write
+from .model_io import save_model
+from .networks import DescriptorNet, ExemplarClassifier, count_flops, resolve_architecture
 from .patches import normalize_patches
 from .seeds import iter_rgb_images, list_images, load_stl10_unlabeled, sample_seeds
 from .transforms import FAMILIES, SurrogateSampler, TransformConfig

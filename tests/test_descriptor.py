@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from exemplar_desc import ExemplarDescriptor
-from exemplar_desc.patches import to_gray_float
 
 
 @pytest.fixture(scope="module")
