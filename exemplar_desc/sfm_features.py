@@ -129,11 +129,11 @@ def _describe(
     descriptor: Any, image: np.ndarray, keypoints: Sequence[cv2.KeyPoint], scale: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Describe keypoints found on the processed image; return hloc datasets in original pixels."""
-    kps, desc = descriptor.compute(image, keypoints)
     dim = int(descriptor.descriptorSize())
+    kps, desc = descriptor.compute(image, keypoints) if len(keypoints) else ((), None)
     if desc is None or len(kps) == 0:
-        kps, desc = [], np.zeros((0, dim), np.float32)
-    desc = np.asarray(desc, dtype=np.float32).reshape(len(kps), -1)
+        kps, desc = (), np.zeros((0, dim), np.float32)
+    desc = np.asarray(desc, dtype=np.float32).reshape(len(kps), dim)
     desc = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
     xy = np.array([kp.pt for kp in kps], dtype=np.float64).reshape(-1, 2)
     return {
