@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -46,7 +47,6 @@ __all__ = [
     "ExtractionResult",
     "check_feature_file",
     "extract_features",
-    "read_features",
 ]
 
 FEATURES_FORMAT = "exemplar_desc.sfm.features/1"
@@ -145,6 +145,51 @@ def _describe(
     }
 
 
+def _process_image(
+    image_dir: Path,
+    name: str,
+    descriptors: Mapping[str, Any],
+    olds: Mapping[str, h5py.File | None],
+    news: Mapping[str, h5py.File],
+    detector: cv2.Feature2D,
+    max_size: int | None,
+    max_keypoints: int,
+    result: ExtractionResult,
+) -> None:
+    """Copy one image's groups from the old files or extract them; record what happened in ``result``."""
+    try:
+        data, sha1 = read_image_bytes(image_dir / name)
+    except OSError as err:
+        result.skipped[name] = f"cannot read file: {err}"
+        logger.warning("skipping %s: %s", name, result.skipped[name])
+        return
+    todo = [d for d in descriptors if not _reusable(olds[d], name, sha1, _settings(d, max_size, max_keypoints))]
+    if todo:
+        try:
+            full = decode_gray(data, name)
+        except UnreadableImageError as err:
+            result.skipped[name] = str(err)
+            logger.warning("skipping %s", err)
+            return
+        image, scale = resize_to_max(full, max_size)
+        # Deterministic, so descriptors extracted now and copied ones share keypoints.
+        keypoints = detector.detect(image, None)
+        image_size = np.array([full.shape[1], full.shape[0]], dtype=np.int32)
+    else:
+        result.reused.append(name)
+    for dname, out in news.items():
+        if dname in todo:
+            group = out.create_group(name)
+            for key, value in _describe(descriptors[dname], image, keypoints, scale).items():
+                group.create_dataset(key, data=value)
+            group.create_dataset("image_size", data=image_size)
+            group.attrs.update({"sha1": sha1, **_settings(dname, max_size, max_keypoints)})
+        else:
+            olds[dname].copy(olds[dname][name], out, name=name)
+        result.num_keypoints[dname][name] = int(out[name]["keypoints"].shape[0])
+    result.names.append(name)
+
+
 def extract_features(
     image_dir: str | Path,
     names: Sequence[str],
@@ -178,72 +223,28 @@ def extract_features(
         raise ValueError("descriptors and feature_paths must have the same keys")
     detector = cv2.SIFT_create(nfeatures=max_keypoints)
     result = ExtractionResult(num_keypoints={d: {} for d in descriptors})
-    olds: dict[str, h5py.File | None] = {}
-    news: dict[str, h5py.File] = {}
     tmp_paths = {d: Path(str(p) + ".tmp") for d, p in feature_paths.items()}
     try:
-        for dname, path in feature_paths.items():
-            keep = check_feature_file(path, dname) if reuse else False
-            olds[dname] = h5py.File(path, "r") if keep else None
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            news[dname] = h5py.File(tmp_paths[dname], "w")
-            news[dname].attrs.update({"format": FEATURES_FORMAT, "complete": False, **_settings(dname, max_size, max_keypoints)})
-        for name in tqdm(names, desc="features", unit="img"):
-            try:
-                data, sha1 = read_image_bytes(Path(image_dir) / name)
-            except OSError as err:
-                result.skipped[name] = f"cannot read file: {err}"
-                logger.warning("skipping %s: %s", name, result.skipped[name])
-                continue
-            todo = [d for d in descriptors if not _reusable(olds[d], name, sha1, _settings(d, max_size, max_keypoints))]
-            image = keypoints = scale = None
-            if todo:
-                try:
-                    full = decode_gray(data, name)
-                except UnreadableImageError as err:
-                    result.skipped[name] = str(err)
-                    logger.warning("skipping %s", err)
-                    continue
-                image, scale = resize_to_max(full, max_size)
-                keypoints = detector.detect(image, None)
-                image_size = np.array([full.shape[1], full.shape[0]], dtype=np.int32)
-            else:
-                result.reused.append(name)
-            for dname, out in news.items():
-                if dname in todo:
-                    group = out.create_group(name)
-                    for key, value in _describe(descriptors[dname], image, keypoints, scale).items():
-                        group.create_dataset(key, data=value)
-                    group.create_dataset("image_size", data=image_size)
-                    group.attrs.update({"sha1": sha1, **_settings(dname, max_size, max_keypoints)})
-                else:
-                    olds[dname].copy(olds[dname][name], out, name=name)
-                result.num_keypoints[dname][name] = int(out[name]["keypoints"].shape[0])
-            result.names.append(name)
-        for out in news.values():
-            out.attrs["complete"] = True
+        with ExitStack() as stack:
+            olds: dict[str, h5py.File | None] = {}
+            news: dict[str, h5py.File] = {}
+            for dname, path in feature_paths.items():
+                keep = check_feature_file(path, dname) if reuse else False
+                olds[dname] = stack.enter_context(h5py.File(path, "r")) if keep else None
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                news[dname] = stack.enter_context(h5py.File(tmp_paths[dname], "w"))
+                news[dname].attrs.update(
+                    {"format": FEATURES_FORMAT, "complete": False, **_settings(dname, max_size, max_keypoints)}
+                )
+            for name in tqdm(names, desc="features", unit="img"):
+                _process_image(Path(image_dir), name, descriptors, olds, news, detector, max_size, max_keypoints, result)
+            for out in news.values():
+                out.attrs["complete"] = True
     except BaseException:
-        for f in list(olds.values()) + list(news.values()):
-            if f is not None:
-                f.close()
         for tmp in tmp_paths.values():
             tmp.unlink(missing_ok=True)
         raise
-    for f in list(olds.values()) + list(news.values()):
-        if f is not None:
-            f.close()
     for dname, path in feature_paths.items():
         os.replace(tmp_paths[dname], path)
     return result
 
-
-def read_features(path: str | Path, name: str) -> dict[str, np.ndarray]:
-    """Read one image's datasets from an hloc-layout feature file.
-
-    Returns:
-        Dict with ``keypoints`` (N, 2) float32, ``descriptors`` (D, N) float32, ``scores``
-        (N,), ``image_size`` (2,) = (W, H), and ``scales``/``oris`` (N,) when present.
-    """
-    with h5py.File(path, "r") as f:
-        group = f[name]
-        return {key: group[key][()] for key in group.keys()}

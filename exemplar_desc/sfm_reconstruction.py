@@ -1,8 +1,8 @@
 """COLMAP reconstruction from hloc feature and match files, through pycolmap (4.x).
 
 Steps: a COLMAP database with cameras, trivial rigs and frames (COLMAP >= 3.12 needs them),
-images, keypoints (shifted by COLMAP's +0.5 pixel offset), uint8 descriptors and the raw
-matches; geometric verification of the listed pairs (two-view geometries); incremental
+images, keypoints (shifted by COLMAP's +0.5 pixel offset), uint8 descriptors (128-D only,
+quantised by :func:`.sfm_export.quantize_uint8`) and the raw matches; geometric verification of the listed pairs (two-view geometries); incremental
 mapping; statistics of every model the mapper made.
 
 Cameras: ``SIMPLE_RADIAL`` with the focal length from the image's EXIF data when present
@@ -99,7 +99,7 @@ def build_database(
     """
     database_path = Path(database_path)
     tmp = Path(str(database_path) + ".tmp")
-    tmp.unlink(missing_ok=True)
+    _remove_sqlite_files(tmp)
     image_ids: dict[str, int] = {}
     try:
         with pycolmap.Database.open(tmp) as db, h5py.File(features_path, "r") as feats:
@@ -128,9 +128,10 @@ def build_database(
                     to_colmap_keypoints(group["keypoints"][()], group["scales"][()], group["oris"][()]),
                 )
                 desc = group["descriptors"][()].T
-                db.write_descriptors(
-                    image_id, pycolmap.FeatureDescriptors(pycolmap.FeatureExtractorType.SIFT, quantize_uint8(desc))
-                )
+                if desc.shape[1] == 128:  # COLMAP's matchers expect 128 uint8 values; the mapper needs none
+                    db.write_descriptors(
+                        image_id, pycolmap.FeatureDescriptors(pycolmap.FeatureExtractorType.SIFT, quantize_uint8(desc))
+                    )
                 image_ids[name] = image_id
             logger.info("database: %d images, %d cameras", len(image_ids), len(cameras))
             with h5py.File(matches_path, "r") as matches:
@@ -140,10 +141,17 @@ def build_database(
                     pairs_arr = np.stack([idx0, m0[idx0]], axis=1).astype(np.uint32)
                     db.write_matches(image_ids[name0], image_ids[name1], pairs_arr)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_sqlite_files(tmp)
         raise
+    # SQLite would replay a stale write-ahead log of a crashed earlier run onto the new file.
+    _remove_sqlite_files(database_path, main_file=False)
     os.replace(tmp, database_path)
     return image_ids
+
+
+def _remove_sqlite_files(path: Path, main_file: bool = True) -> None:
+    for suffix in ("", "-wal", "-shm") if main_file else ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
 
 
 def verify_pairs(database_path: str | Path, pairs_path: str | Path, min_num_inliers: int = 15) -> int:
@@ -174,11 +182,8 @@ def run_mapper(
     tmp = Path(str(sparse_dir) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # pycolmap writes each model to tmp/<index>/ (cameras, images, points3D, rigs, frames .bin).
     models = pycolmap.incremental_mapping(database_path, image_dir, tmp, settings.to_pycolmap())
-    for index, rec in models.items():
-        model_dir = tmp / str(index)
-        model_dir.mkdir(exist_ok=True)
-        rec.write_binary(model_dir)
     shutil.rmtree(sparse_dir, ignore_errors=True)
     os.replace(tmp, sparse_dir)
     return dict(models)

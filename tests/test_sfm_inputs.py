@@ -113,23 +113,26 @@ def test_output_folder_of_another_descriptor_is_refused_untouched(tmp_path, caps
         sfm_features.check_feature_file(tmp_path / "foreign.h5", "sift")
 
 
+NAMES3 = ["a.png", "sub/b.png", "sub/c.png"]
+
+
 def test_rerun_reuses_unchanged_images_only(tmp_path):
     images = tmp_path / "images"
-    write_views(images, ["a.png", "b.png", "c.png"])
+    write_views(images, NAMES3)
     path = tmp_path / "features.h5"
     desc = {"sift": create_descriptor("sift")}
-    first = extract_features(images, ["a.png", "b.png", "c.png"], desc, {"sift": path}, max_size=200, max_keypoints=300)
+    first = extract_features(images, NAMES3, desc, {"sift": path}, max_size=200, max_keypoints=300)
     assert first.reused == []
     with h5py.File(path, "r") as f:
         kp_a = f["a.png"]["keypoints"][()]
-    again = extract_features(images, ["a.png", "b.png", "c.png"], desc, {"sift": path}, max_size=200, max_keypoints=300)
-    assert again.reused == ["a.png", "b.png", "c.png"]
+    again = extract_features(images, NAMES3, desc, {"sift": path}, max_size=200, max_keypoints=300)
+    assert again.reused == NAMES3
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["a.png"]["keypoints"][()], kp_a)
-    cv2.imwrite(str(images / "b.png"), texture(300, 400, seed=99))  # changed content
-    changed = extract_features(images, ["a.png", "b.png", "c.png"], desc, {"sift": path}, max_size=200, max_keypoints=300)
-    assert changed.reused == ["a.png", "c.png"]
-    other_size = extract_features(images, ["a.png", "b.png", "c.png"], desc, {"sift": path}, max_size=150, max_keypoints=300)
+    cv2.imwrite(str(images / "sub" / "b.png"), texture(300, 400, seed=99))  # changed content
+    changed = extract_features(images, NAMES3, desc, {"sift": path}, max_size=200, max_keypoints=300)
+    assert changed.reused == ["a.png", "sub/c.png"]
+    other_size = extract_features(images, NAMES3, desc, {"sift": path}, max_size=150, max_keypoints=300)
     assert other_size.reused == []  # different settings: extracted again
 
 
