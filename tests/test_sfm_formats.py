@@ -156,3 +156,13 @@ def test_colmap_text_export(extracted, tmp_path):
 def test_to_colmap_keypoints_offsets_and_units():
     rows = to_colmap_keypoints(np.array([[0.0, 0.0], [10.0, 5.0]]), np.array([4.0, 2.0]), np.array([90.0, -1.0]))
     np.testing.assert_allclose(rows, [[0.5, 0.5, 2.0, np.pi / 2], [10.5, 5.5, 1.0, 0.0]], rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_match_descriptors_cuda_equals_cpu():
+    rng = np.random.default_rng(1)
+    d0 = torch.from_numpy(rng.standard_normal((500, 128)).astype(np.float32))
+    d1 = torch.from_numpy(rng.standard_normal((400, 128)).astype(np.float32))
+    m_cpu, s_cpu = match_descriptors(d0, d1, ratio=0.9)
+    m_gpu, s_gpu = match_descriptors(d0.cuda(), d1.cuda(), ratio=0.9)
+    assert torch.equal(m_gpu.cpu(), m_cpu) and torch.allclose(s_gpu.cpu(), s_cpu, atol=1e-5)
