@@ -164,7 +164,9 @@ def verify_pairs(database_path: str | Path, pairs_path: str | Path, min_num_inli
     options.min_num_inliers = min_num_inliers
     pycolmap.verify_matches(database_path, pairs_path, options)
     with pycolmap.Database.open(database_path) as db:
-        return int(db.num_verified_image_pairs())
+        # num_verified_image_pairs() also counts the rejected (degenerate, 0-inlier) pairs.
+        pair_ids, _ = db.read_two_view_geometry_num_inliers()
+        return len(pair_ids)
 
 
 def run_mapper(

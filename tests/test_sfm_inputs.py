@@ -89,6 +89,7 @@ def test_unrelated_images_give_no_model_and_say_so(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "the mapper made no model" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["verified_pairs"] <= summary["pairs"] == 3
     assert summary["num_models"] == 0 and summary["images_registered"] == 0
     assert summary["images_not_registered"] == ["a.png", "b.png", "c.png"]
 

@@ -38,7 +38,7 @@ def test_registers_all_images(run, capsys):
     _, out, _, code = run
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images_registered"] == 4 and summary["num_models"] == 1
+    assert summary["images_registered"] == 4 and summary["num_models"] == 1 and summary["verified_pairs"] == 6
     assert summary["images_not_registered"] == []
     assert summary["points3D"] > 500
     assert 2.0 < summary["mean_track_length"] < 4.0 + 1e-9
