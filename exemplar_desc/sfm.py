@@ -103,7 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings)
-    except (FileNotFoundError, ValueError, OutputConflictError, SfmError, ImportError) as err:
+    except ImportError as err:
+        print(f"error: descriptor {args.descriptor!r} is not available here ({err})", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, OutputConflictError, SfmError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _print_summary(summaries)
