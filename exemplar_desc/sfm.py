@@ -1,0 +1,117 @@
+"""Command line: structure from motion with exemplar_desc features and COLMAP's mapper.
+
+    python -m exemplar_desc.sfm --images DIR --out DIR [--descriptor exemplar|sift|rootsift]
+        [--pairs exhaustive|sequential:K] [--max-size PX] [--device cpu|cuda] [--compare sift]
+
+See ``exemplar_desc.sfm_pipeline`` for the outputs and README.md ("Structure from motion").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Sequence
+
+from .sfm_features import OutputConflictError
+from .sfm_pipeline import SfmError, SfmSettings, expand_compare, run_sfm
+from .sfm_reconstruction import MapperSettings
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults, mapper = SfmSettings(), MapperSettings()
+    p = argparse.ArgumentParser(prog="python -m exemplar_desc.sfm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", required=True, help="folder of photos (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder (features.h5, matches.h5, pairs.txt, database.db, sparse/, summary.json)")
+    p.add_argument("--descriptor", default="exemplar", help="sift, rootsift, exemplar or exemplar:<model> (default: %(default)s)")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME",
+                   help="also run NAME on the same keypoints and print a side-by-side table; 'sift' means SIFT and "
+                        "RootSIFT; repeatable; outputs go to OUT/<descriptor>/")
+    p.add_argument("--pairs", default=defaults.pairs, help="exhaustive or sequential:K (default: %(default)s)")
+    p.add_argument("--max-size", type=int, default=None, metavar="PX",
+                   help="downscale so the longer side is at most PX for extraction (keypoints are stored at full resolution)")
+    p.add_argument("--max-keypoints", type=int, default=defaults.max_keypoints, help="per image (default: %(default)s)")
+    p.add_argument("--ratio", type=float, default=None, help="Lowe ratio test on top of mutual nearest neighbours (default: off)")
+    p.add_argument("--device", default=defaults.device, help="torch device for descriptors and matching, cpu or cuda (default: %(default)s)")
+    g = p.add_argument_group("incremental mapper (COLMAP's defaults: 10, 100, 30, 15)")
+    g.add_argument("--min-model-size", type=int, default=mapper.min_model_size, help="smallest model kept, in images (default: %(default)s)")
+    g.add_argument("--init-min-num-inliers", type=int, default=mapper.init_min_num_inliers,
+                   help="verified inliers an initial image pair needs (default: %(default)s)")
+    g.add_argument("--abs-pose-min-num-inliers", type=int, default=mapper.abs_pose_min_num_inliers,
+                   help="2D-3D inliers needed to register an image (default: %(default)s)")
+    g.add_argument("--min-num-matches", type=int, default=mapper.min_num_matches, help="verified matches for a pair to count (default: %(default)s)")
+    g.add_argument("--single-model", action="store_true", help="stop after the first model instead of starting new ones")
+    g.add_argument("--seed", type=int, default=mapper.seed, help="COLMAP random seed, -1 for none (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs of another descriptor or program (and re-extract every image)")
+    p.add_argument("--export-colmap", action="store_true", help="also write OUT/colmap_features/<image>.txt for `colmap feature_importer`")
+    p.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
+    return p
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_summary(summaries: dict[str, dict[str, Any]]) -> None:
+    first = next(iter(summaries.values()))
+    print(f"images: {first['images_found']} found, {first['images_readable']} readable, "
+          f"{len(first['images_skipped'])} skipped, {first['images_reused']} with reused features")
+    for name, why in first["images_skipped"].items():
+        print(f"  skipped {name}: {why}")
+    header = f"{'descriptor':<12} {'registered':>10} {'points3D':>9} {'track len':>9} {'reproj px':>9} {'models':>6} {'verified':>8} {'seconds':>8}"
+    print(header)
+    for name, s in summaries.items():
+        print(f"{name:<12} {s['images_registered']:>6}/{s['images_readable']:<3} {s['points3D']:>9} "
+              f"{_fmt(s['mean_track_length'], '.2f'):>9} {_fmt(s['mean_reprojection_error'], '.3f'):>9} "
+              f"{s['num_models']:>6} {s['verified_pairs']:>4}/{s['pairs']:<3} {s['seconds']['total']:>8.1f}")
+    for name, s in summaries.items():
+        print(f"{name}: seconds " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()))
+        for m in s["models"]:
+            print(f"  model {m['index']}: {m['images_registered']} images, {m['points3D']} points, "
+                  f"track {m['mean_track_length']:.2f}, reproj {m['mean_reprojection_error']:.3f} px -> {m['path']}")
+        if s["images_not_registered"]:
+            print(f"  not registered: {' '.join(s['images_not_registered'])}")
+        if "message" in s:
+            print(f"  {s['message']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0: at least one model, 1: bad input, 2: no model)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import pycolmap
+
+    pycolmap.logging.minloglevel = 0 if args.verbose else 2
+    settings = SfmSettings(
+        pairs=args.pairs,
+        max_size=args.max_size,
+        max_keypoints=args.max_keypoints,
+        ratio=args.ratio,
+        device=args.device,
+        mapper=MapperSettings(
+            min_model_size=args.min_model_size,
+            init_min_num_inliers=args.init_min_num_inliers,
+            abs_pose_min_num_inliers=args.abs_pose_min_num_inliers,
+            min_num_matches=args.min_num_matches,
+            multiple_models=not args.single_model,
+            seed=args.seed,
+        ),
+        overwrite=args.overwrite,
+        export_colmap=args.export_colmap,
+    )
+    try:
+        summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings)
+    except ImportError as err:
+        print(f"error: descriptor {args.descriptor!r} is not available here ({err})", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, OutputConflictError, SfmError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    _print_summary(summaries)
+    return 0 if any(s["num_models"] for s in summaries.values()) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""uint8 descriptors as COLMAP's SIFT stores them, and export for COLMAP's feature importer.
+
+:func:`quantize_uint8` is the one place where float descriptors become bytes; the COLMAP
+database, the text export and the descriptor's uint8 output all use it.
+
+Text format read by ``colmap feature_importer --import_path DIR``: for image ``NAME`` the
+file ``DIR/NAME.txt`` holds a header line ``NUM_FEATURES 128`` and then one line per
+feature, ``X Y SCALE ORIENTATION D1 ... D128``, with X, Y in COLMAP's pixel convention
+(the top-left pixel's centre at (0.5, 0.5)), SCALE in pixels, ORIENTATION in radians and
+D1..D128 integers in 0..255.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["quantize_uint8", "to_colmap_keypoints", "export_colmap_text"]
+
+
+def quantize_uint8(desc: np.ndarray) -> np.ndarray:
+    """Quantise float descriptors to uint8 as COLMAP does for SIFT.
+
+    Each row is L2-normalised, multiplied by 512, rounded and clipped to [0, 255]
+    (COLMAP's ``FeatureDescriptorsToUnsignedByte``). For SIFT-like descriptors no
+    component of a unit vector exceeds ~0.5 after SIFT's 0.2 clipping, so little saturates;
+    negative components (possible for learned descriptors) become 0.
+
+    Args:
+        desc: (N, D) float descriptors, any scale (all-zero rows stay zero).
+
+    Returns:
+        (N, D) uint8 array.
+    """
+    desc = np.asarray(desc, dtype=np.float32)
+    if desc.ndim != 2:
+        raise ValueError(f"descriptors must be (N, D), got shape {desc.shape}")
+    if not np.all(np.isfinite(desc)):
+        raise ValueError("descriptors contain NaN or infinite values")
+    unit = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
+    return np.clip(np.round(512.0 * unit), 0, 255).astype(np.uint8)
+
+
+def to_colmap_keypoints(keypoints: np.ndarray, scales: np.ndarray | None = None, oris: np.ndarray | None = None) -> np.ndarray:
+    """Convert hloc-file keypoints to COLMAP's 4-column keypoint rows.
+
+    Args:
+        keypoints: (N, 2) (x, y), pixel centres at integers (OpenCV/hloc convention).
+        scales: (N,) OpenCV ``KeyPoint.size`` (diameter) in pixels, or None (-> 1).
+        oris: (N,) OpenCV ``KeyPoint.angle`` in degrees (-1 = none), or None (-> 0).
+
+    Returns:
+        (N, 4) float32 rows (x + 0.5, y + 0.5, scale, orientation): scale is the radius
+        ``size / 2`` in pixels (SIFT's sigma-like scale), orientation in radians.
+    """
+    n = len(keypoints)
+    out = np.empty((n, 4), dtype=np.float32)
+    out[:, :2] = np.asarray(keypoints, dtype=np.float32).reshape(n, 2) + 0.5
+    out[:, 2] = 1.0 if scales is None else np.asarray(scales, dtype=np.float32) / 2.0
+    angle = np.zeros(n, np.float32) if oris is None else np.asarray(oris, dtype=np.float32)
+    out[:, 3] = np.deg2rad(np.where(angle < 0, 0.0, angle))
+    return out
+
+
+def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Sequence[str] | None = None) -> list[Path]:
+    """Write one COLMAP feature-import text file per image of an hloc feature file.
+
+    Args:
+        features_path: hloc-layout ``features.h5`` with 128-D descriptors.
+        out_dir: folder for ``<image name>.txt`` files (sub-folders follow the names); give
+            it to ``colmap feature_importer --import_path``.
+        names: images to export (default: all in the file).
+
+    Returns:
+        The written paths. Each file is written to ``.tmp`` and renamed when complete.
+    """
+    out_dir = Path(out_dir)
+    written = []
+    with h5py.File(features_path, "r") as f:
+        if names is None:
+            names = []
+            f.visititems(lambda key, obj: names.append(key) if isinstance(obj, h5py.Group) and "keypoints" in obj else None)
+        for name in names:
+            group = f[name]
+            desc = group["descriptors"][()].T
+            if desc.shape[1] != 128:
+                raise ValueError(f"COLMAP's importer needs 128-D descriptors; {name} has {desc.shape[1]}")
+            kps = to_colmap_keypoints(
+                group["keypoints"][()],
+                group["scales"][()] if "scales" in group else None,
+                group["oris"][()] if "oris" in group else None,
+            )
+            rows = np.concatenate([kps.astype(np.float64), quantize_uint8(desc).astype(np.float64)], axis=1)
+            path = out_dir / f"{name}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w") as fh:
+                fh.write(f"{len(rows)} 128\n")
+                np.savetxt(fh, rows, fmt=["%.4f"] * 4 + ["%d"] * 128, delimiter=" ")
+            os.replace(tmp, path)
+            written.append(path)
+    logger.info("wrote %d COLMAP feature files to %s", len(written), out_dir)
+    return written

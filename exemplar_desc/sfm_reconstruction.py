@@ -1,0 +1,212 @@
+"""COLMAP reconstruction from hloc feature and match files, through pycolmap (4.x).
+
+Steps: a COLMAP database with cameras, trivial rigs and frames (COLMAP >= 3.12 needs them),
+images, keypoints (shifted by COLMAP's +0.5 pixel offset), uint8 descriptors (128-D only,
+quantised by :func:`.sfm_export.quantize_uint8`) and the raw matches; geometric verification of the listed pairs (two-view geometries); incremental
+mapping; statistics of every model the mapper made.
+
+Cameras: ``SIMPLE_RADIAL`` with the focal length from the image's EXIF data when present
+(COLMAP's own reader), otherwise COLMAP's default prior (1.2 x the longer side). Images
+whose inferred cameras are identical (same size and prior) share one camera, so a folder
+of photos without EXIF data gets one shared camera.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import pycolmap
+
+from .sfm_export import quantize_uint8, to_colmap_keypoints
+from .sfm_matching import pair_key
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MapperSettings", "build_database", "verify_pairs", "run_mapper", "model_statistics"]
+
+
+@dataclass
+class MapperSettings:
+    """Incremental mapper options exposed on the CLI (COLMAP's defaults in brackets).
+
+    Attributes:
+        min_model_size: smallest model kept, in registered images [10].
+        init_min_num_inliers: verified inliers an initial pair needs [100].
+        abs_pose_min_num_inliers: 2D-3D inliers to register a further image [30].
+        min_num_matches: verified matches for a pair to be used at all [15].
+        multiple_models: keep starting new models after the first one stops growing [True].
+        seed: random seed of COLMAP's RANSAC and mapper (-1: not seeded).
+        num_threads: -1 for all cores.
+    """
+
+    min_model_size: int = 3
+    init_min_num_inliers: int = 50
+    abs_pose_min_num_inliers: int = 30
+    min_num_matches: int = 15
+    multiple_models: bool = True
+    seed: int = 0
+    num_threads: int = -1
+
+    def to_pycolmap(self) -> pycolmap.IncrementalPipelineOptions:
+        """The settings as pycolmap's ``IncrementalPipelineOptions``."""
+        options = pycolmap.IncrementalPipelineOptions()
+        options.min_model_size = self.min_model_size
+        options.min_num_matches = self.min_num_matches
+        options.multiple_models = self.multiple_models
+        options.random_seed = self.seed
+        options.num_threads = self.num_threads
+        options.mapper.init_min_num_inliers = self.init_min_num_inliers
+        options.mapper.abs_pose_min_num_inliers = self.abs_pose_min_num_inliers
+        options.mapper.random_seed = self.seed
+        options.triangulation.random_seed = self.seed
+        return options
+
+
+def _camera_key(camera: pycolmap.Camera) -> tuple:
+    return (camera.model_name, camera.width, camera.height, tuple(np.round(camera.params, 6)))
+
+
+def build_database(
+    database_path: str | Path,
+    image_dir: str | Path,
+    names: Sequence[str],
+    features_path: str | Path,
+    matches_path: str | Path,
+    pairs: Sequence[tuple[str, str]],
+) -> dict[str, int]:
+    """Create a fresh COLMAP database from hloc feature and match files.
+
+    The database is built under ``<path>.tmp`` and renamed over ``database_path`` when
+    complete.
+
+    Args:
+        database_path: output ``.db`` file.
+        image_dir: image folder (EXIF data for the cameras).
+        names: images to import, all present in the feature file.
+        features_path, matches_path: hloc-layout files (see :mod:`.sfm_features`,
+            :mod:`.sfm_matching`).
+        pairs: the matched pairs.
+
+    Returns:
+        Image name -> COLMAP image id.
+    """
+    database_path = Path(database_path)
+    tmp = Path(str(database_path) + ".tmp")
+    _remove_sqlite_files(tmp)
+    image_ids: dict[str, int] = {}
+    try:
+        with pycolmap.Database.open(tmp) as db, h5py.File(features_path, "r") as feats:
+            cameras: dict[tuple, tuple[int, int]] = {}  # camera key -> (camera id, rig id)
+            for name in names:
+                camera = pycolmap.infer_camera_from_image(Path(image_dir) / name)
+                size = tuple(int(v) for v in feats[name]["image_size"][()])
+                if (camera.width, camera.height) != size:
+                    raise ValueError(f"{name}: COLMAP reads {camera.width}x{camera.height}, features say {size[0]}x{size[1]}")
+                key = _camera_key(camera)
+                if key not in cameras:
+                    new_camera_id = db.write_camera(camera)
+                    rig = pycolmap.Rig()
+                    rig.add_ref_sensor(pycolmap.sensor_t(type=pycolmap.SensorType.CAMERA, id=new_camera_id))
+                    cameras[key] = (new_camera_id, db.write_rig(rig))
+                camera_id, rig_id = cameras[key]
+                image_id = db.write_image(pycolmap.Image(name=name, camera_id=camera_id))
+                frame = pycolmap.Frame()
+                frame.rig_id = rig_id
+                sensor = pycolmap.sensor_t(type=pycolmap.SensorType.CAMERA, id=camera_id)
+                frame.add_data_id(pycolmap.data_t(sensor_id=sensor, id=image_id))
+                db.write_frame(frame)
+                group = feats[name]
+                db.write_keypoints(
+                    image_id,
+                    to_colmap_keypoints(group["keypoints"][()], group["scales"][()], group["oris"][()]),
+                )
+                desc = group["descriptors"][()].T
+                if desc.shape[1] == 128:  # COLMAP's matchers expect 128 uint8 values; the mapper needs none
+                    db.write_descriptors(
+                        image_id, pycolmap.FeatureDescriptors(pycolmap.FeatureExtractorType.SIFT, quantize_uint8(desc))
+                    )
+                image_ids[name] = image_id
+            logger.info("database: %d images, %d cameras", len(image_ids), len(cameras))
+            with h5py.File(matches_path, "r") as matches:
+                for name0, name1 in pairs:
+                    m0 = matches[pair_key(name0, name1)]["matches0"][()]
+                    idx0 = np.nonzero(m0 >= 0)[0]
+                    pairs_arr = np.stack([idx0, m0[idx0]], axis=1).astype(np.uint32)
+                    db.write_matches(image_ids[name0], image_ids[name1], pairs_arr)
+    except BaseException:
+        _remove_sqlite_files(tmp)
+        raise
+    # SQLite would replay a stale write-ahead log of a crashed earlier run onto the new file.
+    _remove_sqlite_files(database_path, main_file=False)
+    os.replace(tmp, database_path)
+    return image_ids
+
+
+def _remove_sqlite_files(path: Path, main_file: bool = True) -> None:
+    for suffix in ("", "-wal", "-shm") if main_file else ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def verify_pairs(database_path: str | Path, pairs_path: str | Path, min_num_inliers: int = 15) -> int:
+    """Run COLMAP's geometric verification (RANSAC E/F/H) on the pairs listed in ``pairs_path``.
+
+    Returns:
+        Number of verified pairs (with a two-view geometry of at least ``min_num_inliers``).
+    """
+    options = pycolmap.TwoViewGeometryOptions()
+    options.min_num_inliers = min_num_inliers
+    pycolmap.verify_matches(database_path, pairs_path, options)
+    with pycolmap.Database.open(database_path) as db:
+        # num_verified_image_pairs() also counts the rejected (degenerate, 0-inlier) pairs.
+        pair_ids, _ = db.read_two_view_geometry_num_inliers()
+        return len(pair_ids)
+
+
+def run_mapper(
+    database_path: str | Path, image_dir: str | Path, sparse_dir: str | Path, settings: MapperSettings
+) -> dict[int, pycolmap.Reconstruction]:
+    """Incremental mapping; every model goes to ``sparse_dir/<index>/`` in COLMAP's binary format.
+
+    ``sparse_dir`` is replaced as a whole: the models are written to ``<sparse_dir>.tmp``
+    first, so a failure leaves the previous models in place.
+
+    Returns:
+        Model index -> reconstruction (empty if the mapper found no initial pair).
+    """
+    sparse_dir = Path(sparse_dir)
+    tmp = Path(str(sparse_dir) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # pycolmap writes each model to tmp/<index>/ (cameras, images, points3D, rigs, frames .bin).
+    models = pycolmap.incremental_mapping(database_path, image_dir, tmp, settings.to_pycolmap())
+    shutil.rmtree(sparse_dir, ignore_errors=True)
+    os.replace(tmp, sparse_dir)
+    return dict(models)
+
+
+def model_statistics(rec: pycolmap.Reconstruction) -> dict[str, Any]:
+    """Summary numbers of one model.
+
+    Returns:
+        Dict with ``images_registered``, ``points3D``, ``observations``,
+        ``mean_track_length`` (observations per 3D point), ``mean_observations_per_image``,
+        ``mean_reprojection_error`` (pixels, original resolution), ``cameras`` and the
+        sorted ``registered_images`` names.
+    """
+    return {
+        "images_registered": int(rec.num_reg_images()),
+        "points3D": int(rec.num_points3D()),
+        "observations": int(rec.compute_num_observations()),
+        "mean_track_length": float(rec.compute_mean_track_length()),
+        "mean_observations_per_image": float(rec.compute_mean_observations_per_reg_image()),
+        "mean_reprojection_error": float(rec.compute_mean_reprojection_error()),
+        "cameras": int(rec.num_cameras()),
+        "registered_images": sorted(rec.images[i].name for i in rec.reg_image_ids()),
+    }

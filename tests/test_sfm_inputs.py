@@ -1,0 +1,169 @@
+"""Bad inputs, re-runs and interrupted runs of the SfM pipeline and CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+
+from exemplar_desc import sfm_features
+from exemplar_desc.baselines import create_descriptor
+from exemplar_desc.sfm import main
+from exemplar_desc.sfm_features import OutputConflictError, extract_features
+from exemplar_desc.sfm_pipeline import SfmError, SfmSettings, run_sfm
+
+from sfm_synth import texture, write_views
+
+FAST = ["--descriptor", "sift", "--max-size", "200", "--max-keypoints", "300"]
+
+
+def _digest(path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def test_missing_and_empty_folder(tmp_path, capsys):
+    assert main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), *FAST]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    assert main(["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), *FAST]) == 1
+    assert "no images in" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_image(tmp_path, capsys):
+    write_views(tmp_path / "one", ["only.png"])
+    assert main(["--images", str(tmp_path / "one"), "--out", str(tmp_path / "out"), *FAST]) == 1
+    assert "single image (only.png)" in capsys.readouterr().err
+
+
+def test_unreadable_and_truncated_images_are_skipped_named_and_counted(tmp_path, capsys):
+    images = tmp_path / "images"
+    write_views(images, ["a.png", "b.png", "c.png"])
+    good = cv2.imencode(".jpg", texture(300, 400, seed=5))[1].tobytes()
+    (images / "truncated.jpg").write_bytes(good[: len(good) // 2])  # OpenCV alone would decode this
+    (images / "garbage.png").write_bytes(b"this is not a png")
+    (images / "empty.jpg").write_bytes(b"")
+    code = main(["--images", str(images), "--out", str(tmp_path / "out"), *FAST])
+    out = capsys.readouterr().out
+    assert code in (0, 2)
+    assert "6 found, 3 readable, 3 skipped" in out
+    for name in ("truncated.jpg", "garbage.png", "empty.jpg"):
+        assert f"skipped {name}:" in out
+    assert "truncated JPEG" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sorted(summary["images_skipped"]) == ["empty.jpg", "garbage.png", "truncated.jpg"]
+    with h5py.File(tmp_path / "out" / "features.h5", "r") as f:
+        assert sorted(f.keys()) == ["a.png", "b.png", "c.png"]
+    assert (tmp_path / "out" / "pairs.txt").read_text().count("\n") == 3
+
+
+def test_only_one_readable_image(tmp_path):
+    images = tmp_path / "images"
+    write_views(images, ["a.png"])
+    (images / "b.jpg").write_bytes(b"\xff\xd8 broken")
+    with pytest.raises(SfmError, match=r"1 readable image.*skipped 1: b.jpg"):
+        run_sfm(images, tmp_path / "out", ["sift"], SfmSettings(max_size=200, max_keypoints=300))
+
+
+def test_images_without_matches(tmp_path, capsys):
+    images = tmp_path / "flat"
+    images.mkdir()
+    for name in ("a.png", "b.png"):  # featureless: no keypoints, so no matches
+        cv2.imwrite(str(images / name), np.full((120, 160), 128, np.uint8))
+    assert main(["--images", str(images), "--out", str(tmp_path / "out"), *FAST]) == 1
+    assert "no matches between any two of the 2 images" in capsys.readouterr().err
+
+
+def test_unrelated_images_give_no_model_and_say_so(tmp_path, capsys):
+    images = tmp_path / "unrelated"
+    images.mkdir()
+    for seed, name in enumerate(("a.png", "b.png", "c.png")):
+        cv2.imwrite(str(images / name), texture(300, 400, seed=10 + seed))
+    assert main(["--images", str(images), "--out", str(tmp_path / "out"), *FAST]) == 2
+    out = capsys.readouterr().out
+    assert "the mapper made no model" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["verified_pairs"] <= summary["pairs"] == 3
+    assert summary["num_models"] == 0 and summary["images_registered"] == 0
+    assert summary["images_not_registered"] == ["a.png", "b.png", "c.png"]
+
+
+def test_output_folder_of_another_descriptor_is_refused_untouched(tmp_path, capsys):
+    images = tmp_path / "images"
+    write_views(images, ["a.png", "b.png"])
+    out = tmp_path / "out"
+    extract_features(images, ["a.png", "b.png"], {"sift": create_descriptor("sift")}, {"sift": out / "features.h5"},
+                     max_size=200, max_keypoints=300)
+    before = _digest(out / "features.h5")
+    argv = ["--images", str(images), "--out", str(out), "--descriptor", "rootsift", "--max-size", "200"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "holds features of descriptor 'sift', not 'rootsift'" in err and "--overwrite" in err
+    assert _digest(out / "features.h5") == before
+    assert sorted(p.name for p in out.iterdir()) == ["features.h5"]
+    # A foreign HDF5 file (e.g. hloc's own) is refused too.
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f.create_group("a.png")
+    with pytest.raises(OutputConflictError, match="not written by exemplar_desc.sfm"):
+        sfm_features.check_feature_file(tmp_path / "foreign.h5", "sift")
+
+
+NAMES3 = ["a.png", "sub/b.png", "sub/c.png"]
+
+
+def test_rerun_reuses_unchanged_images_only(tmp_path):
+    images = tmp_path / "images"
+    write_views(images, NAMES3)
+    path = tmp_path / "features.h5"
+    desc = {"sift": create_descriptor("sift")}
+    first = extract_features(images, NAMES3, desc, {"sift": path}, max_size=200, max_keypoints=300)
+    assert first.reused == []
+    with h5py.File(path, "r") as f:
+        kp_a = f["a.png"]["keypoints"][()]
+    again = extract_features(images, NAMES3, desc, {"sift": path}, max_size=200, max_keypoints=300)
+    assert again.reused == NAMES3
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["a.png"]["keypoints"][()], kp_a)
+    cv2.imwrite(str(images / "sub" / "b.png"), texture(300, 400, seed=99))  # changed content
+    changed = extract_features(images, NAMES3, desc, {"sift": path}, max_size=200, max_keypoints=300)
+    assert changed.reused == ["a.png", "sub/c.png"]
+    other_size = extract_features(images, NAMES3, desc, {"sift": path}, max_size=150, max_keypoints=300)
+    assert other_size.reused == []  # different settings: extracted again
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_keeps_previous_file_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    write_views(images, ["a.png", "b.png", "c.png"])
+    path = tmp_path / "features.h5"
+    desc = {"sift": create_descriptor("sift")}
+    extract_features(images, ["a.png", "b.png"], desc, {"sift": path}, max_size=200, max_keypoints=300)
+    before = _digest(path)
+    original = sfm_features._describe
+
+    def failing(descriptor, image, keypoints, scale):
+        if failing.calls == 1:
+            raise _Interrupt("killed")
+        failing.calls += 1
+        return original(descriptor, image, keypoints, scale)
+
+    failing.calls = 0
+    monkeypatch.setattr(sfm_features, "_describe", failing)
+    cv2.imwrite(str(images / "a.png"), texture(300, 400, seed=7))  # forces work on a.png and c.png
+    with pytest.raises(_Interrupt):
+        extract_features(images, ["a.png", "b.png", "c.png"], desc, {"sift": path}, max_size=200, max_keypoints=300)
+    assert _digest(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["features.h5", "images"]
+    # A file without the completeness mark is never reused.
+    with h5py.File(path, "a") as f:
+        f.attrs["complete"] = False
+    assert sfm_features.check_feature_file(path, "sift") is False

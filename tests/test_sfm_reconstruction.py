@@ -1,0 +1,75 @@
+"""End-to-end reconstruction of a few real, downscaled photos (../shared/data/sfm)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pycolmap
+import pytest
+
+from exemplar_desc.sfm import main
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sfm" / "sceaux_castle"
+NAMES = ["100_7100.JPG", "100_7101.JPG", "100_7102.JPG", "100_7103.JPG"]
+
+pytestmark = pytest.mark.skipif(
+    not all((DATA / n).is_file() for n in NAMES), reason=f"SfM test photos not found in {DATA} (../shared is absent)"
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sceaux")
+    images = root / "images"
+    images.mkdir()
+    for name in NAMES:  # link, never copy, the shared data
+        (images / name).symlink_to(DATA / name)
+    out = root / "out"
+    argv = ["--images", str(images), "--out", str(out), "--descriptor", "sift", "--max-size", "640",
+            "--max-keypoints", "4000", "--export-colmap"]
+    code = main(argv)
+    return images, out, argv, code
+
+
+def test_registers_all_images(run, capsys):
+    _, out, _, code = run
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images_registered"] == 4 and summary["num_models"] == 1 and summary["verified_pairs"] == 6
+    assert summary["images_not_registered"] == []
+    assert summary["points3D"] > 500
+    assert 2.0 < summary["mean_track_length"] < 4.0 + 1e-9
+    assert 0.0 < summary["mean_reprojection_error"] < 1.5
+    assert set(summary["seconds"]) == {"features", "matching", "database", "verification", "mapping", "total"}
+    rec = pycolmap.Reconstruction(out / "sparse" / "0")  # COLMAP binary model
+    assert sorted(rec.images[i].name for i in rec.reg_image_ids()) == NAMES
+    assert rec.num_points3D() == summary["points3D"]
+    # The EXIF focal length (2865 px) seeds the camera; bundle adjustment stays near the true 2905.88 px.
+    focal = [cam.focal_length for cam in rec.cameras.values()]
+    assert len(focal) == 1 and abs(focal[0] - 2905.88) / 2905.88 < 0.05
+
+
+def test_database_uses_colmap_pixel_convention(run):
+    _, out, _, _ = run
+    with pycolmap.Database.open(out / "database.db") as db, h5py.File(out / "features.h5", "r") as f:
+        assert db.num_images() == 4 and db.num_verified_image_pairs() == 6
+        image = db.read_image_with_name(NAMES[0])
+        kps = db.read_keypoints(image.image_id)
+        np.testing.assert_allclose(kps[:, :2], f[NAMES[0]]["keypoints"][()] + 0.5, atol=1e-4)
+        assert db.read_descriptors(image.image_id).data.shape == (len(kps), 128)
+    lines = (out / "colmap_features" / f"{NAMES[0]}.txt").read_text().splitlines()
+    assert lines[0] == f"{len(kps)} 128"
+
+
+def test_rerun_reuses_features_and_reproduces(run, capsys):
+    _, out, argv, _ = run
+    first = json.loads((out / "summary.json").read_text())
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4 with reused features" in printed
+    second = json.loads((out / "summary.json").read_text())
+    assert second["images_reused"] == 4 and second["images_registered"] == 4
+    assert not list(out.glob("*.tmp"))
