@@ -1,7 +1,7 @@
-"""uint8 descriptors as COLMAP's SIFT stores them, and export for COLMAP's feature importer.
+"""uint8 descriptors for COLMAP, and export for COLMAP's feature importer.
 
-:func:`quantize_uint8` is the one place where float descriptors become bytes; the COLMAP
-database, the text export and the descriptor's uint8 output all use it.
+:func:`colmap_descriptors` picks the encoding of :func:`exemplar_desc.quantization.quantize_uint8`
+for a descriptor; the COLMAP database and the text export both use it.
 
 Text format read by ``colmap feature_importer --import_path DIR``: for image ``NAME`` the
 file ``DIR/NAME.txt`` holds a header line ``NUM_FEATURES 128`` and then one line per
@@ -20,32 +20,17 @@ from typing import Sequence
 import h5py
 import numpy as np
 
+from .quantization import quantize_uint8
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["quantize_uint8", "to_colmap_keypoints", "export_colmap_text"]
+__all__ = ["colmap_descriptors", "to_colmap_keypoints", "export_colmap_text"]
 
 
-def quantize_uint8(desc: np.ndarray) -> np.ndarray:
-    """Quantise float descriptors to uint8 as COLMAP does for SIFT.
-
-    Each row is L2-normalised, multiplied by 512, rounded and clipped to [0, 255]
-    (COLMAP's ``FeatureDescriptorsToUnsignedByte``). For SIFT-like descriptors no
-    component of a unit vector exceeds ~0.5 after SIFT's 0.2 clipping, so little saturates;
-    negative components (possible for learned descriptors) become 0.
-
-    Args:
-        desc: (N, D) float descriptors, any scale (all-zero rows stay zero).
-
-    Returns:
-        (N, D) uint8 array.
-    """
-    desc = np.asarray(desc, dtype=np.float32)
-    if desc.ndim != 2:
-        raise ValueError(f"descriptors must be (N, D), got shape {desc.shape}")
-    if not np.all(np.isfinite(desc)):
-        raise ValueError("descriptors contain NaN or infinite values")
-    unit = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
-    return np.clip(np.round(512.0 * unit), 0, 255).astype(np.uint8)
+def colmap_descriptors(desc: np.ndarray, descriptor_name: str) -> np.ndarray:
+    """(N, 128) float descriptors as COLMAP's bytes: SIFT's rule for SIFT/RootSIFT, the
+    constant-norm signed encoding for the Exemplar descriptors (see :mod:`exemplar_desc.quantization`)."""
+    return quantize_uint8(desc, signed=descriptor_name.startswith("exemplar"))
 
 
 def to_colmap_keypoints(keypoints: np.ndarray, scales: np.ndarray | None = None, oris: np.ndarray | None = None) -> np.ndarray:
@@ -84,6 +69,7 @@ def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Se
     out_dir = Path(out_dir)
     written = []
     with h5py.File(features_path, "r") as f:
+        descriptor_name = str(f.attrs.get("descriptor", ""))
         if names is None:
             names = []
             f.visititems(lambda key, obj: names.append(key) if isinstance(obj, h5py.Group) and "keypoints" in obj else None)
@@ -97,7 +83,7 @@ def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Se
                 group["scales"][()] if "scales" in group else None,
                 group["oris"][()] if "oris" in group else None,
             )
-            rows = np.concatenate([kps.astype(np.float64), quantize_uint8(desc).astype(np.float64)], axis=1)
+            rows = np.concatenate([kps.astype(np.float64), colmap_descriptors(desc, descriptor_name).astype(np.float64)], axis=1)
             path = out_dir / f"{name}.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")

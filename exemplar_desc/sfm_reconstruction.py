@@ -2,7 +2,7 @@
 
 Steps: a COLMAP database with cameras, trivial rigs and frames (COLMAP >= 3.12 needs them),
 images, keypoints (shifted by COLMAP's +0.5 pixel offset), uint8 descriptors (128-D only,
-quantised by :func:`.sfm_export.quantize_uint8`) and the raw matches; geometric verification of the listed pairs (two-view geometries); incremental
+quantised by :func:`.sfm_export.colmap_descriptors`) and the raw matches; geometric verification of the listed pairs (two-view geometries); incremental
 mapping; statistics of every model the mapper made.
 
 Cameras: ``SIMPLE_RADIAL`` with the focal length from the image's EXIF data when present
@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pycolmap
 
-from .sfm_export import quantize_uint8, to_colmap_keypoints
+from .sfm_export import colmap_descriptors, to_colmap_keypoints
 from .sfm_matching import pair_key
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,9 @@ def build_database(
                 desc = group["descriptors"][()].T
                 if desc.shape[1] == 128:  # COLMAP's matchers expect 128 uint8 values; the mapper needs none
                     db.write_descriptors(
-                        image_id, pycolmap.FeatureDescriptors(pycolmap.FeatureExtractorType.SIFT, quantize_uint8(desc))
+                        image_id, pycolmap.FeatureDescriptors(
+                            pycolmap.FeatureExtractorType.SIFT, colmap_descriptors(desc, str(feats.attrs.get("descriptor", "")))
+                        )
                     )
                 image_ids[name] = image_id
             logger.info("database: %d images, %d cameras", len(image_ids), len(cameras))

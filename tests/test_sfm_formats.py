@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from exemplar_desc.baselines import create_descriptor
-from exemplar_desc.sfm_export import export_colmap_text, quantize_uint8, to_colmap_keypoints
+from exemplar_desc.quantization import quantize_uint8
+from exemplar_desc.sfm_export import colmap_descriptors, export_colmap_text, to_colmap_keypoints
 from exemplar_desc.sfm_features import extract_features
 from exemplar_desc.sfm_matching import match_descriptors, match_pairs, pair_key
 from exemplar_desc.sfm_pairs import make_pairs, parse_pairs_spec
@@ -135,6 +136,10 @@ def test_quantize_uint8_is_colmap_sift_quantisation():
     unit = sift / np.linalg.norm(sift, axis=1, keepdims=True)
     np.testing.assert_array_equal(quantize_uint8(sift), np.minimum(np.round(512 * unit), 255).astype(np.uint8))
     assert quantize_uint8(sift).max() < 255  # SIFT's 0.2 clipping keeps unit components below 0.5
+    np.testing.assert_array_equal(colmap_descriptors(sift, "rootsift"), quantize_uint8(sift))
+    signed = colmap_descriptors(desc[:1], "exemplar:exemplar-fast")
+    np.testing.assert_array_equal(signed, quantize_uint8(desc[:1], signed=True))
+    assert signed.min() >= 1  # the signed encoding keeps negative components
 
 
 def test_colmap_text_export(extracted, tmp_path):

@@ -71,5 +71,5 @@ def test_rerun_reuses_features_and_reproduces(run, capsys):
     printed = capsys.readouterr().out
     assert "4 with reused features" in printed
     second = json.loads((out / "summary.json").read_text())
-    assert second["images_reused"] == 4 and second["images_registered"] == 4
+    assert second["images_reused"] == 4 and second["images_registered"] == first["images_registered"] == 4
     assert not list(out.glob("*.tmp"))
