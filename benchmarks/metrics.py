@@ -13,6 +13,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from exemplar_desc.nearest_neighbours import mutual_nearest_neighbours, nearest_neighbours
+
 __all__ = [
     "MMA_THRESHOLDS",
     "HOMOGRAPHY_THRESHOLDS",
@@ -127,38 +129,6 @@ def ellipse_overlaps(ellipses1: np.ndarray, ellipses2: np.ndarray, grid: int = 4
         union = (in1 | in2).sum(axis=(1, 2))
         out[i, j] = inter / np.maximum(union, 1)
     return out
-
-
-def _squared_distances(desc1: np.ndarray, desc2: np.ndarray) -> np.ndarray:
-    d1, d2 = np.asarray(desc1, np.float64), np.asarray(desc2, np.float64)
-    return np.maximum((d1**2).sum(1)[:, None] + (d2**2).sum(1)[None] - 2.0 * d1 @ d2.T, 0.0)
-
-
-def nearest_neighbours(desc1: np.ndarray, desc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of ``desc1`` (N1, D), its nearest row of ``desc2`` (N2, D).
-
-    Returns:
-        (N1,) int indices into ``desc2`` and (N1,) float64 Euclidean distances.
-    """
-    if len(desc1) == 0 or len(desc2) == 0:
-        return np.zeros(0, dtype=int), np.zeros(0)
-    d2 = _squared_distances(desc1, desc2)
-    nn = d2.argmin(axis=1)
-    return nn, np.sqrt(d2[np.arange(len(nn)), nn])
-
-
-def mutual_nearest_neighbours(desc1: np.ndarray, desc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i, j) where j is i's nearest neighbour and i is j's.
-
-    Returns:
-        (M, 2) int index pairs and (M,) float64 distances.
-    """
-    if len(desc1) == 0 or len(desc2) == 0:
-        return np.zeros((0, 2), dtype=int), np.zeros(0)
-    d2 = _squared_distances(desc1, desc2)
-    nn12, nn21 = d2.argmin(axis=1), d2.argmin(axis=0)
-    i = np.nonzero(nn21[nn12] == np.arange(len(nn12)))[0]
-    return np.stack([i, nn12[i]], axis=1), np.sqrt(d2[i, nn12[i]])
 
 
 def average_precision(distances: np.ndarray, correct: np.ndarray, num_positives: int) -> float:

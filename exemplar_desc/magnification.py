@@ -16,12 +16,13 @@ import cv2
 import numpy as np
 
 from .descriptor import describe_frames
+from .nearest_neighbours import mutual_nearest_neighbours
 from .networks import DescriptorNet
 from .patches import build_pyramid, keypoint_frames, keypoints_to_arrays
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["random_homography", "mutual_nearest_neighbours", "tune_magnification", "CANDIDATES"]
+__all__ = ["random_homography", "tune_magnification", "CANDIDATES"]
 
 CANDIDATES = (6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0)
 
@@ -40,14 +41,6 @@ def random_homography(width: int, height: int, rng: np.random.Generator, strengt
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * zoom
     dst = ((src - [cx, cy]) @ rot.T + [cx, cy] + jitter).astype(np.float32)
     return cv2.getPerspectiveTransform(src, dst).astype(np.float64)
-
-
-def mutual_nearest_neighbours(desc1: np.ndarray, desc2: np.ndarray) -> np.ndarray:
-    """Mutual nearest neighbours by Euclidean distance: (M, 2) int indices into desc1, desc2."""
-    d2 = (desc1**2).sum(1)[:, None] + (desc2**2).sum(1)[None] - 2 * desc1 @ desc2.T
-    nn12, nn21 = d2.argmin(1), d2.argmin(0)
-    keep = nn21[nn12] == np.arange(len(desc1))
-    return np.stack([np.nonzero(keep)[0], nn12[keep]], axis=1)
 
 
 def _project(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -108,7 +101,7 @@ def tune_magnification(
                 xy, size, angle = keypoints_to_arrays(k)
                 descs.append(describe_frames(net, pyramid, xy, keypoint_frames(size, angle, m)))
                 points.append(xy)
-            matches = mutual_nearest_neighbours(*descs)
+            matches, _ = mutual_nearest_neighbours(*descs)
             err = np.linalg.norm(_project(hom, points[0][matches[:, 0]]) - points[1][matches[:, 1]], axis=1)
             accuracies.append(float((err <= threshold).mean()) if len(matches) else 0.0)
         scores[m] = float(np.mean(accuracies))
