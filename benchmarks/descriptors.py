@@ -110,8 +110,10 @@ def catalogue() -> tuple[list[str], dict[str, str]]:
     return names, unavailable
 
 
-def _build(name: str, device: str):
-    if name in ("sift", "rootsift") or name == "exemplar" or name.startswith("exemplar:"):
+def _build(name: str, device: str, magnification: float | None):
+    if name == "exemplar" or name.startswith("exemplar:"):
+        return create_descriptor(name, device=device, magnification=magnification)
+    if name in ("sift", "rootsift"):
         return create_descriptor(name, device=device)
     import kornia.feature as KF
 
@@ -125,13 +127,16 @@ def _build(name: str, device: str):
     return getattr(cv2.xfeatures2d, _CONTRIB[name])()
 
 
-def build_descriptors(names: Sequence[str] | None = None, device: str = "cpu") -> tuple[dict[str, object], dict[str, str]]:
+def build_descriptors(
+    names: Sequence[str] | None = None, device: str = "cpu", magnification: float | None = None
+) -> tuple[dict[str, object], dict[str, str]]:
     """Build descriptors by name.
 
     Args:
         names: names from :func:`catalogue` (``exemplar:<path or model>`` is accepted too);
             ``None`` means all of them.
         device: torch device for the network descriptors.
+        magnification: patch side / ``KeyPoint.size`` for the Exemplar models (``None``: each card's).
 
     Returns:
         ``{name: descriptor}`` for those that could be built, and ``{name: reason}`` for
@@ -151,7 +156,7 @@ def build_descriptors(names: Sequence[str] | None = None, device: str = "cpu") -
             reasons[name] = skipped[name]
             continue
         try:
-            built[name] = _build(name, device)
+            built[name] = _build(name, device, magnification)
         except Exception as err:  # a peer that cannot load is reported, not fatal
             reasons[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             logger.info("descriptor %s skipped: %s", name, reasons[name])

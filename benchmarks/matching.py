@@ -342,6 +342,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-features", type=int, default=2000, help="keypoints per image (default 2000)")
     p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px) for a correct match in mAP and matching score (default 3)")
     p.add_argument("--device", default="cpu", help="torch device of the network descriptors (default cpu)")
+    p.add_argument("--magnification", type=float,
+                   help="patch side / KeyPoint.size for the Exemplar models (default: each model card's)")
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
     p.add_argument("--record-in-card", action="store_true",
                    help="store the summary (with this command and the other descriptors' numbers) in the model card "
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         names = [n.strip() for n in args.descriptors.split(",") if n.strip()] if args.descriptors else None
-        descriptors, skipped = build_descriptors(names, device=args.device)
+        descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_benchmark(sequences, descriptors, args.detector, args.num_features, args.threshold, not args.no_progress)
     results = {
         "protocol": {"data": str(data), "detector": args.detector, "num_features": args.num_features,
+                     "exemplar_magnification": args.magnification,
                      "pixel_threshold": args.threshold, "overlap_threshold": 0.5,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS)},
         "skipped_descriptors": skipped,

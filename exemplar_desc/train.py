@@ -209,7 +209,7 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state["config"] != _config_record(cfg):
+        if any(state["config"].get(key) != value for key, value in _config_record(cfg).items()):
             raise ValueError(f"--resume: {ckpt_path} was made with a different configuration")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -298,8 +298,12 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
 
 
 def _config_record(cfg: TrainConfig) -> dict:
-    """JSON-able record of the settings that must match for --resume."""
-    record = {k: v for k, v in vars(cfg).items() if k not in ("transforms", "device", "num_threads", "checkpoint_minutes")}
+    """JSON-able record of the settings that must match for --resume (those that shape the training)."""
+    # The head and the magnification are fitted after training: a finished run can be
+    # resumed to refit them with other options.
+    ignored = ("transforms", "device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
+               "whiten", "pca_patches", "magnification")
+    record = {k: v for k, v in vars(cfg).items() if k not in ignored}
     record["images"] = list(record["images"])
     record["transforms"] = cfg.transforms.to_dict()
     return json.loads(json.dumps(record))
@@ -341,7 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, dest="num_threads", help="CPU threads for torch")
     p.add_argument("--workdir", default="runs/train", help="checkpoint and log folder")
-    p.add_argument("--resume", action="store_true", help="continue from WORKDIR/checkpoint.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from WORKDIR/checkpoint.pt (a finished run only refits the head with the given head options)",
+    )
     p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
     p.add_argument(
         "--time-budget",
@@ -434,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
         "training": {
             "command": "python -m exemplar_desc.train " + " ".join(shlex.quote(a) for a in argv),
+            "resumed": args.resume,
             "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
             "num_classes": cfg.num_classes,
             "samples_per_class_per_epoch": cfg.samples_per_class,

@@ -87,6 +87,9 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
     resumed = train(cfg, tmp_path / "run", resume=True, progress=False)
     assert [r["epoch"] for r in resumed["log"]] == [1, 2, 3]
     assert resumed["steps"] == 3 * 16 * 64 // 32
+    # A finished run resumes without training, whatever the head options (they are fitted afterwards).
+    refit = train(TrainConfig(**{**vars(cfg), "whiten": True, "magnification": 10.0}), tmp_path / "run", resume=True, progress=False)
+    assert refit["steps"] == resumed["steps"]
     with pytest.raises(ValueError, match="different configuration"):
         train(TrainConfig(**{**vars(cfg), "lr": 0.1}), tmp_path / "run", resume=True, progress=False)
 
