@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from exemplar_desc.baselines import create_descriptor
+from exemplar_desc.baselines import Float128Descriptor, create_descriptor
 from exemplar_desc.model_io import list_models
 from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, to_gray_float
 
@@ -39,7 +39,7 @@ _KORNIA_MODELS = {"tfeat": "TFeat", "hardnet": "HardNet", "sosnet": "SOSNet", "h
 _CONTRIB = {"xfeatures2d:daisy": "DAISY_create", "xfeatures2d:vgg": "VGG_create", "xfeatures2d:boostdesc": "BoostDesc_create"}
 
 
-class KorniaPatchDescriptor:
+class KorniaPatchDescriptor(Float128Descriptor):
     """A kornia patch network as an OpenCV-style descriptor.
 
     Patches of side ``magnification * KeyPoint.size`` pixels, oriented by ``KeyPoint.angle``,
@@ -69,15 +69,6 @@ class KorniaPatchDescriptor:
                for s in range(0, len(patches), self.batch_size)]
         desc = torch.cat(out).numpy() if out else np.zeros((0, self.descriptorSize()), np.float32)
         return list(keypoints), np.ascontiguousarray(desc, dtype=np.float32)
-
-    def descriptorSize(self) -> int:
-        return 128
-
-    def descriptorType(self) -> int:
-        return cv2.CV_32F
-
-    def defaultNorm(self) -> int:
-        return cv2.NORM_L2
 
     def getDefaultName(self) -> str:
         return f"Feature2D.kornia.{self.name}"

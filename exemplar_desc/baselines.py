@@ -12,12 +12,25 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["RootSIFT", "create_descriptor", "DESCRIPTOR_NAMES"]
+__all__ = ["Float128Descriptor", "RootSIFT", "create_descriptor", "DESCRIPTOR_NAMES"]
 
 DESCRIPTOR_NAMES = ("exemplar", "sift", "rootsift")
 
 
-class RootSIFT:
+class Float128Descriptor:
+    """Feature2D's descriptor properties for 128-D float32 descriptors compared by L2 distance."""
+
+    def descriptorSize(self) -> int:
+        return 128
+
+    def descriptorType(self) -> int:
+        return cv2.CV_32F
+
+    def defaultNorm(self) -> int:
+        return cv2.NORM_L2
+
+
+class RootSIFT(Float128Descriptor):
     """OpenCV SIFT followed by the RootSIFT mapping; descriptors (N, 128) float32, unit L2 norm."""
 
     def __init__(self, **sift_kwargs) -> None:
@@ -40,15 +53,6 @@ class RootSIFT:
     def detectAndCompute(self, image: np.ndarray, mask: np.ndarray | None = None, useProvidedKeypoints: bool = False):
         kps, desc = self._sift.detectAndCompute(image, mask, useProvidedKeypoints=useProvidedKeypoints)
         return kps, self._root(desc)
-
-    def descriptorSize(self) -> int:
-        return 128
-
-    def descriptorType(self) -> int:
-        return cv2.CV_32F
-
-    def defaultNorm(self) -> int:
-        return cv2.NORM_L2
 
     def getDefaultName(self) -> str:
         return "Feature2D.RootSIFT"
