@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="downscale so the longer side is at most PX for extraction (keypoints are stored at full resolution)")
     p.add_argument("--max-keypoints", type=int, default=defaults.max_keypoints, help="per image (default: %(default)s)")
     p.add_argument("--ratio", type=float, default=None, help="Lowe ratio test on top of mutual nearest neighbours (default: off)")
+    p.add_argument("--focal-length", type=float, default=None, metavar="PX",
+                   help="focal length prior in pixels of the original images for every camera (default: EXIF)")
     p.add_argument("--device", default=defaults.device, help="torch device for descriptors and matching, cpu or cuda (default: %(default)s)")
     g = p.add_argument_group("incremental mapper (COLMAP's defaults: 10, 100, 30, 15)")
     g.add_argument("--min-model-size", type=int, default=mapper.min_model_size, help="smallest model kept, in images (default: %(default)s)")
@@ -100,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         overwrite=args.overwrite,
         export_colmap=args.export_colmap,
+        focal_length=args.focal_length,
     )
     try:
         summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings)

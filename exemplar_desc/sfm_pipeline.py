@@ -53,6 +53,8 @@ class SfmSettings:
         mapper: incremental mapper options.
         overwrite: replace outputs of another descriptor or program instead of refusing.
         export_colmap: also write COLMAP feature-import text files.
+        focal_length: focal length in pixels of the original images for every camera, as a
+            prior (None: from EXIF, else COLMAP's 1.2 x the longer side).
     """
 
     pairs: str = "exhaustive"
@@ -63,6 +65,7 @@ class SfmSettings:
     mapper: MapperSettings = field(default_factory=MapperSettings)
     overwrite: bool = False
     export_colmap: bool = False
+    focal_length: float | None = None
 
 
 def expand_compare(descriptor: str, compare: Sequence[str]) -> list[str]:
@@ -167,7 +170,10 @@ def run_sfm(
             raise SfmError(f"no matches between any two of the {len(readable)} images in {image_dir} ({dname})")
 
         start = time.perf_counter()
-        build_database(folder / "database.db", image_dir, readable, folder / "features.h5", folder / "matches.h5", pairs)
+        build_database(
+            folder / "database.db", image_dir, readable, folder / "features.h5", folder / "matches.h5", pairs,
+            focal_length=settings.focal_length,
+        )
         seconds["database"] = time.perf_counter() - start
         start = time.perf_counter()
         summary["verified_pairs"] = verify_pairs(folder / "database.db", folder / "pairs.txt")

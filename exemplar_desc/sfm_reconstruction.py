@@ -80,6 +80,7 @@ def build_database(
     features_path: str | Path,
     matches_path: str | Path,
     pairs: Sequence[tuple[str, str]],
+    focal_length: float | None = None,
 ) -> dict[str, int]:
     """Create a fresh COLMAP database from hloc feature and match files.
 
@@ -93,6 +94,8 @@ def build_database(
         features_path, matches_path: hloc-layout files (see :mod:`.sfm_features`,
             :mod:`.sfm_matching`).
         pairs: the matched pairs.
+        focal_length: focal length prior in pixels of the original images for every camera
+            (None: COLMAP's guess from EXIF, else 1.2 x the longer side).
 
     Returns:
         Image name -> COLMAP image id.
@@ -106,6 +109,9 @@ def build_database(
             cameras: dict[tuple, tuple[int, int]] = {}  # camera key -> (camera id, rig id)
             for name in names:
                 camera = pycolmap.infer_camera_from_image(Path(image_dir) / name)
+                if focal_length is not None:  # a known focal length overrides a misleading EXIF prior
+                    camera.focal_length = focal_length
+                    camera.has_prior_focal_length = True
                 size = tuple(int(v) for v in feats[name]["image_size"][()])
                 if (camera.width, camera.height) != size:
                     raise ValueError(f"{name}: COLMAP reads {camera.width}x{camera.height}, features say {size[0]}x{size[1]}")

@@ -73,3 +73,15 @@ def test_rerun_reuses_features_and_reproduces(run, capsys):
     second = json.loads((out / "summary.json").read_text())
     assert second["images_reused"] == 4 and second["images_registered"] == first["images_registered"] == 4
     assert not list(out.glob("*.tmp"))
+
+
+def test_focal_length_overrides_the_exif_prior(run, tmp_path):
+    from exemplar_desc.sfm_reconstruction import build_database
+
+    images, out, _, _ = run
+    pairs = [tuple(line.split()) for line in (out / "pairs.txt").read_text().splitlines()]
+    ids = build_database(tmp_path / "db.db", images, NAMES, out / "features.h5", out / "matches.h5", pairs, focal_length=2000.0)
+    assert sorted(ids) == sorted(NAMES)
+    with pycolmap.Database.open(tmp_path / "db.db") as db:
+        cameras = db.read_all_cameras()
+    assert len(cameras) == 1 and cameras[0].focal_length == 2000.0 and cameras[0].has_prior_focal_length
