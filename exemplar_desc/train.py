@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .atomic import atomic_write
+from .magnification import tune_magnification
 from .model_io import save_model
 from .networks import DescriptorNet, ExemplarClassifier, count_flops, resolve_architecture
 from .patches import normalize_patches
@@ -409,13 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        arch = resolve_architecture(cfg.arch)
         result = train(cfg, Path(args.workdir), resume=args.resume)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from .magnification import tune_magnification  # needs the trained network
-
     net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
     if cfg.magnification is None:
         paths = [p for folder in cfg.images for p in list_images(folder)]
@@ -425,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or cfg.arch
     last = result["log"][-1] if result["log"] else {}
     card = {
-        "architecture": arch.to_dict(),
+        "architecture": result["arch"].to_dict(),
         "architecture_name": cfg.arch,
         "patch_size": cfg.patch_size,
         "magnification": magnification,
