@@ -206,29 +206,43 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
             done = max(done, (elapsed_before + time.time() - t0) / budget_s)
         return min(done, 1.0)
     step, log, elapsed_before = 0, [], 0.0
+    here = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    device_name = here  # the device(s) that ran training steps, for the model card
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         if any(state["config"].get(key) != value for key, value in _config_record(cfg).items()):
             raise ValueError(f"--resume: {ckpt_path} was made with a different configuration")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        if "model" in state:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        else:  # a finished run's checkpoint
+            model.trunk.load_state_dict(state["trunk"])
+        generator_device = state.get("generator_device", device.type)
+        if generator_device == device.type:
+            gen.set_state(state["generator"].cpu())
+        else:  # CPU and CUDA generators keep incompatible states: restart the stream from the seed
+            logger.warning("checkpoint was made on %s, resuming on %s: random samples restart from --seed", generator_device, device.type)
         step, elapsed_before = state["step"], state["elapsed"]
+        device_name = state.get("device_name", device_name)
         log = json.loads(log_path.read_text()) if log_path.is_file() else []
         logger.info("resumed from %s at step %d", ckpt_path, step)
 
-    def checkpoint() -> None:
+    def checkpoint(final: bool = False) -> None:
+        # A finished run is only ever resumed to refit the head, which needs the conv trunk
+        # alone: its checkpoint drops the classifier and the optimizer state (~40x smaller).
+        weights = {"trunk": model.trunk.state_dict()} if final else {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         _save_checkpoint(
             ckpt_path,
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                **weights,
                 "generator": gen.get_state(),
                 "step": step,
                 "elapsed": elapsed_before + time.time() - t0,
                 "config": _config_record(cfg),
+                "generator_device": device.type,
+                "device_name": device_name,
             },
         )
 
@@ -238,6 +252,10 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     loss_avg = acc_avg = None
     finished = progress_of(step) >= 1.0
+    if resume and not finished and "model" not in state:
+        raise ValueError(f"--resume: {ckpt_path} holds a finished run (trunk only); it cannot continue training")
+    if not finished and here not in device_name:
+        device_name = f"{device_name}, then {here}"
     while not finished:
         epoch = step // steps_per_epoch
         ids = torch.randint(cfg.num_classes, (cfg.batch_size,), generator=gen, device=device)
@@ -252,16 +270,18 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
         optimizer.step()
         step += 1
         finished = progress_of(step) >= 1.0
-        loss_value, acc = float(loss.detach()), float((logits.argmax(1) == ids).float().mean())
-        loss_avg = loss_value if loss_avg is None else 0.98 * loss_avg + 0.02 * loss_value
-        acc_avg = acc if acc_avg is None else 0.98 * acc_avg + 0.02 * acc
         bar.update(1)
-        if step % 10 == 0:
+        end_of_epoch = step % steps_per_epoch == 0 or finished
+        # Reading the loss waits for the device, so it is read every 10th step only.
+        if step % 10 == 0 or end_of_epoch or loss_avg is None:
+            loss_value, acc = float(loss.detach()), float((logits.argmax(1) == ids).float().mean())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr")
+            loss_avg = loss_value if loss_avg is None else 0.8 * loss_avg + 0.2 * loss_value
+            acc_avg = acc if acc_avg is None else 0.8 * acc_avg + 0.2 * acc
             rate = (step - first_step) * cfg.batch_size / max(1e-9, time.time() - t0)
             bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}", samples_s=f"{rate:.0f}", epoch=epoch + 1)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr")
-        if step % steps_per_epoch == 0 or finished:
+        if end_of_epoch:
             val_acc = _evaluate(model, val_x, val_y, 1024, amp)
             record = {
                 "epoch": round(step / steps_per_epoch, 3),
@@ -278,7 +298,7 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
                 "epoch %g: train loss %.3f, train acc %.3f, surrogate validation acc %.3f",
                 record["epoch"], loss_avg, acc_avg, val_acc,
             )
-            checkpoint()
+            checkpoint(final=finished)
             last_ckpt = time.time()
         elif time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
@@ -289,6 +309,7 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
         "sampler": sampler,
         "generator": gen,
         "device": device,
+        "trained_on": device_name,
         "arch": arch,
         "steps": step,
         "samples_seen": step * cfg.batch_size,
@@ -451,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": cfg.batch_size,
             "optimizer": {"type": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "official steps"},
             "transforms": cfg.transforms.to_dict(),
-            "device": str(result["device"]) + ("" if result["device"].type == "cpu" else f" ({torch.cuda.get_device_name()})"),
-            "cpu_threads": torch.get_num_threads(),
+            "device": result["trained_on"],
+            "head_fitted_on": str(result["device"]),
             "wall_time_s": round(result["wall_time_s"], 1),
             "seed_sampling_s": round(result["seed_time_s"], 1),
             "final_train_accuracy": last.get("train_accuracy"),

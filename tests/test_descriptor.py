@@ -158,3 +158,11 @@ def test_shipped_model_matches_a_synthetic_warp(photo_bgr):
     nearest_is_self = (dist.argmin(1) == np.arange(len(kps))).mean()
     assert nearest_is_self > 0.8
     assert np.median(np.diag(dist)) < np.median(dist)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_gives_the_cpu_descriptors(random_model, photo_bgr, keypoints):
+    cpu = ExemplarDescriptor(random_model).compute(photo_bgr, keypoints)[1]
+    gpu = ExemplarDescriptor(random_model, device="cuda").compute(photo_bgr, keypoints)[1]
+    assert gpu.dtype == np.float32 and gpu.shape == cpu.shape
+    np.testing.assert_allclose(gpu, cpu, atol=1e-3)

@@ -78,10 +78,18 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     assert result["samples_seen"] == 3 * 16 * 64
 
-    # Simulate an interruption after epoch 2: --resume runs exactly the missing epoch.
+    # A finished run's checkpoint keeps only the trunk, so it cannot continue training.
     ckpt_path = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(ckpt_path, weights_only=True)
+    assert "trunk" in state and "model" not in state and "optimizer" not in state
     state["step"] = 2 * 16 * 64 // 32
+    torch.save(state, ckpt_path)
+    with pytest.raises(ValueError, match="cannot continue training"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+    # Simulate an interruption after epoch 2: --resume runs exactly the missing epoch.
+    model = result["model"]
+    state["model"] = model.state_dict()
+    state["optimizer"] = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum).state_dict()
     torch.save(state, ckpt_path)
     (tmp_path / "run" / "log.json").write_text(json.dumps(log[:2]))
     resumed = train(cfg, tmp_path / "run", resume=True, progress=False)
@@ -92,6 +100,16 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
     assert refit["steps"] == resumed["steps"]
     with pytest.raises(ValueError, match="different configuration"):
         train(TrainConfig(**{**vars(cfg), "lr": 0.1}), tmp_path / "run", resume=True, progress=False)
+
+    # A checkpoint made on a GPU (a CUDA generator keeps a 16-byte state) refits on the CPU,
+    # and the card still names the device that trained it.
+    state = torch.load(ckpt_path, weights_only=True)
+    state.update(generator=torch.zeros(16, dtype=torch.uint8), generator_device="cuda", device_name="cuda (H200)")
+    torch.save(state, ckpt_path)
+    with caplog.at_level("WARNING"):
+        moved = train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert "made on cuda, resuming on cpu" in caplog.text
+    assert moved["steps"] == resumed["steps"] and moved["trained_on"] == "cuda (H200)"
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
