@@ -178,18 +178,29 @@ class ExemplarClassifier(nn.Module):
 
 
 class DescriptorHead(nn.Module):
-    """Conv features max-pooled to a ``grid x grid`` layout, PCA-projected, L2-normalised.
+    """Conv features max-pooled to a ``grid x grid`` layout, power-compressed, PCA-projected, L2-normalised.
 
     The PCA (mean and projection, whitening optional) is fitted on unlabeled patches by
     :meth:`fit`; before that the head holds zeros and refuses to run.
+
+    Args:
+        in_channels: channels F of the feature maps.
+        grid: side of the max-pooling grid.
+        dim: descriptor dimension after the PCA.
+        power: exponent p in (0, 1] applied to the pooled features before the PCA, keeping
+            the sign (0.5 is RootSIFT's square root: it damps the few large activations that
+            would dominate Euclidean distances; 1 leaves the features unchanged).
     """
 
-    def __init__(self, in_channels: int, grid: int = 4, dim: int = 128) -> None:
+    def __init__(self, in_channels: int, grid: int = 4, dim: int = 128, power: float = 1.0) -> None:
         super().__init__()
         in_dim = in_channels * grid * grid
         if not 1 <= dim <= in_dim:
             raise ValueError(f"descriptor dimension must be in [1, {in_dim}], got {dim}")
+        if not 0 < power <= 1:
+            raise ValueError(f"head power must be in (0, 1], got {power}")
         self.grid = grid
+        self.power = float(power)
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("projection", torch.zeros(in_dim, dim))
 
@@ -197,10 +208,24 @@ class DescriptorHead(nn.Module):
         """(B, F, h, w) feature maps -> (B, F * grid * grid) pooled vectors."""
         return F.adaptive_max_pool2d(features, self.grid).flatten(1)
 
+    def _compress(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled if self.power == 1 else pooled.sign() * pooled.abs().pow(self.power)
+
     @torch.no_grad()
-    def fit(self, pooled: torch.Tensor, whiten: bool = False, eps: float = 1e-6) -> torch.Tensor:
-        """Fit the PCA on (M, F * grid * grid) pooled features; returns the explained variance ratio per kept component."""
-        pooled = pooled.double()
+    def fit(self, pooled: torch.Tensor, whiten: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
+        """Fit the PCA on (M, F * grid * grid) pooled features.
+
+        Args:
+            pooled: from :meth:`pool`.
+            whiten: exponent w in [0, 1]: component k is divided by ``sqrt(eigenvalue_k) ** w``
+                (0: plain PCA, 1: full whitening, in between: partial whitening).
+
+        Returns:
+            (dim,) explained variance ratio of each kept component.
+        """
+        if not 0 <= whiten <= 1:
+            raise ValueError(f"whitening exponent must be in [0, 1], got {whiten}")
+        pooled = self._compress(pooled.double())
         mean = pooled.mean(0)
         cov = torch.cov((pooled - mean).T)
         eigval, eigvec = torch.linalg.eigh(cov)
@@ -209,7 +234,7 @@ class DescriptorHead(nn.Module):
         # Fix each component's sign so that refits on the same data are identical.
         eigvec = eigvec * torch.sign(eigvec[eigvec.abs().argmax(0), torch.arange(eigvec.shape[1])])
         if whiten:
-            eigvec = eigvec / torch.sqrt(eigval + eps * eigval.max())
+            eigvec = eigvec / torch.sqrt(eigval + eps * eigval.max()) ** whiten
         self.mean.copy_(mean.float())
         self.projection.copy_(eigvec.float())
         return eigval / torch.linalg.eigvalsh(cov).clamp_min(0).sum()
@@ -218,19 +243,19 @@ class DescriptorHead(nn.Module):
         """(B, F, h, w) conv features -> (B, dim) unit-length descriptors."""
         if not torch.any(self.projection):
             raise RuntimeError("descriptor head is not fitted: call fit() on pooled features first")
-        return F.normalize((self.pool(features) - self.mean) @ self.projection, dim=1)
+        return F.normalize((self._compress(self.pool(features)) - self.mean) @ self.projection, dim=1)
 
 
 class DescriptorNet(nn.Module):
     """Inference network: normalised patches (B, 1, P, P) -> descriptors (B, dim), unit L2 norm."""
 
-    def __init__(self, arch: Architecture, layer: int = -1, grid: int = 4, dim: int = 128) -> None:
+    def __init__(self, arch: Architecture, layer: int = -1, grid: int = 4, dim: int = 128, power: float = 1.0) -> None:
         super().__init__()
         self.layer = layer % len(arch.convs)
         self.trunk = ConvTrunk(arch, in_channels=1)
         # Only the layers up to the descriptor layer are needed at inference time.
         self.trunk.blocks = self.trunk.blocks[: self.layer + 1]
-        self.head = DescriptorHead(arch.convs[self.layer][0], grid, dim)
+        self.head = DescriptorHead(arch.convs[self.layer][0], grid, dim, power)
 
     @torch.no_grad()
     def fuse_batch_norm(self) -> "DescriptorNet":

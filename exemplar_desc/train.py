@@ -71,7 +71,8 @@ class TrainConfig:
     head_layer: int = -1
     head_grid: int = 4
     head_dim: int = 128
-    whiten: bool = False
+    head_power: float = 0.5
+    whiten: float = 0.25
     pca_patches: int = 20000
     magnification: float | None = None
     transforms: TransformConfig = TransformConfig()
@@ -148,7 +149,7 @@ def fit_head(
         (descriptor network on the CPU in eval mode, fraction of variance the kept components explain).
     """
     arch = classifier.trunk.arch
-    net = DescriptorNet(arch, cfg.head_layer, cfg.head_grid, cfg.head_dim)
+    net = DescriptorNet(arch, cfg.head_layer, cfg.head_grid, cfg.head_dim, cfg.head_power)
     net.trunk.load_state_dict(classifier.trunk.state_dict(), strict=False)
     net = net.to(device).eval()
     pooled = []
@@ -324,7 +325,7 @@ def _config_record(cfg: TrainConfig) -> dict:
     # The head and the magnification are fitted after training: a finished run can be
     # resumed to refit them with other options.
     ignored = ("transforms", "device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
-               "whiten", "pca_patches", "magnification")
+               "head_power", "whiten", "pca_patches", "magnification")
     record = {k: v for k, v in vars(cfg).items() if k not in ignored}
     record["images"] = list(record["images"])
     record["transforms"] = cfg.transforms.to_dict()
@@ -384,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-layer", type=int, default=d.head_layer, help="conv layer of the descriptor (0-based, -1 = last)")
     p.add_argument("--head-grid", type=int, default=d.head_grid, help="max-pooling grid of the descriptor")
     p.add_argument("--head-dim", type=int, default=d.head_dim, help="descriptor dimension after PCA")
-    p.add_argument("--whiten", action="store_true", help="PCA whitening in the head")
+    p.add_argument("--head-power", type=float, default=d.head_power, help="exponent in (0, 1] on the pooled features before the PCA (0.5: square root, 1: none)")
+    p.add_argument("--whiten", type=float, default=d.whiten, help="PCA whitening exponent in [0, 1]: component k divided by sqrt(eigenvalue_k)^W (0: none, 1: full)")
     p.add_argument("--pca-patches", type=int, default=d.pca_patches, help="fresh patches the PCA is fitted on")
     p.add_argument("--magnification", type=float, help="patch side / KeyPoint.size; default: tuned on synthetic warps of the training images")
     g = p.add_argument_group("transformations (paper ranges by default; see TransformConfig)")
@@ -418,6 +420,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError("--pca-colour and --hsv-power must be >= 1 (1 switches them off)")
     if min(transforms.translation, transforms.rotation, transforms.hsv_add, transforms.hue, transforms.blur) < 0:
         raise ValueError("transformation ranges must be non-negative")
+    if not 0 < args.head_power <= 1:
+        raise ValueError(f"--head-power must be in (0, 1], got {args.head_power}")
+    if not 0 <= args.whiten <= 1:
+        raise ValueError(f"--whiten must be in [0, 1], got {args.whiten}")
     for name in ("num_classes", "samples_per_class", "epochs", "batch_size", "pca_patches", "seeds_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -454,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             "layer": net.layer,
             "grid": cfg.head_grid,
             "dim": cfg.head_dim,
+            "power": cfg.head_power,
             "whiten": cfg.whiten,
             "pca_patches": cfg.pca_patches,
             "explained_variance": round(explained, 4),

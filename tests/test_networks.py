@@ -71,6 +71,32 @@ def test_head_pca_and_normalisation():
     assert torch.allclose(cov - torch.diag(torch.diag(cov)), torch.zeros(4, 4), atol=1e-4)  # decorrelated
 
 
+def test_head_power_and_partial_whitening():
+    torch.manual_seed(0)
+    features = torch.rand(500, 8, 6, 6) ** 3
+    plain = DescriptorHead(in_channels=8, grid=2, dim=4)
+    plain.fit(plain.pool(features))
+    rooted = DescriptorHead(in_channels=8, grid=2, dim=4, power=0.5)
+    rooted.fit(rooted.pool(features))
+    # power 0.5 is plain PCA on square-rooted pooled features
+    expected = DescriptorHead(in_channels=8, grid=2, dim=4)
+    expected.fit(expected.pool(features).sqrt())
+    assert torch.allclose(rooted.mean, expected.mean) and torch.allclose(rooted.projection, expected.projection, atol=1e-5)
+    assert not torch.allclose(rooted(features), plain(features), atol=1e-2)
+    # whitening exponent w: component variances become eigenvalue ** (1 - w); 1 is full whitening
+    variances = {}
+    for w in (0.0, 0.5, 1.0):
+        head = DescriptorHead(in_channels=8, grid=2, dim=4)
+        head.fit(head.pool(features), whiten=w)
+        variances[w] = torch.var((head.pool(features) - head.mean) @ head.projection, dim=0)
+    assert torch.allclose(variances[1.0], torch.ones(4), atol=1e-3)
+    assert torch.allclose(variances[0.5], variances[0.0].sqrt(), rtol=1e-3)
+    with pytest.raises(ValueError, match="whitening"):
+        plain.fit(plain.pool(features), whiten=2.0)
+    with pytest.raises(ValueError, match="power"):
+        DescriptorHead(in_channels=8, grid=2, dim=4, power=0.0)
+
+
 def test_head_dimension_is_a_parameter():
     with pytest.raises(ValueError):
         DescriptorHead(in_channels=2, grid=2, dim=9)
