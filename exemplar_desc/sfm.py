@@ -20,6 +20,18 @@ from .sfm_reconstruction import MapperSettings
 __all__ = ["main"]
 
 
+def _magnification(text: str) -> float | None:
+    if text == "card":
+        return None
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'card', got {text!r}") from err
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'card', got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     defaults, mapper = SfmSettings(), MapperSettings()
     p = argparse.ArgumentParser(prog="python -m exemplar_desc.sfm", description=__doc__.split("\n\n")[0])
@@ -36,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=None, help="Lowe ratio test on top of mutual nearest neighbours (default: off)")
     p.add_argument("--focal-length", type=float, default=None, metavar="PX",
                    help="focal length prior in pixels of the original images for every camera (default: EXIF)")
+    p.add_argument("--magnification", type=_magnification, default=defaults.magnification, metavar="M",
+                   help="patch side / KeyPoint.size of Exemplar descriptors, or 'card' for the model card's "
+                        "(default: %(default)s, for precisely placed matches)")
     p.add_argument("--device", default=defaults.device, help="torch device for descriptors and matching, cpu or cuda (default: %(default)s)")
     g = p.add_argument_group("incremental mapper (COLMAP's defaults: 10, 100, 30, 15)")
     g.add_argument("--min-model-size", type=int, default=mapper.min_model_size, help="smallest model kept, in images (default: %(default)s)")
@@ -103,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
         export_colmap=args.export_colmap,
         focal_length=args.focal_length,
+        magnification=args.magnification,
     )
     try:
         summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings)

@@ -16,8 +16,8 @@ Keypoints are found once per image by OpenCV's SIFT (DoG) detector on the image
 downscaled to ``max_size``, and every descriptor describes the same keypoints, so runs
 with different descriptors compare descriptors only.
 
-Re-runs: each group records the image file's SHA-1, the descriptor name and the
-extraction settings; an image whose record matches is copied from the previous file
+Re-runs: each group records the image file's SHA-1, the descriptor name, its identity (an
+Exemplar model's weights hash and patch magnification) and the extraction settings; an image whose record matches is copied from the previous file
 instead of being processed again. Files are written to ``<name>.tmp`` and moved into
 place with ``os.replace`` after the root attribute ``complete`` is set, so an interrupted
 run never leaves a partial file under the final name.
@@ -109,9 +109,18 @@ def check_feature_file(path: str | Path, descriptor_name: str) -> bool:
     return True
 
 
-def _settings(descriptor_name: str, max_size: int | None, max_keypoints: int) -> dict[str, Any]:
+def _identity(descriptor: Any) -> str:
+    """What distinguishes two extractors of one name: an Exemplar model's weights and patch geometry."""
+    card = getattr(descriptor, "card", None)
+    if card is not None:
+        return f"sha256 {card['sha256']}, magnification {descriptor.magnification:g}, upright {descriptor.upright}"
+    return f"{type(descriptor).__name__}, OpenCV {cv2.__version__}"
+
+
+def _settings(descriptor_name: str, descriptor: Any, max_size: int | None, max_keypoints: int) -> dict[str, Any]:
     return {
         "descriptor": descriptor_name,
+        "descriptor_identity": _identity(descriptor),
         "detector": DETECTOR,
         "max_size": int(max_size or 0),
         "max_keypoints": int(max_keypoints),
@@ -163,7 +172,7 @@ def _process_image(
         result.skipped[name] = f"cannot read file: {err}"
         logger.warning("skipping %s: %s", name, result.skipped[name])
         return
-    todo = [d for d in descriptors if not _reusable(olds[d], name, sha1, _settings(d, max_size, max_keypoints))]
+    todo = [d for d in descriptors if not _reusable(olds[d], name, sha1, _settings(d, descriptors[d], max_size, max_keypoints))]
     if todo:
         try:
             full = decode_gray(data, name)
@@ -183,7 +192,7 @@ def _process_image(
             for key, value in _describe(descriptors[dname], image, keypoints, scale).items():
                 group.create_dataset(key, data=value)
             group.create_dataset("image_size", data=image_size)
-            group.attrs.update({"sha1": sha1, **_settings(dname, max_size, max_keypoints)})
+            group.attrs.update({"sha1": sha1, **_settings(dname, descriptors[dname], max_size, max_keypoints)})
         else:
             olds[dname].copy(olds[dname][name], out, name=name)
         result.num_keypoints[dname][name] = int(out[name]["keypoints"].shape[0])
@@ -234,7 +243,7 @@ def extract_features(
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 news[dname] = stack.enter_context(h5py.File(tmp_paths[dname], "w"))
                 news[dname].attrs.update(
-                    {"format": FEATURES_FORMAT, "complete": False, **_settings(dname, max_size, max_keypoints)}
+                    {"format": FEATURES_FORMAT, "complete": False, **_settings(dname, descriptors[dname], max_size, max_keypoints)}
                 )
             for name in tqdm(names, desc="features", unit="img"):
                 _process_image(Path(image_dir), name, descriptors, olds, news, detector, max_size, max_keypoints, result)

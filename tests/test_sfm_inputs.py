@@ -10,9 +10,11 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from exemplar_desc import sfm_features
 from exemplar_desc.baselines import create_descriptor
+from exemplar_desc.model_io import load_model, save_model
 from exemplar_desc.sfm import main
 from exemplar_desc.sfm_features import OutputConflictError, extract_features
 from exemplar_desc.sfm_pipeline import SfmError, SfmSettings, run_sfm
@@ -135,6 +137,46 @@ def test_rerun_reuses_unchanged_images_only(tmp_path):
     assert changed.reused == ["a.png", "sub/c.png"]
     other_size = extract_features(images, NAMES3, desc, {"sift": path}, max_size=150, max_keypoints=300)
     assert other_size.reused == []  # different settings: extracted again
+
+
+def test_rerun_with_another_exemplar_model_or_magnification_extracts_again(tmp_path, random_model):
+    images = tmp_path / "images"
+    write_views(images, NAMES3)
+    path = tmp_path / "features.h5"
+
+    def run(model, magnification):
+        desc = {"exemplar": create_descriptor(f"exemplar:{model}", magnification=magnification)}
+        return extract_features(images, NAMES3, desc, {"exemplar": path}, max_size=200, max_keypoints=100)
+
+    run(random_model, 6.0)
+    assert run(random_model, 6.0).reused == NAMES3
+    assert run(random_model, 8.0).reused == []  # same name, other patches
+    # Same name and magnification, other weights (a retrained model).
+    net, card = load_model(random_model)
+    with torch.no_grad():
+        net.head.projection.mul_(-1)
+    other = save_model(net, {k: card[k] for k in ("architecture", "patch_size", "magnification", "head")}, tmp_path / "other", card["name"])
+    assert run(other, 8.0).reused == []
+    with h5py.File(path, "r") as f:
+        assert f"sha256 {json.loads(other.read_text())['sha256']}" in f["a.png"].attrs["descriptor_identity"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "big"])
+def test_cli_refuses_bad_magnification(tmp_path, capsys, value):
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--magnification", value])
+    assert "positive number or 'card'" in capsys.readouterr().err
+
+
+def test_cli_magnification_card_uses_the_model_card(tmp_path, random_model):
+    images = tmp_path / "images"
+    write_views(images, NAMES3)
+    out = tmp_path / "out"
+    main(["--images", str(images), "--out", str(out), "--descriptor", f"exemplar:{random_model}",
+          "--max-size", "200", "--max-keypoints", "100", "--magnification", "card"])
+    card = json.loads(random_model.read_text())
+    with h5py.File(out / "features.h5", "r") as f:
+        assert f"magnification {card['magnification']:g}," in f["a.png"].attrs["descriptor_identity"]
 
 
 class _Interrupt(Exception):
