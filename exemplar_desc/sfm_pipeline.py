@@ -191,7 +191,7 @@ def run_sfm(
         )
         seconds["database"] = time.perf_counter() - start
         start = time.perf_counter()
-        summary["verified_pairs"] = verify_pairs(folder / "database.db", folder / "pairs.txt")
+        summary["verified_pairs"] = verify_pairs(folder / "database.db", folder / "pairs.txt", seed=settings.mapper.seed)
         seconds["verification"] = time.perf_counter() - start
         start = time.perf_counter()
         models = run_mapper(folder / "database.db", image_dir, folder / "sparse", settings.mapper)

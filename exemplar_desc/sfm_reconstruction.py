@@ -162,14 +162,19 @@ def _remove_sqlite_files(path: Path, main_file: bool = True) -> None:
         Path(str(path) + suffix).unlink(missing_ok=True)
 
 
-def verify_pairs(database_path: str | Path, pairs_path: str | Path, min_num_inliers: int = 15) -> int:
+def verify_pairs(database_path: str | Path, pairs_path: str | Path, min_num_inliers: int = 15, seed: int = 0) -> int:
     """Run COLMAP's geometric verification (RANSAC E/F/H) on the pairs listed in ``pairs_path``.
+
+    Args:
+        seed: RANSAC's random seed (-1: not seeded). COLMAP leaves it unseeded by default,
+            which changes inlier counts, and so the mapper's choices, from run to run.
 
     Returns:
         Number of verified pairs (with a two-view geometry of at least ``min_num_inliers``).
     """
     options = pycolmap.TwoViewGeometryOptions()
     options.min_num_inliers = min_num_inliers
+    options.ransac.random_seed = seed
     pycolmap.verify_matches(database_path, pairs_path, options)
     with pycolmap.Database.open(database_path) as db:
         # num_verified_image_pairs() also counts the rejected (degenerate, 0-inlier) pairs.

@@ -85,3 +85,20 @@ def test_focal_length_overrides_the_exif_prior(run, tmp_path):
     with pycolmap.Database.open(tmp_path / "db.db") as db:
         cameras = db.read_all_cameras()
     assert len(cameras) == 1 and cameras[0].focal_length == 2000.0 and cameras[0].has_prior_focal_length
+
+
+def test_seeded_verification_is_repeatable(run, tmp_path):
+    from exemplar_desc.sfm_reconstruction import verify_pairs
+
+    _, out, _, _ = run
+    inliers = []
+    for i in range(2):
+        db = tmp_path / f"copy{i}.db"
+        db.write_bytes((out / "database.db").read_bytes())
+        with pycolmap.Database.open(db) as d:
+            d.clear_two_view_geometries()
+        verify_pairs(db, out / "pairs.txt", seed=0)
+        with pycolmap.Database.open(db) as d:
+            pair_ids, counts = d.read_two_view_geometry_num_inliers()
+        inliers.append(dict(zip(map(int, pair_ids), map(int, counts))))
+    assert len(inliers[0]) == 6 and inliers[0] == inliers[1]
