@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="2D-3D inliers needed to register an image (default: %(default)s)")
     g.add_argument("--min-num-matches", type=int, default=mapper.min_num_matches, help="verified matches for a pair to count (default: %(default)s)")
     g.add_argument("--single-model", action="store_true", help="stop after the first model instead of starting new ones")
-    g.add_argument("--seed", type=int, default=mapper.seed, help="COLMAP random seed, -1 for none (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=mapper.seed, help="random seed of COLMAP's verification RANSAC and mapper, -1 for none (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of another descriptor or program (and re-extract every image)")
     p.add_argument("--export-colmap", action="store_true", help="also write OUT/colmap_features/<image>.txt for `colmap feature_importer`")
     p.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
