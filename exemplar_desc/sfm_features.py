@@ -17,8 +17,9 @@ downscaled to ``max_size``, and every descriptor describes the same keypoints, s
 with different descriptors compare descriptors only.
 
 Re-runs: each group records the image file's SHA-1, the descriptor name, its identity (an
-Exemplar model's weights hash and patch magnification) and the extraction settings; an image whose record matches is copied from the previous file
-instead of being processed again. Files are written to ``<name>.tmp`` and moved into
+Exemplar model's weights hash and patch magnification) and the extraction settings; an
+image whose record matches is copied from the previous file instead of being processed
+again. Files are written to ``<name>.tmp`` and moved into
 place with ``os.replace`` after the root attribute ``complete`` is set, so an interrupted
 run never leaves a partial file under the final name.
 """
@@ -162,17 +163,20 @@ def _process_image(
     news: Mapping[str, h5py.File],
     detector: cv2.Feature2D,
     max_size: int | None,
-    max_keypoints: int,
+    settings: Mapping[str, Mapping[str, Any]],
     result: ExtractionResult,
 ) -> None:
-    """Copy one image's groups from the old files or extract them; record what happened in ``result``."""
+    """Copy one image's groups from the old files or extract them; record what happened in ``result``.
+
+    ``settings`` maps each descriptor name to its :func:`_settings` record.
+    """
     try:
         data, sha1 = read_image_bytes(image_dir / name)
     except OSError as err:
         result.skipped[name] = f"cannot read file: {err}"
         logger.warning("skipping %s: %s", name, result.skipped[name])
         return
-    todo = [d for d in descriptors if not _reusable(olds[d], name, sha1, _settings(d, descriptors[d], max_size, max_keypoints))]
+    todo = [d for d in descriptors if not _reusable(olds[d], name, sha1, settings[d])]
     if todo:
         try:
             full = decode_gray(data, name)
@@ -192,7 +196,7 @@ def _process_image(
             for key, value in _describe(descriptors[dname], image, keypoints, scale).items():
                 group.create_dataset(key, data=value)
             group.create_dataset("image_size", data=image_size)
-            group.attrs.update({"sha1": sha1, **_settings(dname, descriptors[dname], max_size, max_keypoints)})
+            group.attrs.update({"sha1": sha1, **settings[dname]})
         else:
             olds[dname].copy(olds[dname][name], out, name=name)
         result.num_keypoints[dname][name] = int(out[name]["keypoints"].shape[0])
@@ -231,6 +235,7 @@ def extract_features(
     if set(descriptors) != set(feature_paths):
         raise ValueError("descriptors and feature_paths must have the same keys")
     detector = cv2.SIFT_create(nfeatures=max_keypoints)
+    settings = {d: _settings(d, descriptors[d], max_size, max_keypoints) for d in descriptors}
     result = ExtractionResult(num_keypoints={d: {} for d in descriptors})
     tmp_paths = {d: Path(str(p) + ".tmp") for d, p in feature_paths.items()}
     try:
@@ -243,10 +248,10 @@ def extract_features(
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 news[dname] = stack.enter_context(h5py.File(tmp_paths[dname], "w"))
                 news[dname].attrs.update(
-                    {"format": FEATURES_FORMAT, "complete": False, **_settings(dname, descriptors[dname], max_size, max_keypoints)}
+                    {"format": FEATURES_FORMAT, "complete": False, **settings[dname]}
                 )
             for name in tqdm(names, desc="features", unit="img"):
-                _process_image(Path(image_dir), name, descriptors, olds, news, detector, max_size, max_keypoints, result)
+                _process_image(Path(image_dir), name, descriptors, olds, news, detector, max_size, settings, result)
             for out in news.values():
                 out.attrs["complete"] = True
     except BaseException:
