@@ -60,7 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="2D-3D inliers needed to register an image (default: %(default)s)")
     g.add_argument("--min-num-matches", type=int, default=mapper.min_num_matches, help="verified matches for a pair to count (default: %(default)s)")
     g.add_argument("--single-model", action="store_true", help="stop after the first model instead of starting new ones")
+    g.add_argument("--one-pass", action="store_true",
+                   help="refine the radial distortion from the first image pair on, as COLMAP does, instead of mapping "
+                        "with it fixed first and refining it while continuing the largest model")
     g.add_argument("--seed", type=int, default=mapper.seed, help="random seed of COLMAP's verification RANSAC and mapper, -1 for none (default: %(default)s)")
+    g.add_argument("--num-threads", type=int, default=mapper.num_threads,
+                   help="mapper threads, -1 for all cores (default: %(default)s); only 1 makes a seeded run exactly repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace outputs of another descriptor or program (and re-extract every image)")
     p.add_argument("--export-colmap", action="store_true", help="also write OUT/colmap_features/<image>.txt for `colmap feature_importer`")
     p.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
@@ -113,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             abs_pose_min_num_inliers=args.abs_pose_min_num_inliers,
             min_num_matches=args.min_num_matches,
             multiple_models=not args.single_model,
+            two_pass=not args.one_pass,
             seed=args.seed,
+            num_threads=args.num_threads,
         ),
         overwrite=args.overwrite,
         export_colmap=args.export_colmap,
