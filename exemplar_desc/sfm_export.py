@@ -13,13 +13,13 @@ D1..D128 integers in 0..255.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
 import h5py
 import numpy as np
 
+from .atomic import atomic_write
 from .quantization import quantize_uint8
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,12 @@ def to_colmap_keypoints(keypoints: np.ndarray, scales: np.ndarray | None = None,
     return out
 
 
+def _write_import_file(path: str, rows: np.ndarray) -> None:
+    with open(path, "w") as fh:
+        fh.write(f"{len(rows)} 128\n")
+        np.savetxt(fh, rows, fmt=["%.4f"] * 4 + ["%d"] * 128, delimiter=" ")
+
+
 def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Sequence[str] | None = None) -> list[Path]:
     """Write one COLMAP feature-import text file per image of an hloc feature file.
 
@@ -64,7 +70,7 @@ def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Se
         names: images to export (default: all in the file).
 
     Returns:
-        The written paths. Each file is written to ``.tmp`` and renamed when complete.
+        The written paths. Each file is written to a temporary sibling and renamed when complete.
     """
     out_dir = Path(out_dir)
     written = []
@@ -85,12 +91,7 @@ def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Se
             )
             rows = np.concatenate([kps.astype(np.float64), colmap_descriptors(desc, descriptor_name).astype(np.float64)], axis=1)
             path = out_dir / f"{name}.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w") as fh:
-                fh.write(f"{len(rows)} 128\n")
-                np.savetxt(fh, rows, fmt=["%.4f"] * 4 + ["%d"] * 128, delimiter=" ")
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: _write_import_file(tmp, rows))
             written.append(path)
     logger.info("wrote %d COLMAP feature files to %s", len(written), out_dir)
     return written

@@ -3,14 +3,13 @@
 Layout of ``matches.h5``: one group per pair named by :func:`pair_key`, holding
 ``matches0`` (N0,) int32 (index into image 1's keypoints, -1 = unmatched) and
 ``matching_scores0`` (N0,) float32 (cosine similarity of the matched descriptors, 0 where
-unmatched), as hloc's nearest-neighbour matcher writes them. Like :mod:`.sfm_features`,
-the file is written under ``<name>.tmp`` and moved into place once complete.
+unmatched), as hloc's nearest-neighbour matcher writes them. The file is written to a
+temporary sibling (``.<name>.*.tmp``) and moved into place once complete.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +17,8 @@ import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from .atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +115,11 @@ def match_pairs(
     Returns:
         (name0, name1) -> number of matches.
     """
-    matches_path = Path(matches_path)
-    tmp = Path(str(matches_path) + ".tmp")
     counts: dict[tuple[str, str], int] = {}
     cache: dict[str, torch.Tensor] = {}
     last_use = {name: i for i, pair in enumerate(pairs) for name in pair}
-    try:
+
+    def write(tmp: str) -> None:
         with h5py.File(features_path, "r") as feats, h5py.File(tmp, "w") as out:
             out.attrs.update({"format": MATCHES_FORMAT, "complete": False, "ratio": ratio or 0.0, "mutual": mutual})
             for i, (name0, name1) in enumerate(tqdm(pairs, desc="matching", unit="pair")):
@@ -136,8 +136,6 @@ def match_pairs(
                     if last_use[name] == i:
                         del cache[name]
             out.attrs["complete"] = True
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, matches_path)
+
+    atomic_write(matches_path, write)
     return counts

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
 from .baselines import create_descriptor
 from .sfm_export import export_colmap_text
 from .sfm_features import check_feature_file, extract_features
@@ -95,9 +95,7 @@ def expand_compare(descriptor: str, compare: Sequence[str]) -> list[str]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def run_sfm(

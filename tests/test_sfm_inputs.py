@@ -209,3 +209,31 @@ def test_interrupted_run_keeps_previous_file_and_leaves_no_partial_file(tmp_path
     with h5py.File(path, "a") as f:
         f.attrs["complete"] = False
     assert sfm_features.check_feature_file(path, "sift") is False
+
+
+def test_interrupted_matching_keeps_previous_matches_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    from exemplar_desc import sfm_matching
+
+    images = tmp_path / "images"
+    write_views(images, ["a.png", "b.png", "c.png"])
+    out = tmp_path / "out"
+    names = ["a.png", "b.png", "c.png"]
+    extract_features(images, names, {"sift": create_descriptor("sift")}, {"sift": out / "features.h5"},
+                     max_size=200, max_keypoints=300)
+    pairs = [("a.png", "b.png"), ("a.png", "c.png"), ("b.png", "c.png")]
+    sfm_matching.match_pairs(out / "features.h5", pairs, out / "matches.h5")
+    before = _digest(out / "matches.h5")
+    original = sfm_matching.match_descriptors
+
+    def failing(*args, **kwargs):
+        if failing.calls == 1:
+            raise _Interrupt("killed")
+        failing.calls += 1
+        return original(*args, **kwargs)
+
+    failing.calls = 0
+    monkeypatch.setattr(sfm_matching, "match_descriptors", failing)
+    with pytest.raises(_Interrupt):
+        sfm_matching.match_pairs(out / "features.h5", pairs, out / "matches.h5")
+    assert _digest(out / "matches.h5") == before
+    assert sorted(os.listdir(out)) == ["features.h5", "matches.h5"]
