@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="exemplar_desc",
@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["exemplar_desc", "exemplar_desc.weights", "benchmarks"],
+    packages=find_packages(include=["exemplar_desc", "exemplar_desc.*", "benchmarks"]) + ["exemplar_desc.weights"],
     # weights/ lives at the top level of the repository but installs inside the package,
     # so ExemplarDescriptor() finds it from any working directory.
     package_dir={"exemplar_desc.weights": "weights"},
@@ -24,5 +24,11 @@ setup(
         "scikit-image>=0.21",
         "pycolmap>=3.10",
     ],
+    entry_points={
+        "console_scripts": [
+            "exemplar-train = exemplar_desc.train:main",
+            "exemplar-sfm = exemplar_desc.sfm.__main__:main",
+        ]
+    },
     extras_require={"test": ["pytest>=7"]},
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from exemplar_desc.nearest_neighbours import mutual_nearest_neighbours, nearest_neighbours
+from exemplar_desc.matching import mutual_nearest_neighbours, nearest_neighbours
 
 __all__ = [
     "MMA_THRESHOLDS",

@@ -1,11 +1,13 @@
 """Exemplar-CNN local feature descriptor (Dosovitskiy et al., NIPS 2014 / TPAMI 2016).
 
 ``ExemplarDescriptor`` describes cv2.KeyPoints with OpenCV's Feature2D interface, using
-the trained models shipped in ``weights/``.
+the trained models shipped in ``weights/``. The package has three parts: the descriptor
+core (this folder), :mod:`exemplar_desc.training` and :mod:`exemplar_desc.sfm`.
 """
 
+from .baselines import create_descriptor
 from .descriptor import ExemplarDescriptor
 from .model_io import DEFAULT_MODEL, list_models
 
-__all__ = ["ExemplarDescriptor", "DEFAULT_MODEL", "list_models"]
+__all__ = ["ExemplarDescriptor", "DEFAULT_MODEL", "create_descriptor", "list_models"]
 __version__ = "0.1.0"

@@ -12,6 +12,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .descriptor import ExemplarDescriptor
+
 __all__ = ["Float128Descriptor", "RootSIFT", "create_descriptor", "DESCRIPTOR_NAMES"]
 
 DESCRIPTOR_NAMES = ("exemplar", "sift", "rootsift")
@@ -75,8 +77,6 @@ def create_descriptor(name: str, device: str = "cpu", **kwargs):
     if name == "rootsift":
         return RootSIFT(**kwargs)
     if name == "exemplar" or name.startswith("exemplar:"):
-        from .descriptor import ExemplarDescriptor
-
         model = name.split(":", 1)[1] if ":" in name else None
         return ExemplarDescriptor(model=model, device=device, **kwargs)
     raise ValueError(f"unknown descriptor {name!r}; available: {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>")

@@ -16,6 +16,8 @@ def test_wheel_install_ships_the_default_model(tmp_path):
         cwd=tmp_path,
     )
     assert (target / "exemplar_desc" / "weights" / "exemplar-fast.pt").is_file()
+    for module in ("training/loop.py", "sfm/__main__.py", "train.py"):
+        assert (target / "exemplar_desc" / module).is_file(), module
     code = (
         "import exemplar_desc, cv2, numpy as np;"
         "d = exemplar_desc.ExemplarDescriptor();"

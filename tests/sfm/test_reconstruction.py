@@ -10,9 +10,11 @@ import numpy as np
 import pycolmap
 import pytest
 
-from exemplar_desc.sfm import main
+from exemplar_desc.sfm.__main__ import main
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sfm" / "sceaux_castle"
+from ..conftest import SHARED_DATA
+
+DATA = SHARED_DATA / "sfm" / "sceaux_castle"
 NAMES = ["100_7100.JPG", "100_7101.JPG", "100_7102.JPG", "100_7103.JPG"]
 
 pytestmark = pytest.mark.skipif(
@@ -77,7 +79,7 @@ def test_rerun_reuses_features_and_reproduces(run, capsys):
 
 
 def test_focal_length_overrides_the_exif_prior(run, tmp_path):
-    from exemplar_desc.sfm_reconstruction import build_database
+    from exemplar_desc.sfm.reconstruction import build_database
 
     images, out, _, _ = run
     pairs = [tuple(line.split()) for line in (out / "pairs.txt").read_text().splitlines()]
@@ -89,7 +91,7 @@ def test_focal_length_overrides_the_exif_prior(run, tmp_path):
 
 
 def test_seeded_verification_is_repeatable(run, tmp_path):
-    from exemplar_desc.sfm_reconstruction import verify_pairs
+    from exemplar_desc.sfm.reconstruction import verify_pairs
 
     _, out, _, _ = run
     inliers = []
@@ -107,7 +109,7 @@ def test_seeded_verification_is_repeatable(run, tmp_path):
 
 def test_two_pass_mapping_refines_the_distortion(run, tmp_path):
     """The default second pass recovers Sceaux's barrel distortion, as a single COLMAP pass does."""
-    from exemplar_desc.sfm_reconstruction import MapperSettings, run_mapper
+    from exemplar_desc.sfm.reconstruction import MapperSettings, run_mapper
 
     images, out, _, _ = run
     distortion = {}

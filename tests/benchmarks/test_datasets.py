@@ -10,7 +10,9 @@ from benchmarks.datasets import load_sequence, load_sequences, read_homography, 
 from benchmarks.metrics import project
 from benchmarks.synthetic import SYNTHETIC_SEQUENCES, ensure_synthetic_dataset, make_sequence
 
-OXFORD = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "oxford"
+from ..conftest import SHARED_DATA
+
+OXFORD = SHARED_DATA / "oxford"
 
 
 def _image(seed, shape=(40, 50)):

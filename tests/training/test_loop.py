@@ -8,8 +8,8 @@ import skimage.data
 import torch
 
 from exemplar_desc import train as train_module
-from exemplar_desc.seeds import list_images, load_stl10_unlabeled, sample_seeds
-from exemplar_desc.train import TrainConfig, lr_at, train
+from exemplar_desc.training.loop import TrainConfig, lr_at, train
+from exemplar_desc.training.seeds import load_stl10_unlabeled, sample_seeds
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,6 @@ def image_folder(tmp_path_factory):
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     (folder / "notes.txt").write_text("ignored")
     return folder
-
-
-def test_list_images_is_recursive_and_filters(image_folder, tmp_path):
-    names = sorted(p.name for p in list_images(image_folder))
-    assert names == ["astronaut.png", "broken.jpg", "camera.jpg", "chelsea.png", "coffee.png", "rocket.png"]
-    with pytest.raises(ValueError, match="no images"):
-        list_images(tmp_path)
-    with pytest.raises(FileNotFoundError):
-        list_images(tmp_path / "missing")
 
 
 def test_seeds_follow_gradient_energy_and_avoid_duplicates():

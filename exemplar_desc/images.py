@@ -1,4 +1,4 @@
-"""Finding and reading the photos of a structure-from-motion run.
+"""Finding and reading image files: one lister for training, extraction and SfM.
 
 Images are named by their path relative to the image folder, with ``/`` separators
 (hloc's and COLMAP's convention). They are read as 8-bit grey arrays without applying the

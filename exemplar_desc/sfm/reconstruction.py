@@ -2,7 +2,7 @@
 
 Steps: a COLMAP database with cameras, trivial rigs and frames (COLMAP >= 3.12 needs them),
 images, keypoints (shifted by COLMAP's +0.5 pixel offset), uint8 descriptors (128-D only,
-quantised by :func:`.sfm_export.colmap_descriptors`) and the raw matches; geometric
+quantised by :func:`.export.colmap_descriptors`) and the raw matches; geometric
 verification of the listed pairs (two-view geometries); incremental mapping, in two passes
 by default (see :class:`MapperSettings`); statistics of every model the mapper made.
 
@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 import pycolmap
 
-from .sfm_export import colmap_descriptors, to_colmap_keypoints
-from .sfm_matching import pair_key
+from .export import colmap_descriptors, to_colmap_keypoints
+from .matching import pair_key
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def build_database(
         database_path: output ``.db`` file.
         image_dir: image folder (EXIF data for the cameras).
         names: images to import, all present in the feature file.
-        features_path, matches_path: hloc-layout files (see :mod:`.sfm_features`,
-            :mod:`.sfm_matching`).
+        features_path, matches_path: hloc-layout files (see :mod:`.features`,
+            :mod:`.matching`).
         pairs: the matched pairs.
         focal_length: focal length prior in pixels of the original images for every camera
             (None: COLMAP's guess from EXIF, else 1.2 x the longer side).

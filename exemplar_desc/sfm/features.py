@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from .sfm_images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
+from ..images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,10 @@ import kornia
 import torch
 import torch.nn.functional as F
 
+from ..patches import normalize_patches
+
 __all__ = [
+    "sample_patches",
     "TransformConfig",
     "FAMILIES",
     "sample_parameters",
@@ -234,3 +237,12 @@ class SurrogateSampler:
         images = pca_colour(images, params["pca"], self.colour_mean, self.colour_basis)
         images = hsv_jitter(images, params["power"], params["multiply"], params["add"], params["hue"])
         return blur(to_gray(images), params["sigma"], self.config.blur)
+
+
+def sample_patches(sampler: SurrogateSampler, class_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Transformed samples of the given classes, standardised as the network sees them.
+
+    Returns:
+        (B, 1, P, P) float32 grey patches, zero mean and unit variance each, on the sampler's device.
+    """
+    return normalize_patches(sampler.sample(class_ids, generator))

@@ -19,8 +19,8 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .atomic import atomic_write
-from .quantization import quantize_uint8
+from ..atomic import atomic_write
+from ..quantization import quantize_uint8
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from exemplar_desc.transforms import (
+from exemplar_desc.training.transforms import (
     FAMILIES,
     SurrogateSampler,
     TransformConfig,

@@ -2,8 +2,8 @@
 
 Output folder of one descriptor::
 
-    features.h5   hloc layout (see sfm_features)      pairs.txt     one "name0 name1" per line
-    matches.h5    hloc layout (see sfm_matching)      database.db   COLMAP database
+    features.h5   hloc layout (see sfm.features)      pairs.txt     one "name0 name1" per line
+    matches.h5    hloc layout (see sfm.matching)      database.db   COLMAP database
     sparse/<i>/   every model, COLMAP binary format   summary.json  numbers and timings
     colmap_features/<image>.txt  (with export_colmap) input for ``colmap feature_importer``
 
@@ -22,14 +22,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write
-from .baselines import create_descriptor
-from .sfm_export import export_colmap_text
-from .sfm_features import check_feature_file, extract_features
-from .sfm_images import list_images
-from .sfm_matching import match_pairs
-from .sfm_pairs import make_pairs, parse_pairs_spec, write_pairs
-from .sfm_reconstruction import MapperSettings, build_database, model_statistics, run_mapper, verify_pairs
+from ..atomic import atomic_write
+from ..baselines import create_descriptor
+from ..images import list_images
+from .export import export_colmap_text
+from .features import check_feature_file, extract_features
+from .matching import match_pairs
+from .pairs import make_pairs, parse_pairs_spec, write_pairs
+from .reconstruction import MapperSettings, build_database, model_statistics, run_mapper, verify_pairs
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,9 @@ from benchmarks.descriptors import KorniaPatchDescriptor, as_float, build_descri
 from benchmarks.matching import detect, main
 from benchmarks.synthetic import make_sequence, sample_photo
 
-TORCH_HUB = Path(__file__).resolve().parents[1] / ".." / "shared" / "peers" / "torch_hub"
+from ..conftest import SHARED_DATA
+
+TORCH_HUB = SHARED_DATA.parent / "peers" / "torch_hub"
 
 
 @pytest.fixture(autouse=True, scope="module")

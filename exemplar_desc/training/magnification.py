@@ -15,10 +15,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .descriptor import describe_frames
-from .nearest_neighbours import mutual_nearest_neighbours
-from .networks import DescriptorNet
-from .patches import build_pyramid, keypoint_frames, keypoints_to_arrays
+from ..descriptor import describe_frames
+from ..matching import mutual_nearest_neighbours
+from ..networks import DescriptorNet
+from ..patches import build_pyramid, keypoint_frames, keypoints_to_arrays
 
 logger = logging.getLogger(__name__)
 

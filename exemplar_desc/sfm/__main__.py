@@ -3,7 +3,7 @@
     python -m exemplar_desc.sfm --images DIR --out DIR [--descriptor exemplar|sift|rootsift]
         [--pairs exhaustive|sequential:K] [--max-size PX] [--device cpu|cuda] [--compare sift]
 
-See ``exemplar_desc.sfm_pipeline`` for the outputs and README.md ("Structure from motion").
+See :mod:`exemplar_desc.sfm.pipeline` for the outputs and docs/sfm.md.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from .sfm_features import OutputConflictError
-from .sfm_pipeline import SfmError, SfmSettings, expand_compare, run_sfm
-from .sfm_reconstruction import MapperSettings
+from .features import OutputConflictError
+from .pipeline import SfmError, SfmSettings, expand_compare, run_sfm
+from .reconstruction import MapperSettings
 
 __all__ = ["main"]
 

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from exemplar_desc import sfm_features
+from exemplar_desc.sfm import features as sfm_features
 from exemplar_desc.baselines import create_descriptor
 from exemplar_desc.model_io import load_model, save_model
-from exemplar_desc.sfm import main
-from exemplar_desc.sfm_features import OutputConflictError, extract_features
-from exemplar_desc.sfm_pipeline import SfmError, SfmSettings, run_sfm
+from exemplar_desc.sfm.__main__ import main
+from exemplar_desc.sfm.features import OutputConflictError, extract_features
+from exemplar_desc.sfm.pipeline import SfmError, SfmSettings, run_sfm
 
-from sfm_synth import texture, write_views
+from .synth import texture, write_views
 
 FAST = ["--descriptor", "sift", "--max-size", "200", "--max-keypoints", "300"]
 
@@ -212,7 +212,7 @@ def test_interrupted_run_keeps_previous_file_and_leaves_no_partial_file(tmp_path
 
 
 def test_interrupted_matching_keeps_previous_matches_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    from exemplar_desc import sfm_matching
+    from exemplar_desc.sfm import matching as sfm_matching
 
     images = tmp_path / "images"
     write_views(images, ["a.png", "b.png", "c.png"])

@@ -20,26 +20,9 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "iter_rgb_images", "load_stl10_unlabeled", "sample_seeds", "STL10_IMAGE_BYTES"]
+__all__ = ["iter_rgb_images", "load_stl10_unlabeled", "sample_seeds", "STL10_IMAGE_BYTES"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff")
 STL10_IMAGE_BYTES = 96 * 96 * 3
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """All image files under ``folder`` (recursive, extensions of :data:`IMAGE_EXTENSIONS`), sorted.
-
-    Raises:
-        FileNotFoundError: ``folder`` does not exist or is not a directory.
-        ValueError: no image file in it.
-    """
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    return paths
 
 
 def iter_rgb_images(paths: Sequence[Path], max_side: int) -> Iterator[np.ndarray]:

@@ -10,12 +10,12 @@ import torch
 
 from exemplar_desc.baselines import create_descriptor
 from exemplar_desc.quantization import quantize_uint8
-from exemplar_desc.sfm_export import colmap_descriptors, export_colmap_text, to_colmap_keypoints
-from exemplar_desc.sfm_features import extract_features
-from exemplar_desc.sfm_matching import match_descriptors, match_pairs, pair_key
-from exemplar_desc.sfm_pairs import make_pairs, parse_pairs_spec
+from exemplar_desc.sfm.export import colmap_descriptors, export_colmap_text, to_colmap_keypoints
+from exemplar_desc.sfm.features import extract_features
+from exemplar_desc.sfm.matching import match_pairs, pair_key
+from exemplar_desc.sfm.pairs import make_pairs, parse_pairs_spec
 
-from sfm_synth import write_views
+from .synth import write_views
 
 NAMES = ["a.png", "sub/b.png", "sub/c.png"]
 
@@ -92,27 +92,6 @@ def test_matches_h5_layout(extracted):
             assert np.mean(np.all(np.abs(d - shift) < 2.0, axis=1)) > 0.8
 
 
-def test_match_descriptors_mutual_ratio_and_chunking():
-    rng = np.random.default_rng(0)
-    d1 = torch.from_numpy(rng.standard_normal((300, 16)).astype(np.float32))
-    perm = torch.from_numpy(rng.permutation(300))
-    d0 = d1[perm] + 0.01 * torch.randn(300, 16)
-    m0, s0 = match_descriptors(d0, d1)
-    assert torch.equal(m0, perm)
-    m_chunked, s_chunked = match_descriptors(d0, d1, chunk=7)
-    assert torch.equal(m_chunked, m0) and torch.allclose(s_chunked, s0)
-    # Two identical candidates in image 1: the ratio test rejects the ambiguous match.
-    dup = torch.cat([d1, d1[:1]])
-    m_ratio, _ = match_descriptors(d0, dup, ratio=0.8)
-    assert (m_ratio[perm == 0] == -1).all() and (m_ratio >= 0).sum() == 299
-    # Not mutual: many points of image 0 share one nearest neighbour; only one survives.
-    many = torch.cat([d1[:1] + 0.01 * torch.randn(5, 16), d1[1:2]])
-    m_mut, _ = match_descriptors(many, d1[:1])
-    assert (m_mut == 0).sum() == 1
-    m_all, _ = match_descriptors(many, d1[:1], mutual=False)
-    assert (m_all == 0).sum() == 6
-
-
 def test_pairs_specs():
     names = [f"{i}.jpg" for i in range(5)]
     assert len(make_pairs(names, "exhaustive")) == 10
@@ -161,13 +140,3 @@ def test_colmap_text_export(extracted, tmp_path):
 def test_to_colmap_keypoints_offsets_and_units():
     rows = to_colmap_keypoints(np.array([[0.0, 0.0], [10.0, 5.0]]), np.array([4.0, 2.0]), np.array([90.0, -1.0]))
     np.testing.assert_allclose(rows, [[0.5, 0.5, 2.0, np.pi / 2], [10.5, 5.5, 1.0, 0.0]], rtol=1e-6)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_match_descriptors_cuda_equals_cpu():
-    rng = np.random.default_rng(1)
-    d0 = torch.from_numpy(rng.standard_normal((500, 128)).astype(np.float32))
-    d1 = torch.from_numpy(rng.standard_normal((400, 128)).astype(np.float32))
-    m_cpu, s_cpu = match_descriptors(d0, d1, ratio=0.9)
-    m_gpu, s_gpu = match_descriptors(d0.cuda(), d1.cuda(), ratio=0.9)
-    assert torch.equal(m_gpu.cpu(), m_cpu) and torch.allclose(s_gpu.cpu(), s_cpu, atol=1e-5)
