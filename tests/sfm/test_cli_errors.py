@@ -1,0 +1,102 @@
+"""Every bad option or path of ``python -m exemplar_desc.sfm``: one ``error:`` line naming the
+option, exit status 2, no traceback, no work started and nothing written."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from exemplar_desc.sfm import pipeline
+from exemplar_desc.sfm.__main__ import main
+
+from .synth import write_views
+
+FAST = ["--descriptor", "sift", "--max-size", "200", "--max-keypoints", "300"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """Images, special folders and a finished output set, shared by the cases."""
+    root = tmp_path_factory.mktemp("cli")
+    write_views(root / "images", ["a.png", "b.png", "c.png"])
+    write_views(root / "collide", ["x-y.png", "x/y.png"])
+    write_views(root / "spaces", ["a b.png", "c.png"])
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no image here")
+    (root / "afile").write_text("a file, not a folder")
+    assert main(["--images", str(root / "images"), "--out", str(root / "out"), *FAST]) == 0
+    return root
+
+
+def _tree(root):
+    """Every path under ``root`` with its size and modification time."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+CASES = [
+    # (extra arguments, option the error line must name); {root} is the shared folder.
+    (["--out", "{root}/afile"], "--out"),
+    (["--out", "{root}/afile/sub"], "--out"),
+    (["--images", "{root}/missing"], "--images"),
+    (["--images", "{root}/empty"], "--images"),
+    (["--images", "{root}/collide"], "--images"),
+    (["--images", "{root}/spaces"], "--images"),
+    (["--max-size", "0"], "--max-size"),
+    (["--max-size", "-5"], "--max-size"),
+    (["--max-size", "big"], "--max-size"),
+    (["--max-keypoints", "0"], "--max-keypoints"),
+    (["--focal-length", "-100"], "--focal-length"),
+    (["--focal-length", "0"], "--focal-length"),
+    (["--focal-length", "nan"], "--focal-length"),
+    (["--ratio", "5"], "--ratio"),
+    (["--ratio", "0"], "--ratio"),
+    (["--ratio", "nan"], "--ratio"),
+    (["--pairs", "bad"], "--pairs"),
+    (["--pairs", "sequential:0"], "--pairs"),
+    (["--pairs", "sequential:x"], "--pairs"),
+    (["--device", "gpu"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+    (["--magnification", "0"], "--magnification"),
+    (["--magnification", "-2"], "--magnification"),
+    (["--magnification", "nan"], "--magnification"),
+    (["--magnification", "inf"], "--magnification"),
+    (["--num-threads", "0"], "--num-threads"),
+    (["--num-threads", "-2"], "--num-threads"),
+    (["--min-model-size", "0"], "--min-model-size"),
+    (["--init-min-num-inliers", "0"], "--init-min-num-inliers"),
+    (["--abs-pose-min-num-inliers", "-1"], "--abs-pose-min-num-inliers"),
+    (["--min-num-matches", "0"], "--min-num-matches"),
+    (["--seed", "-2"], "--seed"),
+    (["--compare", "unknown"], "--compare"),
+    (["--descriptor", "unknown"], "--descriptor"),
+    (["--descriptor", ""], "--descriptor"),
+    (["--descriptor", "exemplar:no-such-model"], "--descriptor"),
+]
+
+
+@pytest.mark.parametrize("extra, option", CASES, ids=[" ".join(c[0]).replace("{root}/", "") for c in CASES])
+def test_bad_option_is_one_error_line_exit_2_nothing_written(root, extra, option, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("feature extraction started despite a bad option")
+
+    monkeypatch.setattr(pipeline, "extract_features", no_work)
+    before = _tree(root)
+    argv = ["--images", str(root / "images"), "--out", str(root / "out"), *FAST,
+            *[a.replace("{root}", str(root)) for a in extra]]
+    start = time.perf_counter()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors (malformed values)
+        code = exit_.code
+    seconds = time.perf_counter() - start
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert option in lines[0]
+    value = extra[-1].replace("{root}", str(root))
+    assert value in lines[0] or f"{value!r}" in lines[0] or str(float(value)) in lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert _tree(root) == before  # no output folder made, the finished set unchanged
+    assert seconds < 10
