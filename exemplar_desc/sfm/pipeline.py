@@ -283,7 +283,7 @@ def run_sfm(
     check(len(descriptors) > 0, "--descriptor", descriptors, "name at least one descriptor")
     for i, name in enumerate(descriptors):
         check_descriptor_name("--descriptor" if i == 0 else "--compare", name)
-    check(len(set(descriptors)) == len(descriptors), "--compare", descriptors, "names a descriptor twice")
+        check(name not in descriptors[:i], "--compare", name, "names a descriptor twice")
     image_dir, out_dir = Path(image_dir), check_output_dir("--out", out_dir)
     subfolders = {d: d.replace(":", "_").replace("/", "_") if len(descriptors) > 1 else "" for d in descriptors}
     check(len(set(subfolders.values())) == len(subfolders), "--compare", descriptors,

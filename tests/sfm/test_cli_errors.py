@@ -100,3 +100,27 @@ def test_bad_option_is_one_error_line_exit_2_nothing_written(root, extra, option
     assert "Traceback" not in captured.err and captured.out == ""
     assert _tree(root) == before  # no output folder made, the finished set unchanged
     assert seconds < 10
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"max_size": 0}, ValueError, "--max-size 0: must be a whole number >= 1"),
+    ({"ratio": 1.5}, ValueError, "--ratio 1.5: must be a finite number > 0 and <= 1"),
+    ({"pairs": "sequential:0"}, ValueError, "--pairs 'sequential:0'"),
+    ({"mapper": "fast"}, TypeError, "mapper must be a MapperSettings"),
+])
+def test_settings_refuse_bad_values_on_creation(kwargs, error, message):
+    with pytest.raises(error) as info:
+        pipeline.SfmSettings(**kwargs)
+    assert str(info.value).startswith(message)
+
+
+def test_run_sfm_refuses_bad_arguments_before_writing(root, monkeypatch):
+    settings = pipeline.SfmSettings(max_size=200, max_keypoints=300)
+    settings.max_keypoints = 0  # changed after creation: run_sfm checks again
+    with pytest.raises(ValueError, match=r"^--max-keypoints 0: "):
+        pipeline.run_sfm(root / "images", root / "new", ["sift"], settings)
+    with pytest.raises(TypeError, match="sequence of names"):
+        pipeline.run_sfm(root / "images", root / "new", "sift")
+    with pytest.raises(ValueError, match=r"^--compare 'sift': .*names a descriptor twice"):
+        pipeline.run_sfm(root / "images", root / "new", ["sift", "sift"])
+    assert not (root / "new").exists()
