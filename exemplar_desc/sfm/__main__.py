@@ -38,7 +38,7 @@ def _parser() -> ArgumentParser:
     defaults, mapper = SfmSettings(), MapperSettings()
     p = ArgumentParser(prog="python -m exemplar_desc.sfm", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", required=True, help="folder of photos (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder (features.h5, matches.h5, pairs.txt, database.db, sparse/, summary.json)")
+    p.add_argument("--out", required=True, help="output folder (features.h5, matches.h5, pairs.txt, database.db, sparse/, summary.json; manifest.json, written last, lists the set)")
     p.add_argument("--descriptor", default="exemplar", help="sift, rootsift, exemplar or exemplar:<model> (default: %(default)s)")
     p.add_argument("--compare", action="append", default=[], metavar="NAME",
                    help="also run NAME on the same keypoints and print a side-by-side table; 'sift' means SIFT and "
