@@ -22,13 +22,15 @@ NAMES = ["a.png", "b.png", "c.png", "d.png", "e.png"]
 
 
 def _digests(out):
-    return {str(p.relative_to(out)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file()}
+    """Content of every file of ``out`` but the staging folder of an unfinished run."""
+    return {str(p.relative_to(out)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.relative_to(out).parts[0] != pipeline.STAGING_DIR}
 
 
 def _image_set(out):
     """The images of the set in ``out``, after checking that every output names the same ones."""
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["entries"]) == sorted(set(os.listdir(out)) - {"manifest.json"})
+    assert sorted(manifest["entries"]) == sorted(set(os.listdir(out)) - {"manifest.json", pipeline.STAGING_DIR})
     with h5py.File(out / "features.h5", "r") as f:
         images = set(f.keys())
         assert f.attrs["complete"]
@@ -115,3 +117,49 @@ def test_a_set_replaces_every_entry_of_the_previous_one(tmp_path):
     assert main(["--images", str(images), "--out", str(out), *FAST]) == 0
     assert not (out / "colmap_features").exists()  # not part of the new set
     _image_set(out)
+
+
+KILL = """
+import os, signal, sys
+from exemplar_desc.sfm import pipeline
+from exemplar_desc.sfm.__main__ import main
+
+def kill(*args, **kwargs):
+    kill.calls += 1
+    if kill.calls == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no finally
+    return original(*args, **kwargs)
+
+kill.calls = 0
+original = getattr(pipeline, sys.argv[1])
+setattr(pipeline, sys.argv[1], kill)
+main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("stage, call", [("run_mapper", 1), ("_remove", 3)], ids=["mapping", "moving into place"])
+def test_sigkill_leaves_one_set_and_a_rerun_completes_it(tmp_path, stage, call):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_views(images, NAMES[:4])
+    os.rename(images / "d.png", tmp_path / "d.png")
+    argv = ["--images", str(images), "--out", str(out), *FAST]
+    assert main(argv) == 0
+    first = _digests(out)
+    os.rename(tmp_path / "d.png", images / "d.png")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", KILL, stage, str(call), *argv], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert (out / pipeline.STAGING_DIR).is_dir()  # left behind by the killed run
+    if stage == "run_mapper":  # before the commit point: the previous set, untouched
+        assert _digests(out) == first
+        assert _image_set(out) == set(NAMES[:3])
+    else:  # while moving: no finished set is claimed
+        assert not (out / "manifest.json").exists()
+    assert main(argv) == 0
+    assert _image_set(out) == set(NAMES[:4])
+    assert not (out / pipeline.STAGING_DIR).exists()
