@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptionError as err:  # run_sfm checks every option and path before any work
         return report(err)
     except (OutputConflictError, SfmError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("error:", " ".join(str(err).split()), file=sys.stderr)  # one line, even with HDF5's messages
         return 1
     _print_summary(summaries)
     return 0 if any(s["num_models"] for s in summaries.values()) else 3

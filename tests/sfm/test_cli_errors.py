@@ -102,3 +102,11 @@ def test_run_sfm_refuses_bad_arguments_before_writing(root, monkeypatch):
     with pytest.raises(ValueError, match=r"^--compare 'sift': .*names a descriptor twice"):
         pipeline.run_sfm(root / "images", root / "new", ["sift", "sift"])
     assert not (root / "new").exists()
+
+
+def test_output_folder_with_a_folder_for_features_h5_is_one_error_line(root, tmp_path, capsys):
+    (tmp_path / "out" / "features.h5").mkdir(parents=True)  # HDF5's own message spans lines
+    assert main(["--images", str(root / "images"), "--out", str(tmp_path / "out"), *FAST]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "features.h5 exists but is not an HDF5 file" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["features.h5"]
