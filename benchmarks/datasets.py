@@ -120,8 +120,10 @@ def read_homography(path: Path) -> np.ndarray:
         H = np.loadtxt(path, dtype=np.float64)
     except (OSError, ValueError) as err:
         raise SequenceError(f"{path}: cannot read a 3x3 homography ({err})") from err
-    if H.shape != (3, 3) or not np.all(np.isfinite(H)):
-        raise SequenceError(f"{path}: expected 3x3 finite numbers, got shape {H.shape}")
+    if H.shape != (3, 3):
+        raise SequenceError(f"{path}: expected a 3x3 matrix of numbers, got shape {H.shape}")
+    if not np.all(np.isfinite(H)):
+        raise SequenceError(f"{path}: the homography contains non-finite values (nan or inf)")
     if abs(H[2, 2]) < 1e-12:
         raise SequenceError(f"{path}: H[2,2] is 0, cannot normalise the homography")
     H = H / H[2, 2]

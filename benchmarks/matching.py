@@ -29,6 +29,16 @@ import cv2
 import numpy as np
 
 from exemplar_desc.atomic import atomic_write
+from exemplar_desc.cli import (
+    ArgumentParser,
+    OptionError,
+    check,
+    check_device,
+    check_number,
+    check_output_dir,
+    check_output_file,
+    report,
+)
 from exemplar_desc.model_io import resolve_card_path
 
 from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
@@ -41,6 +51,14 @@ __all__ = ["detect", "run_benchmark", "summarise", "format_table", "write_output
 
 DETECTORS = ("sift", "mser")
 _H_KEYS = [f"H@{t}px" for t in HOMOGRAPHY_THRESHOLDS]
+# Plots: file stem -> (axis label, metric of one pair).
+_PLOT_METRICS = {
+    "mAP": ("mAP", lambda m: m["mAP"]),
+    "matching_score": ("matching score", lambda m: m["matching_score"]),
+    "MMA_3px": ("MMA@3px", lambda m: m["MMA"][MMA_THRESHOLDS.index(3)]),
+    "homography_3px": ("homography accuracy @3px", lambda m: m["H@3px"]),
+}
+OUTPUT_FILES = ("results.json", "results.csv", *[f"{stem}.png" for stem in _PLOT_METRICS], "mma_curves.png")
 
 
 def _mser_regions(gray: np.ndarray, max_regions: int) -> tuple[list[cv2.KeyPoint], np.ndarray]:
@@ -70,18 +88,23 @@ def detect(image: np.ndarray, detector: str = "sift", num_features: int = 2000) 
     Args:
         image: uint8 grey (H, W) image.
         detector: ``"sift"`` (``cv2.SIFT_create(nfeatures=num_features)``) or ``"mser"``.
-        num_features: the most keypoints to keep.
+        num_features: the most keypoints to keep (>= 1).
 
     Returns:
         Keypoints with ``class_id`` set to their index, and for MSER the (N, 5) ellipses
         ``(x, y, a, b, c)`` (None for SIFT).
+
+    Raises:
+        OptionError (a ValueError): an unknown detector, ``num_features`` < 1 (OpenCV would
+            read 0 as no limit).
     """
+    check_number("--num-features", num_features, low=1, integer=True)
     if detector == "sift":
         kps, ellipses = list(cv2.SIFT_create(nfeatures=num_features).detect(image, None)), None
     elif detector == "mser":
         kps, ellipses = _mser_regions(image, num_features)
     else:
-        raise ValueError(f"unknown detector {detector!r}; available: {', '.join(DETECTORS)}")
+        raise OptionError("--detector", detector, f"must be one of {', '.join(DETECTORS)}")
     for i, kp in enumerate(kps):
         kp.class_id = i  # survives compute(), which may drop or reorder keypoints
     return kps, ellipses
@@ -127,11 +150,29 @@ def run_benchmark(
     Each descriptor first describes one image untimed (warm-up); its time per keypoint is
     the wall time of all further ``compute`` calls over the keypoints they returned.
 
+    Args:
+        sequences: at least one sequence.
+        descriptors: name -> object with OpenCV's ``compute``; at least one.
+        detector: one of :data:`DETECTORS`.
+        num_features: the most keypoints per image (>= 1).
+        pixel_threshold: symmetric reprojection error in pixels (> 0) of a correct match.
+        progress: show a progress bar on stderr.
+
     Returns:
         ``{"descriptors": {name: {"time_per_keypoint_ms", "sequences": {seq: {"kind",
         "pairs": {"1-k": metrics}}}}}, "errors": {...}}``; :func:`summarise` adds the summaries.
+
+    Raises:
+        OptionError (a ValueError): a bad argument, named by its command-line option; checked
+            before any work.
     """
     from tqdm import tqdm
+
+    check(len(sequences) > 0, "--data", sequences, "no sequence to run on")
+    check(len(descriptors) > 0, "--descriptors", descriptors, "no descriptor to run")
+    check(detector in DETECTORS, "--detector", detector, f"must be one of {', '.join(DETECTORS)}")
+    check_number("--num-features", num_features, low=1, integer=True)
+    check_number("--threshold", pixel_threshold, low=0, low_open=True)
 
     detections = {s.name: [detect(img, detector, num_features) for img in s.images] for s in sequences}
     results: dict = {"descriptors": {}, "errors": {}}
@@ -261,15 +302,9 @@ def _plots(results: dict) -> dict[str, bytes]:
     names = list(results["descriptors"])
     seqs = sorted({s for e in results["descriptors"].values() for s in e["sequences"]})
     figures = {}
-    metrics = {  # file stem: (axis label, getter)
-        "mAP": ("mAP", lambda m: m["mAP"]),
-        "matching_score": ("matching score", lambda m: m["matching_score"]),
-        "MMA_3px": ("MMA@3px", lambda m: m["MMA"][MMA_THRESHOLDS.index(3)]),
-        "homography_3px": ("homography accuracy @3px", lambda m: m["H@3px"]),
-    }
     cols = min(4, max(1, len(seqs)))
     nrows = max(1, math.ceil(len(seqs) / cols))
-    for stem, (label, get) in metrics.items():
+    for stem, (label, get) in _PLOT_METRICS.items():
         fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
         for ax, seq in zip(axes.flat, seqs):
             for name in names:
@@ -329,9 +364,9 @@ def write_outputs(results: dict, out_dir: str | Path) -> list[Path]:
     return [out_dir / name for name in files]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.matching", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m benchmarks.matching", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="folder of sequences (Oxford or HPatches layout), or one sequence folder; "
                    "default: synthetic sequences generated from scikit-image photos")
     p.add_argument("--download", choices=["oxford"], help="download the eight Oxford sequences into the cache and run on them")
@@ -339,11 +374,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--descriptors", help="comma-separated names (default: all; see --list)")
     p.add_argument("--list", action="store_true", help="list descriptor names and exit")
     p.add_argument("--detector", choices=DETECTORS, default="sift", help="shared keypoints (default sift)")
-    p.add_argument("--num-features", type=int, default=2000, help="keypoints per image (default 2000)")
-    p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px) for a correct match in mAP and matching score (default 3)")
-    p.add_argument("--device", default="cpu", help="torch device of the network descriptors (default cpu)")
+    p.add_argument("--num-features", type=int, default=2000, help="keypoints per image, >= 1 (default 2000)")
+    p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px, > 0) for a correct match in mAP and matching score (default 3)")
+    p.add_argument("--device", default="cpu", help="torch device of the network descriptors: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--magnification", type=float,
-                   help="patch side / KeyPoint.size for the Exemplar models (default: each model card's)")
+                   help="patch side / KeyPoint.size (> 0) for the Exemplar models (default: each model card's)")
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
     p.add_argument("--record-in-card", action="store_true",
                    help="store the summary (with this command and the other descriptors' numbers) in the model card "
@@ -353,8 +388,61 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_descriptor_names(text: str | None) -> list[str] | None:
+    """``--descriptors`` as a list of names (None: all); OptionError for an empty list, an
+    unknown name or an ``exemplar:<model>`` whose card does not exist."""
+    if text is None:
+        return None
+    known, _ = catalogue()
+    available = f"available: {', '.join(known)} or exemplar:<model or card path>"
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    check(len(names) > 0, "--descriptors", text, f"name at least one descriptor; {available}")
+    for name in names:
+        if name.startswith("exemplar:"):
+            try:
+                resolve_card_path(name.split(":", 1)[1])
+            except FileNotFoundError as err:
+                raise OptionError("--descriptors", text, f"{name}: {err}") from None
+        else:
+            check(name in known or name == "exemplar", "--descriptors", text, f"unknown descriptor {name!r}; {available}")
+    return names
+
+
+def _check_args(args) -> tuple[list[str] | None, Path]:
+    """Check every option and path before any work.
+
+    Returns:
+        The descriptor names (None: all) and the cache folder.
+
+    Raises:
+        OptionError: naming the first bad option, its value and what is allowed.
+    """
+    check_number("--num-features", args.num_features, low=1, integer=True)
+    check_number("--threshold", args.threshold, low=0, low_open=True)
+    if args.magnification is not None:
+        check_number("--magnification", args.magnification, low=0, low_open=True)
+    check_device("--device", args.device)
+    names = _check_descriptor_names(args.descriptors)
+    cache = args.cache or default_cache_dir()
+    if args.data is not None:
+        check(args.download is None, "--download", args.download, "cannot be combined with --data")
+        check(args.data.is_dir(), "--data", str(args.data),
+              "exists but is not a folder" if args.data.exists() else "no such folder")
+    else:  # the downloaded or generated sequences are written there
+        check_output_dir("--cache", cache)
+    if args.out is not None:
+        for name in OUTPUT_FILES:
+            check_output_file("--out", check_output_dir("--out", args.out) / name)
+    if args.record_in_card:
+        for name in names if names is not None else catalogue()[0]:
+            if name.startswith("exemplar:"):
+                check_output_file("--record-in-card", resolve_card_path(name.split(":", 1)[1]))
+    return names, cache
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (0 ok, 1 nothing to run, 2 bad arguments or data)."""
+    """Command line entry point; returns the exit status: 0 ok, 1 nothing to run (no usable
+    sequence, no descriptor could be built), 2 a bad option or path (reported before any work)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.list:
@@ -363,12 +451,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} {'unavailable: ' + unavailable[name] if name in unavailable else ''}".rstrip())
         return 0
     try:
-        names = [n.strip() for n in args.descriptors.split(",") if n.strip()] if args.descriptors else None
-        descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    cache = args.cache or default_cache_dir()
+        names, cache = _check_args(args)
+    except OptionError as err:
+        return report(err)
+    descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification)
+    if not descriptors:
+        for name, reason in skipped.items():
+            print(f"skipped {name}: {reason}", file=sys.stderr)
+        print("error: no descriptor could be built", file=sys.stderr)
+        return 1
     if args.download:
         from .download import download_oxford
 
@@ -381,18 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         from .synthetic import ensure_synthetic_dataset
 
         data = ensure_synthetic_dataset(cache)
-    try:
-        sequences, bad = load_sequences(data)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    sequences, bad = load_sequences(data)
     for name, err in bad.items():
         print(f"skipped sequence {name}: {err}", file=sys.stderr)
     if not sequences:
         print(f"error: no usable sequence in {data}", file=sys.stderr)
         return 1
-    if not descriptors:
-        print("error: no descriptor could be built", file=sys.stderr)
     print(f"data: {data} ({len(sequences)} sequences: {', '.join(s.name for s in sequences)})")
     print(f"keypoints: {args.detector}, up to {args.num_features} per image; correct match: "
           + ("ellipse overlap >= 0.5" if args.detector == "mser" else f"symmetric reprojection error <= {args.threshold:g} px"))
@@ -418,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         for path in record_in_cards(results, "python -m benchmarks.matching " + " ".join(shlex.quote(a) for a in argv)):
             print(f"recorded the results in {path}")
-    return 0 if descriptors else 1
+    return 0
 
 
 def record_in_cards(results: dict, command: str) -> list[Path]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Any, Sequence
 
+from ..cli import ArgumentParser, OptionError, report
 from .features import OutputConflictError
 from .pipeline import SfmError, SfmSettings, expand_compare, run_sfm
 from .reconstruction import MapperSettings
@@ -27,16 +29,16 @@ def _magnification(text: str) -> float | None:
         value = float(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'card', got {text!r}") from err
-    if not value > 0:
+    if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number or 'card', got {text!r}")
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> ArgumentParser:
     defaults, mapper = SfmSettings(), MapperSettings()
-    p = argparse.ArgumentParser(prog="python -m exemplar_desc.sfm", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m exemplar_desc.sfm", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", required=True, help="folder of photos (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder (features.h5, matches.h5, pairs.txt, database.db, sparse/, summary.json)")
+    p.add_argument("--out", required=True, help="output folder (features.h5, matches.h5, pairs.txt, database.db, sparse/, summary.json; manifest.json, written last, lists the set)")
     p.add_argument("--descriptor", default="exemplar", help="sift, rootsift, exemplar or exemplar:<model> (default: %(default)s)")
     p.add_argument("--compare", action="append", default=[], metavar="NAME",
                    help="also run NAME on the same keypoints and print a side-by-side table; 'sift' means SIFT and "
@@ -100,43 +102,47 @@ def _print_summary(summaries: dict[str, dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0: at least one model, 1: bad input, 2: no model)."""
+    """Run the CLI; returns the exit status.
+
+    0: at least one model; 1: input that gives no reconstruction (fewer than two readable
+    images, no matches) or an output folder of another descriptor or program; 2: a bad option
+    or path, reported before anything is computed or written; 3: the mapper made no model.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import pycolmap
 
     pycolmap.logging.minloglevel = 0 if args.verbose else 2
-    settings = SfmSettings(
-        pairs=args.pairs,
-        max_size=args.max_size,
-        max_keypoints=args.max_keypoints,
-        ratio=args.ratio,
-        device=args.device,
-        mapper=MapperSettings(
-            min_model_size=args.min_model_size,
-            init_min_num_inliers=args.init_min_num_inliers,
-            abs_pose_min_num_inliers=args.abs_pose_min_num_inliers,
-            min_num_matches=args.min_num_matches,
-            multiple_models=not args.single_model,
-            two_pass=not args.one_pass,
-            seed=args.seed,
-            num_threads=args.num_threads,
-        ),
-        overwrite=args.overwrite,
-        export_colmap=args.export_colmap,
-        focal_length=args.focal_length,
-        magnification=args.magnification,
-    )
     try:
+        settings = SfmSettings(
+            pairs=args.pairs,
+            max_size=args.max_size,
+            max_keypoints=args.max_keypoints,
+            ratio=args.ratio,
+            device=args.device,
+            mapper=MapperSettings(
+                min_model_size=args.min_model_size,
+                init_min_num_inliers=args.init_min_num_inliers,
+                abs_pose_min_num_inliers=args.abs_pose_min_num_inliers,
+                min_num_matches=args.min_num_matches,
+                multiple_models=not args.single_model,
+                two_pass=not args.one_pass,
+                seed=args.seed,
+                num_threads=args.num_threads,
+            ),
+            overwrite=args.overwrite,
+            export_colmap=args.export_colmap,
+            focal_length=args.focal_length,
+            magnification=args.magnification,
+        )
         summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings)
-    except ImportError as err:
-        print(f"error: descriptor {args.descriptor!r} is not available here ({err})", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError, OutputConflictError, SfmError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except OptionError as err:  # run_sfm checks every option and path before any work
+        return report(err)
+    except (OutputConflictError, SfmError) as err:
+        print("error:", " ".join(str(err).split()), file=sys.stderr)  # one line, even with HDF5's messages
         return 1
     _print_summary(summaries)
-    return 0 if any(s["num_models"] for s in summaries.values()) else 2
+    return 0 if any(s["num_models"] for s in summaries.values()) else 3
 
 
 if __name__ == "__main__":

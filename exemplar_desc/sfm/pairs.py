@@ -9,7 +9,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["parse_pairs_spec", "make_pairs", "write_pairs"]
+from ..cli import OptionError
+from .matching import pair_key
+
+__all__ = ["parse_pairs_spec", "check_image_names", "make_pairs", "write_pairs"]
 
 
 def parse_pairs_spec(spec: str) -> int | None:
@@ -19,14 +22,37 @@ def parse_pairs_spec(spec: str) -> int | None:
         None for exhaustive, else the window K >= 1.
 
     Raises:
-        ValueError: any other string.
+        OptionError (a ValueError) naming ``--pairs``: any other value.
     """
     if spec == "exhaustive":
         return None
-    kind, _, window = spec.partition(":")
+    kind, _, window = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if kind == "sequential" and window.isdigit() and int(window) >= 1:
         return int(window)
-    raise ValueError(f"--pairs must be 'exhaustive' or 'sequential:K' with K >= 1, got {spec!r}")
+    raise OptionError("--pairs", spec, "must be 'exhaustive' or 'sequential:K' with a whole K >= 1")
+
+
+def check_image_names(names: Sequence[str]) -> None:
+    """Check that image names can go into ``pairs.txt`` and hloc's ``matches.h5`` unambiguously.
+
+    ``pairs.txt`` separates names by a space, and hloc names a pair's group by the names with
+    ``/`` replaced by ``-`` (:func:`.matching.pair_key`), so ``a-b.jpg`` and ``a/b.jpg`` would
+    share groups.
+
+    Raises:
+        ValueError: a name with a space, or two names that collide; the message names them.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        if " " in name:
+            raise ValueError(f"image name {name!r} has a space, which a pairs file cannot hold; rename it")
+        flat = pair_key(name, name).split("/")[0]
+        if flat in seen and seen[flat] != name:
+            raise ValueError(
+                f"images {seen[flat]!r} and {name!r} both become {flat!r} in hloc's match file "
+                "('/' is replaced by '-'); rename one of them"
+            )
+        seen[flat] = name
 
 
 def make_pairs(names: Sequence[str], spec: str) -> list[tuple[str, str]]:
@@ -43,8 +69,6 @@ def make_pairs(names: Sequence[str], spec: str) -> list[tuple[str, str]]:
 
 
 def write_pairs(path: str | Path, pairs: Sequence[tuple[str, str]]) -> None:
-    """Write ``pairs.txt``: one ``name0 name1`` line per pair."""
-    for a, b in pairs:
-        if " " in a or " " in b:
-            raise ValueError(f"image names with spaces cannot go into a pairs file: {a!r}, {b!r}")
+    """Write ``pairs.txt``: one ``name0 name1`` line per pair (names checked by :func:`check_image_names`)."""
+    check_image_names(sorted({name for pair in pairs for name in pair}))
     Path(path).write_text("".join(f"{a} {b}\n" for a, b in pairs))

@@ -6,15 +6,30 @@ Output folder of one descriptor::
     matches.h5    hloc layout (see sfm.matching)      database.db   COLMAP database
     sparse/<i>/   every model, COLMAP binary format   summary.json  numbers and timings
     colmap_features/<image>.txt  (with export_colmap) input for ``colmap feature_importer``
+    manifest.json the entries of the set above (written last)
 
 With several descriptors (a comparison) each gets ``out_dir/<descriptor>/`` and
 ``out_dir/comparison.json`` lists their summaries; all describe the same keypoints.
+
+One consistent set: the entries that ``out_dir/manifest.json`` lists come from one run and
+agree with each other (same images, pairs, models); a folder without ``manifest.json`` holds no
+finished set. A run builds all its outputs in ``out_dir/.partial/``; only when every one is
+complete does it write ``.partial/manifest.json`` (the commit point) and move the outputs into
+place: ``out_dir/manifest.json`` is moved away first, the previous set's entries are replaced
+(those the new set lacks are removed), the summaries and ``manifest.json`` come last. A run
+interrupted before the commit point leaves the previous set untouched (the next run discards
+the unfinished ``.partial/``); one interrupted while moving leaves a committed ``.partial/``,
+which the next run moves into place before anything else. Features of unchanged images are
+reused from the set in place: its ``features.h5`` is linked into ``.partial/`` and read by
+:func:`.features.extract_features`. See docs/sfm-outputs.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,44 +38,59 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..atomic import atomic_write
-from ..baselines import create_descriptor
+from ..baselines import DESCRIPTOR_NAMES, create_descriptor
+from ..cli import OptionError, check, check_device, check_number, check_output_dir
 from ..images import list_images
+from ..model_io import resolve_card_path
 from .export import export_colmap_text
 from .features import check_feature_file, extract_features
 from .matching import match_pairs
-from .pairs import make_pairs, parse_pairs_spec, write_pairs
-from .reconstruction import MapperSettings, build_database, model_statistics, run_mapper, verify_pairs
+from .pairs import check_image_names, make_pairs, parse_pairs_spec, write_pairs
+from .reconstruction import (
+    MapperSettings,
+    SfmError,
+    build_database,
+    model_statistics,
+    remove_database_files,
+    run_mapper,
+    verify_pairs,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SfmError", "SfmSettings", "expand_compare", "run_sfm"]
-
-
-class SfmError(RuntimeError):
-    """The input cannot give a reconstruction (no images, a single image, ...); the message says why."""
-
+__all__ = ["SfmError", "SfmSettings", "check_descriptor_name", "expand_compare", "run_sfm", "MANIFEST", "STAGING_DIR"]
 
 #: Default patch magnification of the Exemplar descriptors in SfM (see :class:`SfmSettings`).
 SFM_MAGNIFICATION = 5.0
+#: The file that names the entries of the finished set in an output folder, written last.
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "exemplar_desc.sfm.outputs/1"
+#: Where a run builds its outputs before moving them into place.
+STAGING_DIR = ".partial"
+_PREVIOUS_MANIFEST = "previous-manifest.json"
+# What versions before the manifest wrote; replaced as one set when no manifest names it.
+_UNLISTED_OUTPUTS = ("features.h5", "matches.h5", "pairs.txt", "database.db", "sparse", "colmap_features",
+                     "summary.json", "comparison.json")
+_SUMMARIES = ("summary.json", "comparison.json")
 
 
 @dataclass
 class SfmSettings:
-    """Everything but the folders and descriptors.
+    """Everything but the folders and descriptors; checked on creation (and by :func:`run_sfm`).
 
     Attributes:
-        pairs: ``"exhaustive"`` or ``"sequential:K"``.
-        max_size: longer side in pixels for feature extraction (None: full resolution).
-        max_keypoints: detector limit per image.
-        ratio: Lowe ratio for matching (None: mutual nearest neighbours only).
-        device: torch device for descriptors and matching.
+        pairs: ``"exhaustive"`` or ``"sequential:K"`` (K >= 1).
+        max_size: longer side in pixels (>= 1) for feature extraction (None: full resolution).
+        max_keypoints: detector limit per image (>= 1).
+        ratio: Lowe ratio in (0, 1] for matching (None: mutual nearest neighbours only).
+        device: torch device for descriptors and matching (``cpu``, ``cuda``, ``cuda:N``).
         mapper: incremental mapper options.
         overwrite: replace outputs of another descriptor or program instead of refusing.
         export_colmap: also write COLMAP feature-import text files.
-        focal_length: focal length in pixels of the original images for every camera, as a
-            prior (None: from EXIF, else COLMAP's 1.2 x the longer side).
-        magnification: patch side / ``KeyPoint.size`` of the Exemplar descriptors (None: the
-            model card's). The default, 5, is well under the shipped card's 12: the larger
+        focal_length: focal length in pixels (> 0) of the original images for every camera, as
+            a prior (None: from EXIF, else COLMAP's 1.2 x the longer side).
+        magnification: patch side / ``KeyPoint.size`` (> 0) of the Exemplar descriptors (None:
+            the model card's). The default, 5, is well under the shipped card's 12: the larger
             patch matches better under blur, but a reconstruction needs precisely placed
             matches. Smaller patches trade 3D points for a lower reprojection error (README,
             "Why magnification 5 in SfM").
@@ -77,11 +107,57 @@ class SfmSettings:
     focal_length: float | None = None
     magnification: float | None = SFM_MAGNIFICATION
 
+    def __post_init__(self) -> None:
+        self.check()
 
-def _create_extractor(name: str, settings: SfmSettings) -> Any:
-    if name == "exemplar" or name.startswith("exemplar:"):
-        return create_descriptor(name, device=settings.device, magnification=settings.magnification)
-    return create_descriptor(name, device=settings.device)
+    def check(self) -> None:
+        """Raise :class:`exemplar_desc.cli.OptionError` (a ValueError) naming the command-line
+        option of the first bad setting, its value and what is allowed."""
+        parse_pairs_spec(self.pairs)
+        if self.max_size is not None:
+            check_number("--max-size", self.max_size, low=1, integer=True)
+        check_number("--max-keypoints", self.max_keypoints, low=1, integer=True)
+        if self.ratio is not None:
+            check_number("--ratio", self.ratio, low=0, low_open=True, high=1)
+        check_device("--device", self.device)
+        if self.focal_length is not None:
+            check_number("--focal-length", self.focal_length, low=0, low_open=True)
+        if self.magnification is not None:
+            check_number("--magnification", self.magnification, low=0, low_open=True)
+        if not isinstance(self.mapper, MapperSettings):
+            raise TypeError(f"mapper must be a MapperSettings, got {type(self.mapper).__name__}")
+        self.mapper.check()
+
+
+def check_descriptor_name(option: str, name: str) -> None:
+    """Check a descriptor name for :func:`run_sfm`: ``sift``, ``rootsift``, ``exemplar`` or
+    ``exemplar:<model>`` with a shipped model name or a card/weights path that exists.
+
+    Raises:
+        OptionError: naming ``option`` (e.g. ``"--compare"``), the name and what is allowed.
+    """
+    allowed = f"must be {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>"
+    check(isinstance(name, str) and bool(name), option, name, allowed)
+    if name.startswith("exemplar:"):
+        try:
+            resolve_card_path(name.split(":", 1)[1])
+        except FileNotFoundError as err:
+            raise OptionError(option, name, str(err)) from None
+    else:
+        check(name in DESCRIPTOR_NAMES, option, name, allowed)
+
+
+def _create_extractors(descriptors: Sequence[str], settings: SfmSettings) -> dict[str, Any]:
+    extractors = {}
+    for i, name in enumerate(descriptors):
+        try:
+            if name == "exemplar" or name.startswith("exemplar:"):
+                extractors[name] = create_descriptor(name, device=settings.device, magnification=settings.magnification)
+            else:
+                extractors[name] = create_descriptor(name, device=settings.device)
+        except (ImportError, FileNotFoundError) as err:  # a missing dependency or weights file
+            raise OptionError("--descriptor" if i == 0 else "--compare", name, f"cannot be loaded here ({err})") from err
+    return extractors
 
 
 def expand_compare(descriptor: str, compare: Sequence[str]) -> list[str]:
@@ -98,6 +174,71 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def _list_checked_images(image_dir: Path) -> list[str]:
+    """The image names of ``image_dir``; OptionError naming ``--images`` when there are none or
+    two of them cannot be told apart in the output files."""
+    try:
+        names = list_images(image_dir)
+        check_image_names(names)
+    except (FileNotFoundError, ValueError) as err:
+        raise OptionError("--images", str(image_dir), str(err)) from None
+    return names
+
+
+def _remove(path: Path) -> None:
+    if path.suffix == ".db":
+        remove_database_files(path)
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)  # no copy: extraction replaces the target, never writes into it
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _install(out_dir: Path) -> None:
+    """Move the committed set of ``out_dir/.partial`` into place (see the module docstring).
+
+    Safe to repeat after an interruption: entries already moved stay, the others follow.
+    """
+    staging = out_dir / STAGING_DIR
+    entries = json.loads((staging / MANIFEST).read_text())["entries"]
+    previous_manifest = staging / _PREVIOUS_MANIFEST
+    if (out_dir / MANIFEST).is_file():
+        os.replace(out_dir / MANIFEST, previous_manifest)  # from here on no finished set is in place
+    if previous_manifest.is_file():
+        previous = json.loads(previous_manifest.read_text())["entries"]
+    else:
+        previous = [name for name in _UNLISTED_OUTPUTS if (out_dir / name).exists()]
+    for name in previous:
+        if name not in entries:
+            _remove(out_dir / name)
+    for name in sorted(entries, key=lambda n: n in _SUMMARIES):
+        if (staging / name).exists():
+            _remove(out_dir / name)
+            os.replace(staging / name, out_dir / name)
+    os.replace(staging / MANIFEST, out_dir / MANIFEST)
+    shutil.rmtree(staging)
+    logger.info("outputs in place in %s: %s", out_dir, ", ".join(entries))
+
+
+def _finish_interrupted_run(out_dir: Path) -> None:
+    """Complete the install of a committed ``.partial/``, or discard an unfinished one."""
+    staging = out_dir / STAGING_DIR
+    if (staging / MANIFEST).is_file():
+        logger.warning("%s holds the complete outputs of an interrupted run; moving them into place", staging)
+        _install(out_dir)
+    elif staging.exists():
+        logger.info("discarding the unfinished outputs of an interrupted run in %s", staging)
+        shutil.rmtree(staging)
+
+
 def run_sfm(
     image_dir: str | Path,
     out_dir: str | Path,
@@ -106,12 +247,16 @@ def run_sfm(
 ) -> dict[str, dict[str, Any]]:
     """Run the pipeline on a folder of images with one or more descriptors.
 
+    Every option and path is checked before anything is computed or written. The outputs
+    replace the previous ones as one set (see the module docstring).
+
     Args:
         image_dir: folder of photos (searched recursively).
         out_dir: output folder; with one descriptor the files go straight into it, with
             several into ``out_dir/<descriptor>/``.
         descriptors: names for ``create_descriptor`` (``"sift"``, ``"rootsift"``,
-            ``"exemplar"``, ``"exemplar:<model>"``), all on the same SIFT keypoints.
+            ``"exemplar"``, ``"exemplar:<model>"``), all on the same SIFT keypoints; the
+            first is the ``--descriptor``, the others the ``--compare`` ones.
         settings: see :class:`SfmSettings`.
 
     Returns:
@@ -123,28 +268,72 @@ def run_sfm(
         (``features`` covers detection and every descriptor of the run).
 
     Raises:
-        FileNotFoundError, ValueError: missing image folder, no images, bad ``pairs``.
+        OptionError (a ValueError): a bad setting or descriptor name; a missing image folder,
+            one without images or with two names that collide in the output files; an
+            output folder that cannot be created. The message names the command-line option.
+        TypeError: ``descriptors`` is a single string, ``settings.mapper`` not MapperSettings.
         OutputConflictError: an output folder holds another descriptor's or program's files.
         SfmError: fewer than two readable images, or no matches between any two images.
     """
     settings = settings or SfmSettings()
-    parse_pairs_spec(settings.pairs)
-    image_dir, out_dir = Path(image_dir), Path(out_dir)
-    names = list_images(image_dir)
+    settings.check()
+    if isinstance(descriptors, str):
+        raise TypeError(f"descriptors must be a sequence of names, got the string {descriptors!r}")
+    descriptors = list(descriptors)
+    check(len(descriptors) > 0, "--descriptor", descriptors, "name at least one descriptor")
+    for i, name in enumerate(descriptors):
+        check_descriptor_name("--descriptor" if i == 0 else "--compare", name)
+        check(name not in descriptors[:i], "--compare", name, "names a descriptor twice")
+    image_dir, out_dir = Path(image_dir), check_output_dir("--out", out_dir)
+    subfolders = {d: d.replace(":", "_").replace("/", "_") if len(descriptors) > 1 else "" for d in descriptors}
+    check(len(set(subfolders.values())) == len(subfolders), "--compare", descriptors,
+          "two descriptors would share one output folder")
+    for sub in subfolders.values():
+        check_output_dir("--out", out_dir / sub)
+    names = _list_checked_images(image_dir)
     if len(names) < 2:
         raise SfmError(f"{image_dir} holds a single image ({names[0]}); structure from motion needs at least two")
-    folders = {d: out_dir / d.replace(":", "_").replace("/", "_") if len(descriptors) > 1 else out_dir for d in descriptors}
-    if not settings.overwrite:
-        for dname, folder in folders.items():
-            check_feature_file(folder / "features.h5", dname)
-    extractors = {d: _create_extractor(d, settings) for d in descriptors}
+    if not settings.overwrite:  # refuse another descriptor's or program's files
+        for d, sub in subfolders.items():
+            check_feature_file(out_dir / sub / "features.h5", d)
+    extractors = _create_extractors(descriptors, settings)
 
+    _finish_interrupted_run(out_dir)
+    # The features of the set now in place are reused for unchanged images.
+    reusable = {d: not settings.overwrite and check_feature_file(out_dir / sub / "features.h5", d)
+                for d, sub in subfolders.items()}
+    staging = out_dir / STAGING_DIR
+    try:
+        for d, sub in subfolders.items():
+            if reusable[d]:
+                _link_or_copy(out_dir / sub / "features.h5", staging / sub / "features.h5")
+        summaries = _run(image_dir, names, extractors, staging, out_dir, subfolders, settings)
+        entries = sorted(name for name in os.listdir(staging))
+        _write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "descriptors": descriptors, "entries": entries})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _install(out_dir)
+    return summaries
+
+
+def _run(
+    image_dir: Path,
+    names: list[str],
+    extractors: dict[str, Any],
+    staging: Path,
+    out_dir: Path,
+    subfolders: dict[str, str],
+    settings: SfmSettings,
+) -> dict[str, dict[str, Any]]:
+    """The pipeline proper: every output under ``staging``; paths in the summaries under ``out_dir``."""
+    descriptors = list(extractors)
     start = time.perf_counter()
     extraction = extract_features(
         image_dir,
         names,
         extractors,
-        {d: folder / "features.h5" for d, folder in folders.items()},
+        {d: staging / sub / "features.h5" for d, sub in subfolders.items()},
         max_size=settings.max_size,
         max_keypoints=settings.max_keypoints,
         reuse=not settings.overwrite,
@@ -160,7 +349,8 @@ def run_sfm(
     pairs = make_pairs(readable, settings.pairs)
 
     summaries = {}
-    for dname, folder in folders.items():
+    for dname, sub in subfolders.items():
+        folder = staging / sub
         seconds = {"features": extraction_seconds}
         summary: dict[str, Any] = {
             "descriptor": dname,
@@ -170,7 +360,7 @@ def run_sfm(
             "images_skipped": dict(extraction.skipped),
             "images_reused": len(extraction.reused),
             "mean_keypoints": float(np.mean(list(extraction.num_keypoints[dname].values()))),
-            "settings": {**asdict(settings), "descriptors": list(descriptors)},
+            "settings": {**asdict(settings), "descriptors": descriptors},
         }
         write_pairs(folder / "pairs.txt", pairs)
         start = time.perf_counter()
@@ -197,7 +387,8 @@ def run_sfm(
         seconds["mapping"] = time.perf_counter() - start
 
         stats = sorted(
-            ({"index": i, "path": str(folder / "sparse" / str(i)), **model_statistics(rec)} for i, rec in models.items()),
+            ({"index": i, "path": str(out_dir / sub / "sparse" / str(i)), **model_statistics(rec)}
+             for i, rec in models.items()),
             key=lambda s: (-s["images_registered"], -s["points3D"]),
         )
         best = stats[0] if stats else {}
@@ -224,5 +415,5 @@ def run_sfm(
         _write_json(folder / "summary.json", summary)
         summaries[dname] = summary
     if len(descriptors) > 1:
-        _write_json(out_dir / "comparison.json", summaries)
+        _write_json(staging / "comparison.json", summaries)
     return summaries

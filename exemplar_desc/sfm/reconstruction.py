@@ -25,12 +25,25 @@ import h5py
 import numpy as np
 import pycolmap
 
+from ..cli import check, check_number
 from .export import colmap_descriptors, to_colmap_keypoints
 from .matching import pair_key
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MapperSettings", "build_database", "verify_pairs", "run_mapper", "model_statistics"]
+__all__ = [
+    "SfmError",
+    "MapperSettings",
+    "build_database",
+    "remove_database_files",
+    "verify_pairs",
+    "run_mapper",
+    "model_statistics",
+]
+
+
+class SfmError(RuntimeError):
+    """The input cannot give a reconstruction (no images, a single image, ...); the message says why."""
 
 
 @dataclass
@@ -64,6 +77,26 @@ class MapperSettings:
     two_pass: bool = True
     seed: int = 0
     num_threads: int = -1
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`exemplar_desc.cli.OptionError` (a ValueError) naming the command-line
+        option of the first bad setting."""
+        for option, value in (
+            ("--min-model-size", self.min_model_size),
+            ("--init-min-num-inliers", self.init_min_num_inliers),
+            ("--abs-pose-min-num-inliers", self.abs_pose_min_num_inliers),
+            ("--min-num-matches", self.min_num_matches),
+        ):
+            check_number(option, value, low=1, integer=True)
+        check_number("--seed", self.seed, low=-1, integer=True)
+        check_number("--num-threads", self.num_threads, integer=True)
+        check(self.num_threads == -1 or self.num_threads >= 1, "--num-threads", self.num_threads,
+              "must be -1 (all cores) or a whole number >= 1")
+        for option, value in (("--single-model", self.multiple_models), ("--one-pass", self.two_pass)):
+            check(isinstance(value, bool), option, value, "must be True or False")
 
     def to_pycolmap(self, refine_distortion: bool = True) -> pycolmap.IncrementalPipelineOptions:
         """The settings as pycolmap's ``IncrementalPipelineOptions`` (for one pass of the mapper)."""
@@ -112,10 +145,13 @@ def build_database(
 
     Returns:
         Image name -> COLMAP image id.
+
+    Raises:
+        SfmError: COLMAP reads an image's size differently from the feature file.
     """
     database_path = Path(database_path)
     tmp = Path(str(database_path) + ".tmp")
-    _remove_sqlite_files(tmp)
+    remove_database_files(tmp)
     image_ids: dict[str, int] = {}
     try:
         with pycolmap.Database.open(tmp) as db, h5py.File(features_path, "r") as feats:
@@ -127,7 +163,7 @@ def build_database(
                     camera.has_prior_focal_length = True
                 size = tuple(int(v) for v in feats[name]["image_size"][()])
                 if (camera.width, camera.height) != size:
-                    raise ValueError(f"{name}: COLMAP reads {camera.width}x{camera.height}, features say {size[0]}x{size[1]}")
+                    raise SfmError(f"{name}: COLMAP reads {camera.width}x{camera.height}, features say {size[0]}x{size[1]}")
                 key = _camera_key(camera)
                 if key not in cameras:
                     new_camera_id = db.write_camera(camera)
@@ -162,15 +198,17 @@ def build_database(
                     pairs_arr = np.stack([idx0, m0[idx0]], axis=1).astype(np.uint32)
                     db.write_matches(image_ids[name0], image_ids[name1], pairs_arr)
     except BaseException:
-        _remove_sqlite_files(tmp)
+        remove_database_files(tmp)
         raise
     # SQLite would replay a stale write-ahead log of a crashed earlier run onto the new file.
-    _remove_sqlite_files(database_path, main_file=False)
+    remove_database_files(database_path, main_file=False)
     os.replace(tmp, database_path)
     return image_ids
 
 
-def _remove_sqlite_files(path: Path, main_file: bool = True) -> None:
+def remove_database_files(path: str | Path, main_file: bool = True) -> None:
+    """Remove an SQLite database and its write-ahead log files (``-wal``, ``-shm``); only the
+    latter with ``main_file=False``. Missing files are ignored."""
     for suffix in ("", "-wal", "-shm") if main_file else ("-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
 

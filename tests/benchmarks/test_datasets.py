@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from benchmarks.datasets import load_sequence, load_sequences, read_homography, sequence_kind, write_sequence
+from benchmarks.datasets import SequenceError, load_sequence, load_sequences, read_homography, sequence_kind, write_sequence
 from benchmarks.metrics import project
 from benchmarks.synthetic import SYNTHETIC_SEQUENCES, ensure_synthetic_dataset, make_sequence
 
@@ -39,6 +39,19 @@ def test_both_layouts_load(tmp_path, layout, ext):
     # normalised by H[2,2]: the file held 2 * [[1,0,k],[0,1,0],[0,0,1]]
     np.testing.assert_allclose(seq.homographies[2], [[1, 0, 3], [0, 1, 0], [0, 0, 1]])
     np.testing.assert_allclose(seq.homographies[0], np.eye(3))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1 0 0\n0 nan 0\n0 0 1\n", "contains non-finite values"),
+    ("1 0 0\n0 1 inf\n0 0 1\n", "contains non-finite values"),
+    ("1 0 0 0\n0 1 0 0\n0 0 1 0\n", "expected a 3x3 matrix of numbers, got shape (3, 4)"),
+])
+def test_bad_homography_says_what_is_wrong_and_names_the_file(tmp_path, text, message):
+    folder = _write(tmp_path / "seq", "oxford")
+    (folder / "H1to2p").write_text(text)
+    with pytest.raises(SequenceError) as info:
+        load_sequence(folder)
+    assert str(info.value).startswith(f"{folder / 'H1to2p'}: ") and message in str(info.value)
 
 
 def test_bad_sequences_are_reported_and_others_still_load(tmp_path):

@@ -29,11 +29,12 @@ def _digest(path) -> str:
 
 
 def test_missing_and_empty_folder(tmp_path, capsys):
-    assert main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), *FAST]) == 1
+    # A bad path: exit status 2, like every bad option.
+    assert main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), *FAST]) == 2
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("not an image")
-    assert main(["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), *FAST]) == 1
+    assert main(["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), *FAST]) == 2
     assert "no images in" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -53,7 +54,7 @@ def test_unreadable_and_truncated_images_are_skipped_named_and_counted(tmp_path,
     (images / "empty.jpg").write_bytes(b"")
     code = main(["--images", str(images), "--out", str(tmp_path / "out"), *FAST])
     out = capsys.readouterr().out
-    assert code in (0, 2)
+    assert code in (0, 3)
     assert "6 found, 3 readable, 3 skipped" in out
     for name in ("truncated.jpg", "garbage.png", "empty.jpg"):
         assert f"skipped {name}:" in out
@@ -87,7 +88,7 @@ def test_unrelated_images_give_no_model_and_say_so(tmp_path, capsys):
     images.mkdir()
     for seed, name in enumerate(("a.png", "b.png", "c.png")):
         cv2.imwrite(str(images / name), texture(300, 400, seed=10 + seed))
-    assert main(["--images", str(images), "--out", str(tmp_path / "out"), *FAST]) == 2
+    assert main(["--images", str(images), "--out", str(tmp_path / "out"), *FAST]) == 3
     out = capsys.readouterr().out
     assert "the mapper made no model" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
