@@ -8,7 +8,7 @@ Usage::
     python -m benchmarks.matching --list               # descriptor names
 
 Every descriptor describes the same keypoints (OpenCV SIFT detections, or MSER ellipses),
-so the comparison isolates the descriptor. The README's "Benchmark" section defines the
+so the comparison isolates the descriptor. docs/benchmark.md defines the
 protocol and the metrics.
 """
 

@@ -4,7 +4,7 @@ Conventions: points are (N, 2) float arrays of pixel coordinates (x, y) with pix
 centres at integer coordinates (OpenCV's); descriptors are (N, D) float arrays compared
 by Euclidean distance; ``H`` maps image-1 pixels to image-2 pixels. Ellipses are (N, 5)
 rows ``(x, y, a, b, c)`` meaning the region ``a dx^2 + 2 b dx dy + c dy^2 <= 1`` around
-the centre (the Oxford benchmark's format). The README's "Benchmark" section defines
+the centre (the Oxford benchmark's format). docs/benchmark.md defines
 every metric in words; the functions here are those definitions.
 """
 

@@ -92,7 +92,7 @@ class SfmSettings:
         magnification: patch side / ``KeyPoint.size`` (> 0) of the Exemplar descriptors (None:
             the model card's). The default, 5, is well under the shipped card's 12: the larger
             patch matches better under blur, but a reconstruction needs precisely placed
-            matches. Smaller patches trade 3D points for a lower reprojection error (README,
+            matches. Smaller patches trade 3D points for a lower reprojection error (docs/sfm.md,
             "Why magnification 5 in SfM").
     """
 
