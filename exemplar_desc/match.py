@@ -36,8 +36,10 @@ __all__ = ["MIN_MATCHES", "TITLE_HEIGHT", "TooFewMatchesError", "PairResult", "d
 
 #: Matches a geometry needs: 4 point pairs fix a homography, 8 a fundamental matrix (OpenCV's RANSAC minimum).
 MIN_MATCHES = {"homography": 4, "fundamental": 8}
-#: Height in pixels of the title bar above each panel of the PNG.
+#: Height in pixels of the title bar above each panel of the PNG, for panels up to 1600 pixels wide;
+#: wider panels scale it, the text and the lines with their width (see :func:`draw_panel`).
 TITLE_HEIGHT = 28
+_BASE_WIDTH = 1600
 
 _INLIER = (60, 220, 60)  # BGR
 _OUTLIER = (40, 40, 230)
@@ -194,9 +196,12 @@ def draw_panel(
         show_outliers: also draw the rejected matches, faint red, under the inliers.
 
     Returns:
-        (TITLE_HEIGHT + max(H1, H2), W1 + W2, 3) uint8 BGR image.
+        (T + max(H1, H2), W1 + W2, 3) uint8 BGR image, T = ``TITLE_HEIGHT`` times
+        ``max(1, (W1 + W2) / 1600)``, rounded.
     """
     canvas = _side_by_side(gray1, gray2)
+    zoom = max(1.0, canvas.shape[1] / _BASE_WIDTH)  # keeps text and lines legible on wide panels
+    thickness = max(1, round(zoom))
     canvas = (0.6 * canvas).astype(np.uint8)  # dim the photos so the lines stand out
     offset = np.array([gray1.shape[1], 0], dtype=np.float64)
     shift = 4  # sub-pixel line ends: coordinates in 1/16 pixel
@@ -204,7 +209,7 @@ def draw_panel(
     def line(image: np.ndarray, i: int, j: int, color: tuple[int, int, int]) -> None:
         p = np.round(np.array(kps1[i].pt) * (1 << shift)).astype(int)
         q = np.round((np.array(kps2[j].pt) + offset) * (1 << shift)).astype(int)
-        cv2.line(image, tuple(map(int, p)), tuple(map(int, q)), color, 1, cv2.LINE_AA, shift)
+        cv2.line(image, tuple(map(int, p)), tuple(map(int, q)), color, thickness, cv2.LINE_AA, shift)
 
     if show_outliers:
         faint = canvas.copy()
@@ -213,10 +218,12 @@ def draw_panel(
         canvas = cv2.addWeighted(canvas, 0.6, faint, 0.4, 0)
     for i, j in result.matches[result.inliers]:
         line(canvas, i, j, _INLIER)
-        cv2.circle(canvas, tuple(map(int, np.round(np.array(kps1[i].pt)))), 2, _INLIER, -1, cv2.LINE_AA)
-        cv2.circle(canvas, tuple(map(int, np.round(np.array(kps2[j].pt) + offset))), 2, _INLIER, -1, cv2.LINE_AA)
-    bar = np.full((TITLE_HEIGHT, canvas.shape[1], 3), 255, dtype=np.uint8)
-    cv2.putText(bar, title, (6, TITLE_HEIGHT - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.circle(canvas, tuple(map(int, np.round(np.array(kps1[i].pt)))), 2 * thickness, _INLIER, -1, cv2.LINE_AA)
+        cv2.circle(canvas, tuple(map(int, np.round(np.array(kps2[j].pt) + offset))), 2 * thickness, _INLIER, -1, cv2.LINE_AA)
+    height = round(TITLE_HEIGHT * zoom)
+    bar = np.full((height, canvas.shape[1], 3), 255, dtype=np.uint8)
+    cv2.putText(bar, title, (round(6 * zoom), round(height - 9 * zoom)), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * zoom, (0, 0, 0),
+                thickness, cv2.LINE_AA)
     return np.vstack([bar, canvas])
 
 
