@@ -317,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         grays = [_read_gray("IMG1", args.image1), _read_gray("IMG2", args.image2)]
     except OptionError as err:
         return report(err)
+    sizes = [f"{g.shape[1]}x{g.shape[0]}" for g in grays]
     grays = [resize_to_max(g, args.max_size or None)[0] for g in grays]
+    sizes = [s if s == f"{g.shape[1]}x{g.shape[0]}" else f"{s}, used at {g.shape[1]}x{g.shape[0]}" for s, g in zip(sizes, grays)]
     kps = [detect_keypoints(g, args.max_keypoints) for g in grays]
     num_kps = (len(kps[0]), len(kps[1]))
     results = []
@@ -328,8 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TooFewMatchesError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"{args.image1} ({grays[0].shape[1]}x{grays[0].shape[0]}) - {args.image2} ({grays[1].shape[1]}x{grays[1].shape[0]}), "
-          f"{args.geometry} RANSAC {args.threshold:g} px, seed {args.seed}")
+    print(f"{args.image1} ({sizes[0]}) - {args.image2} ({sizes[1]}), {args.geometry} RANSAC {args.threshold:g} px, seed {args.seed}")
     print(format_table(results, num_kps))
     panels = [
         draw_panel(*grays, *kps, r, panel_title(r, num_kps, args.geometry, args.threshold), args.show_outliers)
