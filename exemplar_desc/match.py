@@ -25,11 +25,10 @@ import cv2
 import numpy as np
 
 from .atomic import atomic_write
-from .baselines import DESCRIPTOR_NAMES, create_descriptor
+from .baselines import check_descriptor_name, create_descriptor
 from .cli import ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
 from .images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
 from .matching import mutual_nearest_neighbours
-from .model_io import resolve_card_path
 
 __all__ = ["MIN_MATCHES", "TITLE_HEIGHT", "TooFewMatchesError", "PairResult", "detect_keypoints", "match_pair",
            "fit_geometry", "draw_panel", "panel_title", "format_table", "write_png", "main"]
@@ -255,17 +254,6 @@ def write_png(path: Path, image: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data.tobytes()))
 
 
-def _check_descriptor_name(option: str, name: str) -> None:
-    allowed = f"use {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>"
-    if name.startswith("exemplar:"):
-        try:
-            resolve_card_path(name.split(":", 1)[1])
-        except FileNotFoundError as err:
-            raise OptionError(option, name, str(err)) from None
-    else:
-        check(name in DESCRIPTOR_NAMES, option, name, allowed)
-
-
 def _read_gray(option: str, path: str) -> np.ndarray:
     check(Path(path).is_file(), option, path, "no such file")
     try:
@@ -309,9 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_number("--max-size", args.max_size, low=0, integer=True)
         check(args.max_size == 0 or args.max_size >= 32, "--max-size", args.max_size, "must be 0 (keep) or at least 32")
         device = check_device("--device", args.device)
-        _check_descriptor_name("--descriptor", args.descriptor)
+        check_descriptor_name("--descriptor", args.descriptor)
         for name in args.compare:
-            _check_descriptor_name("--compare", name)
+            check_descriptor_name("--compare", name)
         out = check_output_file("--out", args.out)
         check(out.suffix.lower() == ".png", "--out", args.out, "must end with .png")
         grays = [_read_gray("IMG1", args.image1), _read_gray("IMG2", args.image2)]
