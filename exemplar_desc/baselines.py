@@ -12,9 +12,11 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .cli import OptionError, check
 from .descriptor import ExemplarDescriptor
+from .model_io import resolve_card_path
 
-__all__ = ["Float128Descriptor", "RootSIFT", "create_descriptor", "DESCRIPTOR_NAMES"]
+__all__ = ["Float128Descriptor", "RootSIFT", "create_descriptor", "check_descriptor_name", "DESCRIPTOR_NAMES"]
 
 DESCRIPTOR_NAMES = ("exemplar", "sift", "rootsift")
 
@@ -80,3 +82,22 @@ def create_descriptor(name: str, device: str = "cpu", **kwargs):
         model = name.split(":", 1)[1] if ":" in name else None
         return ExemplarDescriptor(model=model, device=device, **kwargs)
     raise ValueError(f"unknown descriptor {name!r}; available: {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>")
+
+
+def check_descriptor_name(option: str, name: str) -> None:
+    """Check a name for :func:`create_descriptor` without building anything: ``sift``,
+    ``rootsift``, ``exemplar`` or ``exemplar:<model>`` with a shipped model name or a
+    card/weights path that exists.
+
+    Raises:
+        OptionError: naming ``option`` (e.g. ``"--compare"``), the name and what is allowed.
+    """
+    allowed = f"must be {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>"
+    check(isinstance(name, str) and bool(name), option, name, allowed)
+    if name.startswith("exemplar:"):
+        try:
+            resolve_card_path(name.split(":", 1)[1])
+        except FileNotFoundError as err:
+            raise OptionError(option, name, str(err)) from None
+    else:
+        check(name in DESCRIPTOR_NAMES, option, name, allowed)
