@@ -38,10 +38,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..atomic import atomic_write
-from ..baselines import DESCRIPTOR_NAMES, create_descriptor
+from ..baselines import check_descriptor_name, create_descriptor
 from ..cli import OptionError, check, check_device, check_number, check_output_dir
 from ..images import list_images
-from ..model_io import resolve_card_path
 from .export import export_colmap_text
 from .features import check_feature_file, extract_features
 from .matching import match_pairs
@@ -58,7 +57,7 @@ from .reconstruction import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SfmError", "SfmSettings", "check_descriptor_name", "expand_compare", "run_sfm", "MANIFEST", "STAGING_DIR"]
+__all__ = ["SfmError", "SfmSettings", "expand_compare", "run_sfm", "MANIFEST", "STAGING_DIR"]
 
 #: Default patch magnification of the Exemplar descriptors in SfM (see :class:`SfmSettings`).
 SFM_MAGNIFICATION = 5.0
@@ -127,24 +126,6 @@ class SfmSettings:
         if not isinstance(self.mapper, MapperSettings):
             raise TypeError(f"mapper must be a MapperSettings, got {type(self.mapper).__name__}")
         self.mapper.check()
-
-
-def check_descriptor_name(option: str, name: str) -> None:
-    """Check a descriptor name for :func:`run_sfm`: ``sift``, ``rootsift``, ``exemplar`` or
-    ``exemplar:<model>`` with a shipped model name or a card/weights path that exists.
-
-    Raises:
-        OptionError: naming ``option`` (e.g. ``"--compare"``), the name and what is allowed.
-    """
-    allowed = f"must be {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>"
-    check(isinstance(name, str) and bool(name), option, name, allowed)
-    if name.startswith("exemplar:"):
-        try:
-            resolve_card_path(name.split(":", 1)[1])
-        except FileNotFoundError as err:
-            raise OptionError(option, name, str(err)) from None
-    else:
-        check(name in DESCRIPTOR_NAMES, option, name, allowed)
 
 
 def _create_extractors(descriptors: Sequence[str], settings: SfmSettings) -> dict[str, Any]:
