@@ -21,13 +21,13 @@ import torch
 
 from .images import list_images
 from .model_io import save_model
-from .networks import count_flops
+from .networks import DescriptorNet, count_flops
 from .training.head import fit_head
 from .training.loop import TrainConfig, train
 from .training.magnification import tune_magnification
 from .training.transforms import FAMILIES, TransformConfig
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "build_card", "main"]
 
 
 def _parse_range(text: str) -> tuple[float, float]:
@@ -129,25 +129,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(images=tuple(args.images), transforms=transforms, **fields)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        result = train(cfg, Path(args.workdir), resume=args.resume)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
-    if cfg.magnification is None:
-        paths = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
-        magnification, tuning = tune_magnification(net, paths, seed=cfg.seed)
-    else:
-        magnification, tuning = cfg.magnification, None
-    name = args.name or cfg.arch
+def build_card(
+    cfg: TrainConfig,
+    argv: list[str],
+    resumed: bool,
+    result: dict,
+    net: DescriptorNet,
+    explained: float,
+    magnification: float,
+    tuning: dict | None,
+) -> dict:
+    """The model card of a trained descriptor (without the weights' name and sha256, added by save_model).
+
+    Args:
+        argv: the command line's arguments, recorded so the run can be repeated.
+        result: what :func:`exemplar_desc.training.loop.train` returned.
+        explained: fraction of the pooled features' variance the PCA keeps.
+        tuning: the magnification tuning record, None when --magnification was given.
+    """
     last = result["log"][-1] if result["log"] else {}
-    card = {
+    return {
         "architecture": result["arch"].to_dict(),
         "architecture_name": cfg.arch,
         "patch_size": cfg.patch_size,
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
         "training": {
             "command": "python -m exemplar_desc.train " + " ".join(shlex.quote(a) for a in argv),
-            "resumed": args.resume,
+            "resumed": resumed,
             "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
             "num_classes": cfg.num_classes,
             "samples_per_class_per_epoch": cfg.samples_per_class,
@@ -187,7 +188,27 @@ def main(argv: list[str] | None = None) -> int:
             "seed": cfg.seed,
         },
     }
-    card_path = save_model(net, card, args.out_dir, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = train(cfg, Path(args.workdir), resume=args.resume)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
+    if cfg.magnification is None:
+        paths = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
+        magnification, tuning = tune_magnification(net, paths, seed=cfg.seed)
+    else:
+        magnification, tuning = cfg.magnification, None
+    card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning)
+    last = result["log"][-1] if result["log"] else {}
+    card_path = save_model(net, card, args.out_dir, args.name or cfg.arch)
     print(f"model written to {card_path} and {card_path.with_suffix('.pt')}")
     print(
         f"surrogate validation accuracy {last.get('val_accuracy', float('nan')):.3f} over {cfg.num_classes} classes; "

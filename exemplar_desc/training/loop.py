@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from .transforms import SurrogateSampler, TransformConfig, sample_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "lr_at"]
+__all__ = ["TrainConfig", "TrainState", "train", "train_step", "save_checkpoint", "load_checkpoint", "restore_state", "lr_at"]
 
 #: The official schedule, relative to the run's length: lr x1 for 1.2M of 1.56M iterations,
 #: then x0.4, x0.1, x0.04, x0.01 in equal parts.
@@ -128,8 +128,122 @@ def _evaluate(model: ExemplarClassifier, val_x: torch.Tensor, val_y: torch.Tenso
     return correct / max(1, len(val_x))
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+@dataclass
+class TrainState:
+    """Everything a run carries from step to step; the checkpoint holds all but the timing.
+
+    Attributes:
+        model: the classifier being trained (on the training device, channels-last).
+        optimizer: SGD over ``model``'s parameters.
+        generator: draws the class ids and transformations (on the training device).
+        step: optimizer steps done, over all sessions of the run.
+        elapsed_before: training seconds of the earlier sessions (``--resume``).
+        log: one record per finished epoch (``log.json``).
+        trained_on: the device(s) that ran training steps, for the model card.
+        session_start, session_first_step: when and at which step this session began (samples/s).
+        last_checkpoint: time.time() of the last checkpoint written in this session.
+        loss_avg, acc_avg: running means of the training loss and surrogate accuracy.
+    """
+
+    model: ExemplarClassifier
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+    elapsed_before: float = 0.0
+    log: list = field(default_factory=list)
+    trained_on: str = ""
+    session_start: float = field(default_factory=time.time)
+    session_first_step: int = 0
+    last_checkpoint: float = field(default_factory=time.time)
+    loss_avg: float | None = None
+    acc_avg: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        """Training seconds over all sessions of the run."""
+        return self.elapsed_before + time.time() - self.session_start
+
+    def start_session(self) -> None:
+        """Reset the session clocks (called when the training steps begin)."""
+        self.session_start = self.last_checkpoint = time.time()
+        self.session_first_step = self.step
+
+
+def train_step(state: TrainState, sampler: SurrogateSampler, batch_size: int, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SGD step on ``batch_size`` fresh samples; nothing waits for the device.
+
+    Returns:
+        (loss () float32, logits (B, num_classes), class ids (B,) int64), all on the training device.
+    """
+    device = state.generator.device
+    ids = torch.randint(sampler.num_classes, (batch_size,), generator=state.generator, device=device)
+    x = sample_patches(sampler, ids, state.generator).contiguous(memory_format=torch.channels_last)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits = state.model(x)
+        loss = F.cross_entropy(logits.float(), ids)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.step += 1
+    return loss.detach(), logits.detach(), ids
+
+
+def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, final: bool = False) -> None:
+    """Write the run's state to ``path`` atomically (readers never see half a checkpoint).
+
+    A finished run (``final``) is only ever resumed to refit the head, which needs the conv
+    trunk alone: its checkpoint drops the classifier and the optimizer state (~40x smaller).
+    """
+    model = state.model
+    weights = {"trunk": model.trunk.state_dict()} if final else {"model": model.state_dict(), "optimizer": state.optimizer.state_dict()}
+    record = {
+        **weights,
+        "generator": state.generator.get_state(),
+        "step": state.step,
+        "elapsed": state.elapsed,
+        "config": _config_record(cfg),
+        "generator_device": state.generator.device.type,
+        "device_name": state.trained_on,
+    }
+    atomic_write(path, lambda tmp: torch.save(record, tmp))
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` for ``cfg`` onto ``device``.
+
+    Raises:
+        FileNotFoundError: no checkpoint. ValueError: made with another configuration.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    if any(checkpoint["config"].get(key) != value for key, value in _config_record(cfg).items()):
+        raise ValueError(f"--resume: {path} was made with a different configuration")
+    return checkpoint
+
+
+def restore_state(state: TrainState, checkpoint: dict, log_path: Path) -> None:
+    """Put a checkpoint from :func:`load_checkpoint` into ``state`` (the log from ``log_path``)."""
+    if "model" in checkpoint:
+        state.model.load_state_dict(checkpoint["model"])
+        state.optimizer.load_state_dict(checkpoint["optimizer"])
+    else:  # a finished run's checkpoint
+        state.model.trunk.load_state_dict(checkpoint["trunk"])
+    here = state.generator.device.type
+    generator_device = checkpoint.get("generator_device", here)
+    if generator_device == here:
+        state.generator.set_state(checkpoint["generator"].cpu())
+    else:  # CPU and CUDA generators keep incompatible states: restart the stream from the seed
+        logger.warning("checkpoint was made on %s, resuming on %s: random samples restart from --seed", generator_device, here)
+    state.step, state.elapsed_before = checkpoint["step"], checkpoint["elapsed"]
+    state.trained_on = checkpoint.get("device_name", state.trained_on)
+    state.log = json.loads(log_path.read_text()) if log_path.is_file() else []
+
+
+def _device_description(device: torch.device) -> str:
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 
 
 def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool = True) -> dict:
@@ -143,16 +257,14 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     arch = resolve_architecture(cfg.arch)
-    workdir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = workdir / "checkpoint.pt", workdir / "log.json"
+    checkpoint = load_checkpoint(ckpt_path, cfg, device) if resume else None
 
-    rng = np.random.default_rng(cfg.seed)
     started = time.time()
-    contexts = _load_seed_contexts(cfg, cfg.num_classes, rng)
+    contexts = _load_seed_contexts(cfg, cfg.num_classes, np.random.default_rng(cfg.seed))
     logger.info("sampled %d seed patches in %.1f s", len(contexts), time.time() - started)
     sampler = SurrogateSampler(contexts, cfg.transforms, cfg.patch_size, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-
     # Held-out surrogate samples: fixed transformations, never trained on.
     val_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     val_y = torch.arange(cfg.num_classes, device=device).repeat(cfg.val_per_class)
@@ -161,129 +273,94 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
     model = ExemplarClassifier(arch, cfg.num_classes, patch_size=cfg.patch_size).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    here = _device_description(device)
+    state = TrainState(model, optimizer, gen, trained_on=here)
+    if checkpoint is not None:
+        restore_state(state, checkpoint, log_path)
+        logger.info("resumed from %s at step %d", ckpt_path, state.step)
+    workdir.mkdir(parents=True, exist_ok=True)
+
     amp = device.type == "cuda"
     steps_per_epoch = math.ceil(cfg.num_classes * cfg.samples_per_class / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     budget_s = None if cfg.time_budget_minutes is None else cfg.time_budget_minutes * 60
 
-    def progress_of(step_count: int) -> float:
+    def progress_of(step: int) -> float:
         """Fraction of the run done: by steps, or by wall time when a time budget is set."""
-        done = step_count / total_steps
+        done = step / total_steps
         if budget_s is not None:
-            done = max(done, (elapsed_before + time.time() - t0) / budget_s)
+            done = max(done, state.elapsed / budget_s)
         return min(done, 1.0)
-    step, log, elapsed_before = 0, [], 0.0
-    here = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
-    device_name = here  # the device(s) that ran training steps, for the model card
-    if resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if any(state["config"].get(key) != value for key, value in _config_record(cfg).items()):
-            raise ValueError(f"--resume: {ckpt_path} was made with a different configuration")
-        if "model" in state:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        else:  # a finished run's checkpoint
-            model.trunk.load_state_dict(state["trunk"])
-        generator_device = state.get("generator_device", device.type)
-        if generator_device == device.type:
-            gen.set_state(state["generator"].cpu())
-        else:  # CPU and CUDA generators keep incompatible states: restart the stream from the seed
-            logger.warning("checkpoint was made on %s, resuming on %s: random samples restart from --seed", generator_device, device.type)
-        step, elapsed_before = state["step"], state["elapsed"]
-        device_name = state.get("device_name", device_name)
-        log = json.loads(log_path.read_text()) if log_path.is_file() else []
-        logger.info("resumed from %s at step %d", ckpt_path, step)
 
-    def checkpoint(final: bool = False) -> None:
-        # A finished run is only ever resumed to refit the head, which needs the conv trunk
-        # alone: its checkpoint drops the classifier and the optimizer state (~40x smaller).
-        weights = {"trunk": model.trunk.state_dict()} if final else {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        _save_checkpoint(
-            ckpt_path,
-            {
-                **weights,
-                "generator": gen.get_state(),
-                "step": step,
-                "elapsed": elapsed_before + time.time() - t0,
-                "config": _config_record(cfg),
-                "generator_device": device.type,
-                "device_name": device_name,
-            },
-        )
-
-    t0 = time.time()
-    last_ckpt, first_step = time.time(), step
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
-    loss_avg = acc_avg = None
-    finished = progress_of(step) >= 1.0
-    if resume and not finished and "model" not in state:
+    state.start_session()
+    finished = progress_of(state.step) >= 1.0
+    if checkpoint is not None and not finished and "model" not in checkpoint:
         raise ValueError(f"--resume: {ckpt_path} holds a finished run (trunk only); it cannot continue training")
-    if not finished and here not in device_name:
-        device_name = f"{device_name}, then {here}"
+    if not finished and here not in state.trained_on:
+        state.trained_on = f"{state.trained_on}, then {here}"
+    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     while not finished:
-        epoch = step // steps_per_epoch
-        ids = torch.randint(cfg.num_classes, (cfg.batch_size,), generator=gen, device=device)
-        x = sample_patches(sampler, ids, gen).contiguous(memory_format=torch.channels_last)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(progress_of(step), cfg.lr)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        finished = progress_of(step) >= 1.0
+        loss, logits, ids = train_step(state, sampler, cfg.batch_size, lr_at(progress_of(state.step), cfg.lr), amp)
+        finished = progress_of(state.step) >= 1.0
         bar.update(1)
-        end_of_epoch = step % steps_per_epoch == 0 or finished
+        end_of_epoch = state.step % steps_per_epoch == 0 or finished
         # Reading the loss waits for the device, so it is read every 10th step only.
-        if step % 10 == 0 or end_of_epoch or loss_avg is None:
-            loss_value, acc = float(loss.detach()), float((logits.argmax(1) == ids).float().mean())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training diverged at step {step} (loss {loss_value}); lower --lr")
-            loss_avg = loss_value if loss_avg is None else 0.8 * loss_avg + 0.2 * loss_value
-            acc_avg = acc if acc_avg is None else 0.8 * acc_avg + 0.2 * acc
-            rate = (step - first_step) * cfg.batch_size / max(1e-9, time.time() - t0)
-            bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.3f}", samples_s=f"{rate:.0f}", epoch=epoch + 1)
+        if state.step % 10 == 0 or end_of_epoch or state.loss_avg is None:
+            _update_averages(state, loss, logits, ids)
+            rate = (state.step - state.session_first_step) * cfg.batch_size / max(1e-9, time.time() - state.session_start)
+            bar.set_postfix(loss=f"{state.loss_avg:.3f}", acc=f"{state.acc_avg:.3f}", samples_s=f"{rate:.0f}", epoch=(state.step - 1) // steps_per_epoch + 1)
         if end_of_epoch:
-            val_acc = _evaluate(model, val_x, val_y, 1024, amp)
-            record = {
-                "epoch": round(step / steps_per_epoch, 3),
-                "step": step,
-                "train_loss": loss_avg,
-                "train_accuracy": acc_avg,
-                "val_accuracy": val_acc,
-                "lr": optimizer.param_groups[0]["lr"],
-                "elapsed_s": elapsed_before + time.time() - t0,
-            }
-            log.append(record)
-            atomic_write(log_path, lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1) + "\n"))
-            logger.info(
-                "epoch %g: train loss %.3f, train acc %.3f, surrogate validation acc %.3f",
-                record["epoch"], loss_avg, acc_avg, val_acc,
-            )
-            checkpoint(final=finished)
-            last_ckpt = time.time()
-        elif time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
-            checkpoint()
-            last_ckpt = time.time()
+            _end_epoch(state, val_x, val_y, amp, state.step / steps_per_epoch, log_path)
+            save_checkpoint(ckpt_path, state, cfg, final=finished)
+            state.last_checkpoint = time.time()
+        elif time.time() - state.last_checkpoint > cfg.checkpoint_minutes * 60:
+            save_checkpoint(ckpt_path, state, cfg)
+            state.last_checkpoint = time.time()
     bar.close()
     return {
         "model": model,
         "sampler": sampler,
         "generator": gen,
         "device": device,
-        "trained_on": device_name,
+        "trained_on": state.trained_on,
         "arch": arch,
-        "steps": step,
-        "samples_seen": step * cfg.batch_size,
-        "wall_time_s": elapsed_before + time.time() - t0,
-        "seed_time_s": t0 - started,
-        "log": log,
+        "steps": state.step,
+        "samples_seen": state.step * cfg.batch_size,
+        "wall_time_s": state.elapsed,
+        "seed_time_s": state.session_start - started,
+        "log": state.log,
     }
+
+
+def _update_averages(state: TrainState, loss: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
+    """Fold one step's loss and accuracy into the running means (waits for the device)."""
+    loss_value, acc = float(loss), float((logits.argmax(1) == ids).float().mean())
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"training diverged at step {state.step} (loss {loss_value}); lower --lr")
+    state.loss_avg = loss_value if state.loss_avg is None else 0.8 * state.loss_avg + 0.2 * loss_value
+    state.acc_avg = acc if state.acc_avg is None else 0.8 * state.acc_avg + 0.2 * acc
+
+
+def _end_epoch(state: TrainState, val_x: torch.Tensor, val_y: torch.Tensor, amp: bool, epoch: float, log_path: Path) -> None:
+    """Validate, append the epoch's record to the log and write ``log_path``."""
+    val_acc = _evaluate(state.model, val_x, val_y, 1024, amp)
+    record = {
+        "epoch": round(epoch, 3),
+        "step": state.step,
+        "train_loss": state.loss_avg,
+        "train_accuracy": state.acc_avg,
+        "val_accuracy": val_acc,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "elapsed_s": state.elapsed,
+    }
+    state.log.append(record)
+    log = list(state.log)
+    atomic_write(log_path, lambda tmp: Path(tmp).write_text(json.dumps(log, indent=1) + "\n"))
+    logger.info(
+        "epoch %g: train loss %.3f, train acc %.3f, surrogate validation acc %.3f",
+        record["epoch"], state.loss_avg, state.acc_avg, val_acc,
+    )
 
 
 def _config_record(cfg: TrainConfig) -> dict:
