@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
 
 import torch
 
+from .cli import ArgumentParser, check_output_dir, report
 from .images import list_images
 from .model_io import save_model
 from .networks import DescriptorNet, count_flops
 from .training.head import fit_head
-from .training.loop import TrainConfig, train
+from .training.loop import TrainConfig, TrainingInterrupted, train
 from .training.magnification import tune_magnification
+from .training.seeds import load_stl10_unlabeled
 from .training.transforms import FAMILIES, TransformConfig
 
 __all__ = ["build_parser", "config_from_args", "build_card", "main"]
@@ -36,7 +39,7 @@ def _parse_range(text: str) -> tuple[float, float]:
         pair = (float(lo), float(hi))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text!r}") from err
-    if pair[0] > pair[1] or pair[0] <= 0:
+    if not all(map(math.isfinite, pair)) or pair[0] > pair[1] or pair[0] <= 0:
         raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
     return pair
 
@@ -44,7 +47,7 @@ def _parse_range(text: str) -> tuple[float, float]:
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     t = TransformConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m exemplar_desc.train",
         description="Train an Exemplar-CNN descriptor without labels on any folder of images.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -102,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed command-line arguments, with checks that name the bad option."""
+    """TrainConfig from parsed command-line arguments, checked (:meth:`TrainConfig.check`).
+
+    Raises:
+        OptionError: the first bad option.
+    """
     transforms = TransformConfig(
         translation=args.translation,
         scale=tuple(args.scale),
@@ -114,19 +121,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         hue=args.hue,
         blur=args.blur,
     ).without(*args.without)
-    if transforms.pca_colour < 1 or transforms.hsv_power < 1:
-        raise ValueError("--pca-colour and --hsv-power must be >= 1 (1 switches them off)")
-    if min(transforms.translation, transforms.rotation, transforms.hsv_add, transforms.hue, transforms.blur) < 0:
-        raise ValueError("transformation ranges must be non-negative")
-    if not 0 < args.head_power <= 1:
-        raise ValueError(f"--head-power must be in (0, 1], got {args.head_power}")
-    if not 0 <= args.whiten <= 1:
-        raise ValueError(f"--whiten must be in [0, 1], got {args.whiten}")
-    for name in ("num_classes", "samples_per_class", "epochs", "batch_size", "pca_patches", "seeds_per_image"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     fields = {k: getattr(args, k) for k in vars(TrainConfig()) if hasattr(args, k) and k not in ("images", "transforms")}
-    return TrainConfig(images=tuple(args.images), transforms=transforms, **fields)
+    cfg = TrainConfig(images=tuple(args.images), transforms=transforms, **fields)
+    cfg.check()
+    return cfg
 
 
 def build_card(
@@ -190,25 +188,43 @@ def build_card(
     }
 
 
+def _magnification(cfg: TrainConfig, net: DescriptorNet) -> tuple[float, dict | None]:
+    """--magnification, or the one tuned on the image folders' photos (STL-10's when there are none)."""
+    if cfg.magnification is not None:
+        return cfg.magnification, None
+    images = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
+    source = "image folders"
+    if not images:
+        images, source = load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images), "STL-10 (96x96)"
+    magnification, tuning = tune_magnification(net, images, seed=cfg.seed)
+    return magnification, {**tuning, "images": source}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    0: model written; 2: bad option (one ``error:`` line, nothing written) or training
+    data that yield too few seeds; 128 + signal number (130 for SIGINT, 143 for SIGTERM):
+    interrupted, with a checkpoint to ``--resume`` from.
+    """
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # folders may come before and after options
     try:
         cfg = config_from_args(args)
-        result = train(cfg, Path(args.workdir), resume=args.resume)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        workdir = check_output_dir("--workdir", args.workdir)
+        out_dir = check_output_dir("--out-dir", args.out_dir)
+        result = train(cfg, workdir, resume=args.resume)
+    except TrainingInterrupted as err:
+        print(f"interrupted by {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (ValueError, FloatingPointError) as err:
+        return report(err)
     net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
-    if cfg.magnification is None:
-        paths = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
-        magnification, tuning = tune_magnification(net, paths, seed=cfg.seed)
-    else:
-        magnification, tuning = cfg.magnification, None
+    magnification, tuning = _magnification(cfg, net)
     card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning)
     last = result["log"][-1] if result["log"] else {}
-    card_path = save_model(net, card, args.out_dir, args.name or cfg.arch)
+    card_path = save_model(net, card, out_dir, args.name or cfg.arch)
     print(f"model written to {card_path} and {card_path.with_suffix('.pt')}")
     print(
         f"surrogate validation accuracy {last.get('val_accuracy', float('nan')):.3f} over {cfg.num_classes} classes; "

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +24,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..atomic import atomic_write
+from ..cli import OptionError, check, check_device, check_number
 from ..images import list_images
-from ..networks import ExemplarClassifier, resolve_architecture
-from .seeds import iter_rgb_images, load_stl10_unlabeled, sample_seeds
+from ..model_io import save_torch
+from ..networks import ARCHITECTURES, ExemplarClassifier, resolve_architecture
+from .seeds import iter_rgb_images, load_stl10_unlabeled, sample_seeds, stl10_image_count
 from .transforms import SurrogateSampler, TransformConfig, sample_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainState", "train", "train_step", "save_checkpoint", "load_checkpoint", "restore_state", "lr_at"]
+__all__ = ["TrainConfig", "TrainState", "TrainingInterrupted", "train", "train_step", "save_checkpoint", "load_checkpoint", "restore_state", "lr_at"]
 
 #: The official schedule, relative to the run's length: lr x1 for 1.2M of 1.56M iterations,
 #: then x0.4, x0.1, x0.04, x0.01 in equal parts.
@@ -69,6 +74,105 @@ class TrainConfig:
     magnification: float | None = None
     transforms: TransformConfig = TransformConfig()
 
+    def check(self) -> None:
+        """Check every setting before any work is done.
+
+        Raises:
+            OptionError: the first bad setting, named by its command-line option.
+        """
+        check(bool(self.images or self.stl10), "IMAGES", list(self.images), "no training data: give at least one image folder or --stl10 FILE")
+        for folder in self.images:
+            check(Path(folder).is_dir(), "IMAGES", folder, "not a folder")
+            try:
+                list_images(folder)
+            except ValueError as err:
+                raise OptionError("IMAGES", folder, str(err)) from None
+        if self.stl10 is not None:
+            try:
+                stl10_image_count(self.stl10)
+            except (FileNotFoundError, ValueError) as err:
+                raise OptionError("--stl10", self.stl10, str(err)) from None
+        if self.stl10_max_images is not None:
+            check_number("--stl10-max-images", self.stl10_max_images, low=1, integer=True)
+        check_number("--max-side", self.max_side, low=2 * self.patch_size, integer=True)
+        try:
+            arch = resolve_architecture(self.arch)
+        except ValueError as err:
+            raise OptionError("--arch", self.arch, f"{err}; named architectures: {', '.join(ARCHITECTURES)}") from None
+        check_number("--num-classes", self.num_classes, low=2, integer=True)
+        for option in ("seeds_per_image", "samples_per_class", "epochs", "batch_size", "pca_patches", "val_per_class"):
+            check_number(_option_name(option), getattr(self, option), low=1, integer=True)
+        check_number("--lr", self.lr, low=0, low_open=True)
+        check_number("--momentum", self.momentum, low=0, high=1, high_open=True)
+        check_number("--weight-decay", self.weight_decay, low=0)
+        check_number("--seed", self.seed, low=0, integer=True)
+        check_device("--device", self.device, allow_auto=True)
+        if self.num_threads is not None:
+            check_number("--threads", self.num_threads, low=1, integer=True)
+        check_number("--checkpoint-minutes", self.checkpoint_minutes, low=0, low_open=True)
+        if self.time_budget_minutes is not None:
+            check_number("--time-budget", self.time_budget_minutes, low=0, low_open=True)
+        layers = len(arch.convs)
+        check_number("--head-layer", self.head_layer, low=-layers, high=layers - 1, integer=True)
+        check_number("--head-grid", self.head_grid, low=1, integer=True)
+        pooled = arch.convs[self.head_layer][0] * self.head_grid**2
+        check_number("--head-dim", self.head_dim, low=1, high=pooled, integer=True)
+        check_number("--head-power", self.head_power, low=0, low_open=True, high=1)
+        check_number("--whiten", self.whiten, low=0, high=1)
+        if self.magnification is not None:
+            check_number("--magnification", self.magnification, low=0, low_open=True)
+        t = self.transforms
+        for name in ("translation", "rotation", "hsv_add", "hue", "blur"):
+            check_number(_option_name(name), getattr(t, name), low=0)
+        check_number("--pca-colour", t.pca_colour, low=1)
+        check_number("--hsv-power", t.hsv_power, low=1)
+        for name in ("scale", "hsv_multiply"):
+            lo, hi = getattr(t, name)
+            check(all(math.isfinite(v) for v in (lo, hi)) and 0 < lo <= hi, _option_name(name), f"{lo:g},{hi:g}", "expected MIN,MAX with 0 < MIN <= MAX")
+
+
+def _option_name(field_name: str) -> str:
+    """The command-line option of a TrainConfig or TransformConfig field."""
+    special = {"images": "IMAGES", "num_threads": "--threads", "time_budget_minutes": "--time-budget"}
+    return special.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the training after a checkpoint was written.
+
+    Attributes:
+        signum: the signal's number; checkpoint: the checkpoint's path; step: the steps done.
+    """
+
+    def __init__(self, signum: int, checkpoint: Path, step: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint written to {checkpoint}; run the same command with --resume to continue")
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+
+
+@contextmanager
+def _stop_on_signals(stop: dict):
+    """Turn SIGINT/SIGTERM into ``stop["signum"]`` (the loop checkpoints and stops); a second one ends at once.
+
+    Handlers can only be set from the main thread; elsewhere the signals keep their handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        if stop.get("signum") is not None:
+            raise KeyboardInterrupt
+        logger.warning("%s received: stopping after this step and writing a checkpoint", signal.Signals(signum).name)
+        stop["signum"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
 
 def lr_at(progress: float, base_lr: float) -> float:
     """Learning rate at ``progress`` in [0, 1] of the run (the official step schedule, rescaled)."""
@@ -80,12 +184,8 @@ def lr_at(progress: float, base_lr: float) -> float:
 
 
 def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but CUDA is not available")
-    return device
+    device = check_device("--device", name, allow_auto=True)
+    return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) -> torch.Tensor:
@@ -204,24 +304,42 @@ def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, final: bool
         "step": state.step,
         "elapsed": state.elapsed,
         "config": _config_record(cfg),
+        "dropout_rng": _global_rng_state(state.generator.device),
         "generator_device": state.generator.device.type,
         "device_name": state.trained_on,
     }
-    atomic_write(path, lambda tmp: torch.save(record, tmp))
+    save_torch(path, record)
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` for ``cfg`` onto ``device``.
 
     Raises:
-        FileNotFoundError: no checkpoint. ValueError: made with another configuration.
+        OptionError (``--resume``): no checkpoint, an unreadable one, or one made with other
+            training options (the message names each, with its old and new value).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    if any(checkpoint["config"].get(key) != value for key, value in _config_record(cfg).items()):
-        raise ValueError(f"--resume: {path} was made with a different configuration")
+        raise OptionError("--resume", str(path), "no checkpoint there; start the run without --resume")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(checkpoint, dict) or not {"config", "step", "elapsed", "generator"} <= checkpoint.keys():
+            raise ValueError("not a training checkpoint")
+    except Exception:  # torch raises many types, with long messages, for truncated or foreign files
+        raise OptionError(
+            "--resume", str(path), "not a readable training checkpoint (truncated, corrupt or another kind of file); delete it to start again"
+        ) from None
+    old, new = checkpoint["config"], _config_record(cfg)
+    changed = [f"{_option_name(key)} {old.get(key)!r} -> {value!r}" for key, value in new.items() if key != "transforms" and old.get(key) != value]
+    old_t = old.get("transforms", {})
+    changed += [f"{_option_name(key)} {old_t.get(key)!r} -> {value!r}" for key, value in new["transforms"].items() if old_t.get(key) != value]
+    if changed:
+        raise OptionError("--resume", str(path), f"made with other options: {'; '.join(changed)}; give the old values or another --workdir")
     return checkpoint
+
+
+def _global_rng_state(device: torch.device) -> torch.Tensor:
+    """State of torch's global generator for ``device`` (dropout draws from it)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
 def restore_state(state: TrainState, checkpoint: dict, log_path: Path) -> None:
@@ -235,6 +353,11 @@ def restore_state(state: TrainState, checkpoint: dict, log_path: Path) -> None:
     generator_device = checkpoint.get("generator_device", here)
     if generator_device == here:
         state.generator.set_state(checkpoint["generator"].cpu())
+        if "dropout_rng" in checkpoint:
+            if here == "cuda":
+                torch.cuda.set_rng_state(checkpoint["dropout_rng"].cpu(), state.generator.device)
+            else:
+                torch.set_rng_state(checkpoint["dropout_rng"].cpu())
     else:  # CPU and CUDA generators keep incompatible states: restart the stream from the seed
         logger.warning("checkpoint was made on %s, resuming on %s: random samples restart from --seed", generator_device, here)
     state.step, state.elapsed_before = checkpoint["step"], checkpoint["elapsed"]
@@ -251,9 +374,25 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
 
     Writes ``workdir/checkpoint.pt`` every ``cfg.checkpoint_minutes`` and at each epoch's end,
     and ``workdir/log.json`` (one record per epoch). With ``resume``, continues from the
-    checkpoint (same configuration required).
+    checkpoint (same configuration required). Everything random follows ``cfg.seed``: on
+    the CPU, one seed gives the same weights bit for bit (the network's initialisation and
+    dropout draw from torch's global generator, seeded here and restored on return).
+
+    Raises:
+        OptionError: a bad setting or ``--resume`` checkpoint, before any work.
+        TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written first.
     """
+    cfg.check()
     device = _pick_device(cfg.device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(cfg.seed)
+        if cuda:
+            torch.cuda.default_generators[cuda[0]].manual_seed(cfg.seed)
+        return _train(cfg, device, workdir, resume, progress)
+
+
+def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     arch = resolve_architecture(cfg.arch)
@@ -280,6 +419,38 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
         logger.info("resumed from %s at step %d", ckpt_path, state.step)
     workdir.mkdir(parents=True, exist_ok=True)
 
+    stop: dict = {}
+    with _stop_on_signals(stop):
+        _run_steps(state, cfg, sampler, (val_x, val_y), workdir, checkpoint is not None and "model" not in checkpoint, progress, stop)
+    return {
+        "model": model,
+        "sampler": sampler,
+        "generator": gen,
+        "device": device,
+        "trained_on": state.trained_on,
+        "arch": arch,
+        "steps": state.step,
+        "samples_seen": state.step * cfg.batch_size,
+        "wall_time_s": state.elapsed,
+        "seed_time_s": state.session_start - started,
+        "log": state.log,
+    }
+
+
+def _run_steps(
+    state: TrainState,
+    cfg: TrainConfig,
+    sampler: SurrogateSampler,
+    validation: tuple[torch.Tensor, torch.Tensor],
+    workdir: Path,
+    trunk_only: bool,
+    progress: bool,
+    stop: dict,
+) -> None:
+    """The driver: train steps until the run is done, validating and checkpointing on the way."""
+    ckpt_path, log_path = workdir / "checkpoint.pt", workdir / "log.json"
+    device = state.generator.device
+    here = _device_description(device)
     amp = device.type == "cuda"
     steps_per_epoch = math.ceil(cfg.num_classes * cfg.samples_per_class / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -294,11 +465,11 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
 
     state.start_session()
     finished = progress_of(state.step) >= 1.0
-    if checkpoint is not None and not finished and "model" not in checkpoint:
+    if trunk_only and not finished:
         raise ValueError(f"--resume: {ckpt_path} holds a finished run (trunk only); it cannot continue training")
     if not finished and here not in state.trained_on:
         state.trained_on = f"{state.trained_on}, then {here}"
-    model.train()
+    state.model.train()
     bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     while not finished:
         loss, logits, ids = train_step(state, sampler, cfg.batch_size, lr_at(progress_of(state.step), cfg.lr), amp)
@@ -311,26 +482,16 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
             rate = (state.step - state.session_first_step) * cfg.batch_size / max(1e-9, time.time() - state.session_start)
             bar.set_postfix(loss=f"{state.loss_avg:.3f}", acc=f"{state.acc_avg:.3f}", samples_s=f"{rate:.0f}", epoch=(state.step - 1) // steps_per_epoch + 1)
         if end_of_epoch:
-            _end_epoch(state, val_x, val_y, amp, state.step / steps_per_epoch, log_path)
+            _end_epoch(state, *validation, amp, state.step / steps_per_epoch, log_path)
             save_checkpoint(ckpt_path, state, cfg, final=finished)
             state.last_checkpoint = time.time()
-        elif time.time() - state.last_checkpoint > cfg.checkpoint_minutes * 60:
+        elif stop.get("signum") is not None or time.time() - state.last_checkpoint > cfg.checkpoint_minutes * 60:
             save_checkpoint(ckpt_path, state, cfg)
             state.last_checkpoint = time.time()
+        if stop.get("signum") is not None and not finished:
+            bar.close()
+            raise TrainingInterrupted(stop["signum"], ckpt_path, state.step)
     bar.close()
-    return {
-        "model": model,
-        "sampler": sampler,
-        "generator": gen,
-        "device": device,
-        "trained_on": state.trained_on,
-        "arch": arch,
-        "steps": state.step,
-        "samples_seen": state.step * cfg.batch_size,
-        "wall_time_s": state.elapsed,
-        "seed_time_s": state.session_start - started,
-        "log": state.log,
-    }
 
 
 def _update_averages(state: TrainState, loss: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
