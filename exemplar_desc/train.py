@@ -19,12 +19,14 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from .cli import ArgumentParser, check_output_dir, report
+from .cli import ArgumentParser, check_number, check_output_dir, report
 from .images import list_images
 from .model_io import save_model
 from .networks import DescriptorNet, count_flops
 from .training.head import fit_head
+from .training.distributed import DEFAULT_TIMEOUT_MINUTES, close_distributed, init_distributed, rank_from_env, world_size_from_env
 from .training.loop import TrainConfig, TrainingInterrupted, train
 from .training.magnification import tune_magnification
 from .training.seeds import load_stl10_unlabeled
@@ -81,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="time_budget_minutes",
         help="stop after this many minutes of training; the lr schedule then follows wall time",
     )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_MINUTES,
+        help="under torchrun: minutes a rank waits for the others before the job fails",
+    )
     p.add_argument("--out-dir", default="weights", help="where the model and its card are written")
     p.add_argument("--name", help="model name (default: the architecture name)")
     p.add_argument("--head-layer", type=int, default=d.head_layer, help="conv layer of the descriptor (0-based, -1 = last)")
@@ -104,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed command-line arguments, checked (:meth:`TrainConfig.check`).
+def config_from_args(args: argparse.Namespace, data: bool = True) -> TrainConfig:
+    """TrainConfig from parsed command-line arguments, checked (:meth:`TrainConfig.check`; ``data``: the data paths too).
 
     Raises:
         OptionError: the first bad option.
@@ -123,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     ).without(*args.without)
     fields = {k: getattr(args, k) for k in vars(TrainConfig()) if hasattr(args, k) and k not in ("images", "transforms")}
     cfg = TrainConfig(images=tuple(args.images), transforms=transforms, **fields)
-    cfg.check()
+    cfg.check(data=data)
     return cfg
 
 
@@ -174,6 +182,8 @@ def build_card(
             "steps": result["steps"],
             "samples_seen": result["samples_seen"],
             "batch_size": cfg.batch_size,
+            "world_size": result["world_size"],
+            "global_batch_size": cfg.batch_size * result["world_size"],
             "optimizer": {"type": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "official steps"},
             "transforms": cfg.transforms.to_dict(),
             "device": result["trained_on"],
@@ -205,21 +215,39 @@ def main(argv: list[str] | None = None) -> int:
 
     0: model written; 2: bad option (one ``error:`` line, nothing written) or training
     data that yield too few seeds; 128 + signal number (130 for SIGINT, 143 for SIGTERM):
-    interrupted, with a checkpoint to ``--resume`` from.
+    interrupted, with a checkpoint to ``--resume`` from; 1 (under torchrun): this rank lost
+    another (a collective operation failed or timed out). Under torchrun every rank runs
+    this; only rank 0 prints, writes files, fits the head and tunes the magnification.
     """
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main_rank = rank_from_env() == 0
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_intermixed_args(argv)  # folders may come before and after options
     try:
-        cfg = config_from_args(args)
-        workdir = check_output_dir("--workdir", args.workdir)
-        out_dir = check_output_dir("--out-dir", args.out_dir)
-        result = train(cfg, workdir, resume=args.resume)
+        try:
+            cfg = config_from_args(args, data=main_rank)
+            check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
+            workdir = check_output_dir("--workdir", args.workdir)
+            out_dir = check_output_dir("--out-dir", args.out_dir)
+            dist = init_distributed(cfg.device, args.dist_timeout)
+            result = train(cfg, workdir, resume=args.resume, dist=dist)
+        finally:
+            close_distributed()
     except TrainingInterrupted as err:
-        print(f"interrupted by {err}", file=sys.stderr)
+        if main_rank:
+            print(f"interrupted by {err}", file=sys.stderr)
         return 128 + err.signum
     except (ValueError, FloatingPointError) as err:
-        return report(err)
+        return report(err) if main_rank else 2
+    except RuntimeError as err:
+        if world_size_from_env() <= 1:
+            raise
+        # Usually another rank died and the collective operations lost it; torchrun's
+        # summary names the rank that failed first.
+        print(f"error: rank {rank_from_env()}: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if not main_rank:
+        return 0
     net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
     magnification, tuning = _magnification(cfg, net)
     card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning)
@@ -234,4 +262,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # record: under torchrun, a failing rank's traceback appears in the job's error summary.
+    raise SystemExit(record(main)())

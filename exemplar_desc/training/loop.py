@@ -28,6 +28,7 @@ from ..cli import OptionError, check, check_device, check_number
 from ..images import list_images
 from ..model_io import save_torch
 from ..networks import ARCHITECTURES, ExemplarClassifier, resolve_architecture
+from .distributed import Distributed
 from .seeds import iter_rgb_images, load_stl10_unlabeled, sample_seeds, stl10_image_count
 from .transforms import SurrogateSampler, TransformConfig, sample_patches
 
@@ -74,20 +75,24 @@ class TrainConfig:
     magnification: float | None = None
     transforms: TransformConfig = TransformConfig()
 
-    def check(self) -> None:
+    def check(self, data: bool = True) -> None:
         """Check every setting before any work is done.
+
+        Args:
+            data: also check the image folders and the STL-10 file (ranks > 0 of a
+                distributed run do not read them, and their machine may not have them).
 
         Raises:
             OptionError: the first bad setting, named by its command-line option.
         """
         check(bool(self.images or self.stl10), "IMAGES", list(self.images), "no training data: give at least one image folder or --stl10 FILE")
-        for folder in self.images:
+        for folder in self.images if data else ():
             check(Path(folder).is_dir(), "IMAGES", folder, "not a folder")
             try:
                 list_images(folder)
             except ValueError as err:
                 raise OptionError("IMAGES", folder, str(err)) from None
-        if self.stl10 is not None:
+        if self.stl10 is not None and data:
             try:
                 stl10_image_count(self.stl10)
             except (FileNotFoundError, ValueError) as err:
@@ -219,13 +224,19 @@ def _load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) ->
 @torch.no_grad()
 def _evaluate(model: ExemplarClassifier, val_x: torch.Tensor, val_y: torch.Tensor, batch: int, amp: bool) -> float:
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=val_x.device)
     for start in range(0, len(val_x), batch):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             logits = model(val_x[start : start + batch])
-        correct += int((logits.argmax(1) == val_y[start : start + batch]).sum())
+        correct += (logits.argmax(1) == val_y[start : start + batch]).sum()
     model.train()
-    return correct / max(1, len(val_x))
+    return int(correct) / max(1, len(val_x))  # one wait for the device, at the end
+
+
+#: Rank r > 0 of a distributed run draws from a generator seeded with (seed, r, first step
+#: of the session): its own transformations and dropout masks, never replayed after --resume.
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence((seed, rank, step)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -234,26 +245,35 @@ class TrainState:
 
     Attributes:
         model: the classifier being trained (on the training device, channels-last).
+        network: what the steps run: ``model``, or ``model`` in DistributedDataParallel.
         optimizer: SGD over ``model``'s parameters.
         generator: draws the class ids and transformations (on the training device).
+        global_batch: samples per step over all ranks (world size x --batch-size).
         step: optimizer steps done, over all sessions of the run.
+        samples: training samples seen over all sessions and ranks (progress is counted in
+            samples, so a run may resume with another world size).
         elapsed_before: training seconds of the earlier sessions (``--resume``).
+        time_progress: fraction of --time-budget used, as last agreed by the ranks.
         log: one record per finished epoch (``log.json``).
         trained_on: the device(s) that ran training steps, for the model card.
-        session_start, session_first_step: when and at which step this session began (samples/s).
+        session_start, session_first_samples: when and where this session began (samples/s).
         last_checkpoint: time.time() of the last checkpoint written in this session.
-        loss_avg, acc_avg: running means of the training loss and surrogate accuracy.
+        loss_avg, acc_avg: running means of the training loss and surrogate accuracy (rank 0's batches).
     """
 
     model: ExemplarClassifier
+    network: torch.nn.Module
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
+    global_batch: int
     step: int = 0
+    samples: int = 0
     elapsed_before: float = 0.0
+    time_progress: float = 0.0
     log: list = field(default_factory=list)
     trained_on: str = ""
     session_start: float = field(default_factory=time.time)
-    session_first_step: int = 0
+    session_first_samples: int = 0
     last_checkpoint: float = field(default_factory=time.time)
     loss_avg: float | None = None
     acc_avg: float | None = None
@@ -263,14 +283,22 @@ class TrainState:
         """Training seconds over all sessions of the run."""
         return self.elapsed_before + time.time() - self.session_start
 
+    @property
+    def samples_per_second(self) -> float:
+        """Training samples per second in this session, over all ranks."""
+        return (self.samples - self.session_first_samples) / max(1e-9, time.time() - self.session_start)
+
     def start_session(self) -> None:
         """Reset the session clocks (called when the training steps begin)."""
         self.session_start = self.last_checkpoint = time.time()
-        self.session_first_step = self.step
+        self.session_first_samples = self.samples
 
 
 def train_step(state: TrainState, sampler: SurrogateSampler, batch_size: int, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One SGD step on ``batch_size`` fresh samples; nothing waits for the device.
+    """One SGD step on ``batch_size`` fresh samples of this rank; nothing waits for the device.
+
+    Under DistributedDataParallel the backward pass averages the gradients over the ranks,
+    so each step uses the global batch.
 
     Returns:
         (loss () float32, logits (B, num_classes), class ids (B,) int64), all on the training device.
@@ -281,12 +309,13 @@ def train_step(state: TrainState, sampler: SurrogateSampler, batch_size: int, lr
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        logits = state.model(x)
+        logits = state.network(x)
         loss = F.cross_entropy(logits.float(), ids)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
     state.step += 1
+    state.samples += state.global_batch
     return loss.detach(), logits.detach(), ids
 
 
@@ -295,16 +324,19 @@ def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, final: bool
 
     A finished run (``final``) is only ever resumed to refit the head, which needs the conv
     trunk alone: its checkpoint drops the classifier and the optimizer state (~40x smaller).
+    In a distributed run only rank 0 calls this: after each step every rank holds the same
+    weights and optimizer state; the generators saved are rank 0's.
     """
     model = state.model
     weights = {"trunk": model.trunk.state_dict()} if final else {"model": model.state_dict(), "optimizer": state.optimizer.state_dict()}
     record = {
         **weights,
         "generator": state.generator.get_state(),
+        "dropout_rng": _global_rng_state(state.generator.device),
         "step": state.step,
+        "samples": state.samples,
         "elapsed": state.elapsed,
         "config": _config_record(cfg),
-        "dropout_rng": _global_rng_state(state.generator.device),
         "generator_device": state.generator.device.type,
         "device_name": state.trained_on,
     }
@@ -342,8 +374,13 @@ def _global_rng_state(device: torch.device) -> torch.Tensor:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def restore_state(state: TrainState, checkpoint: dict, log_path: Path) -> None:
-    """Put a checkpoint from :func:`load_checkpoint` into ``state`` (the log from ``log_path``)."""
+def restore_state(state: TrainState, checkpoint: dict, log_path: Path, restore_generators: bool = True) -> None:
+    """Put a checkpoint from :func:`load_checkpoint` into ``state`` (the log from ``log_path``).
+
+    Args:
+        restore_generators: False on ranks > 0 of a distributed run, which draw their own
+            samples (the checkpoint holds rank 0's generators).
+    """
     if "model" in checkpoint:
         state.model.load_state_dict(checkpoint["model"])
         state.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -351,25 +388,28 @@ def restore_state(state: TrainState, checkpoint: dict, log_path: Path) -> None:
         state.model.trunk.load_state_dict(checkpoint["trunk"])
     here = state.generator.device.type
     generator_device = checkpoint.get("generator_device", here)
-    if generator_device == here:
+    if generator_device == here and restore_generators:
         state.generator.set_state(checkpoint["generator"].cpu())
         if "dropout_rng" in checkpoint:
             if here == "cuda":
                 torch.cuda.set_rng_state(checkpoint["dropout_rng"].cpu(), state.generator.device)
             else:
                 torch.set_rng_state(checkpoint["dropout_rng"].cpu())
-    else:  # CPU and CUDA generators keep incompatible states: restart the stream from the seed
+    elif restore_generators:  # CPU and CUDA generators keep incompatible states: restart the stream from the seed
         logger.warning("checkpoint was made on %s, resuming on %s: random samples restart from --seed", generator_device, here)
     state.step, state.elapsed_before = checkpoint["step"], checkpoint["elapsed"]
+    # Checkpoints from before distributed training counted steps of one process only.
+    state.samples = checkpoint.get("samples", state.step * state.global_batch)
     state.trained_on = checkpoint.get("device_name", state.trained_on)
     state.log = json.loads(log_path.read_text()) if log_path.is_file() else []
 
 
-def _device_description(device: torch.device) -> str:
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+def _device_description(device: torch.device, world_size: int = 1) -> str:
+    name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    return name if world_size == 1 else f"{world_size} x {name}"
 
 
-def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool = True, dist: Distributed | None = None) -> dict:
     """Run the surrogate-class training; returns a summary with the trained classifier.
 
     Writes ``workdir/checkpoint.pt`` every ``cfg.checkpoint_minutes`` and at each epoch's end,
@@ -378,114 +418,168 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
     the CPU, one seed gives the same weights bit for bit (the network's initialisation and
     dropout draw from torch's global generator, seeded here and restored on return).
 
+    Args:
+        dist: this rank's place in a torchrun job (:func:`.distributed.init_distributed`),
+            None for a single process. Every rank calls train(); rank 0 samples the seed
+            patches (broadcast to the others), validates, logs and writes the files.
+
     Raises:
         OptionError: a bad setting or ``--resume`` checkpoint, before any work.
-        TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written first.
+        TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written first (by rank 0).
     """
-    cfg.check()
-    device = _pick_device(cfg.device)
+    cfg.check(data=dist is None or dist.is_main)
+    device = dist.device if dist is not None else _pick_device(cfg.device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.random.default_generator.manual_seed(cfg.seed)
         if cuda:
             torch.cuda.default_generators[cuda[0]].manual_seed(cfg.seed)
-        return _train(cfg, device, workdir, resume, progress)
+        return _train(cfg, device, workdir, resume, progress, dist)
 
 
-def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool) -> dict:
+def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool, dist: Distributed | None) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    main_rank, world = dist is None or dist.is_main, 1 if dist is None else dist.world_size
     arch = resolve_architecture(cfg.arch)
     ckpt_path, log_path = workdir / "checkpoint.pt", workdir / "log.json"
-    checkpoint = load_checkpoint(ckpt_path, cfg, device) if resume else None
+    checkpoint = None
+    if resume:  # rank 0 reads it; a checkpoint is small enough to send to the others
+        checkpoint = _checkpoint_or_error(ckpt_path, cfg) if main_rank else None
+        checkpoint = dist.broadcast_object(checkpoint) if dist is not None else checkpoint
+        if isinstance(checkpoint, OptionError):
+            raise checkpoint
 
     started = time.time()
-    contexts = _load_seed_contexts(cfg, cfg.num_classes, np.random.default_rng(cfg.seed))
-    logger.info("sampled %d seed patches in %.1f s", len(contexts), time.time() - started)
+    shape = (cfg.num_classes, 3, cfg.context, cfg.context)
+    if main_rank:
+        contexts = _load_seed_contexts(cfg, cfg.num_classes, np.random.default_rng(cfg.seed)).to(device)
+        logger.info("sampled %d seed patches in %.1f s", len(contexts), time.time() - started)
+    else:
+        contexts = torch.empty(shape, dtype=torch.uint8, device=device)
+    if dist is not None:
+        dist.broadcast_(contexts)
     sampler = SurrogateSampler(contexts, cfg.transforms, cfg.patch_size, device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    # Held-out surrogate samples: fixed transformations, never trained on.
-    val_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    val_y = torch.arange(cfg.num_classes, device=device).repeat(cfg.val_per_class)
-    val_x = torch.cat([sample_patches(sampler, val_y[i : i + 4096], val_gen) for i in range(0, len(val_y), 4096)])
 
     model = ExemplarClassifier(arch, cfg.num_classes, patch_size=cfg.patch_size).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    here = _device_description(device)
-    state = TrainState(model, optimizer, gen, trained_on=here)
+    network = model
+    if dist is not None:
+        network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    state = TrainState(model, network, optimizer, gen, world * cfg.batch_size, trained_on=_device_description(device, world))
     if checkpoint is not None:
-        restore_state(state, checkpoint, log_path)
-        logger.info("resumed from %s at step %d", ckpt_path, state.step)
-    workdir.mkdir(parents=True, exist_ok=True)
+        restore_state(state, checkpoint, log_path, restore_generators=main_rank)
+        logger.info("resumed from %s at step %d (%d samples)", ckpt_path, state.step, state.samples)
+    if not main_rank:
+        seed = _rank_seed(cfg.seed, dist.rank, state.step)
+        gen.manual_seed(seed)
+        (torch.cuda.default_generators[device.index] if device.type == "cuda" else torch.random.default_generator).manual_seed(seed)
+
+    validation = None
+    if main_rank:
+        # Held-out surrogate samples: fixed transformations, never trained on.
+        val_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        val_y = torch.arange(cfg.num_classes, device=device).repeat(cfg.val_per_class)
+        val_x = torch.cat([sample_patches(sampler, val_y[i : i + 4096], val_gen) for i in range(0, len(val_y), 4096)])
+        validation = (val_x, val_y)
+        workdir.mkdir(parents=True, exist_ok=True)
 
     stop: dict = {}
     with _stop_on_signals(stop):
-        _run_steps(state, cfg, sampler, (val_x, val_y), workdir, checkpoint is not None and "model" not in checkpoint, progress, stop)
+        _run_steps(state, cfg, sampler, validation, workdir, checkpoint is not None and "model" not in checkpoint, progress, stop, dist)
     return {
         "model": model,
         "sampler": sampler,
         "generator": gen,
         "device": device,
         "trained_on": state.trained_on,
+        "world_size": world,
         "arch": arch,
         "steps": state.step,
-        "samples_seen": state.step * cfg.batch_size,
+        "samples_seen": state.samples,
         "wall_time_s": state.elapsed,
         "seed_time_s": state.session_start - started,
         "log": state.log,
     }
 
 
+def _checkpoint_or_error(path: Path, cfg: TrainConfig) -> dict | OptionError:
+    """:func:`load_checkpoint` on the CPU, returning its OptionError instead of raising it (to broadcast it)."""
+    try:
+        return load_checkpoint(path, cfg, torch.device("cpu"))
+    except OptionError as err:
+        return err
+
+
+#: In a distributed run the ranks agree every this many steps on whether the time budget is
+#: spent (one all-reduce; the steps in between need no agreement).
+SYNC_EVERY = 10
+
+
 def _run_steps(
     state: TrainState,
     cfg: TrainConfig,
     sampler: SurrogateSampler,
-    validation: tuple[torch.Tensor, torch.Tensor],
+    validation: tuple[torch.Tensor, torch.Tensor] | None,
     workdir: Path,
     trunk_only: bool,
     progress: bool,
     stop: dict,
+    dist: Distributed | None,
 ) -> None:
-    """The driver: train steps until the run is done, validating and checkpointing on the way."""
+    """The driver: train steps until the run is done, validating and checkpointing on the way (rank 0)."""
     ckpt_path, log_path = workdir / "checkpoint.pt", workdir / "log.json"
     device = state.generator.device
-    here = _device_description(device)
+    main_rank = dist is None or dist.is_main
+    here = _device_description(device, 1 if dist is None else dist.world_size)
     amp = device.type == "cuda"
-    steps_per_epoch = math.ceil(cfg.num_classes * cfg.samples_per_class / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    epoch_samples = cfg.num_classes * cfg.samples_per_class
+    total_samples = epoch_samples * cfg.epochs
     budget_s = None if cfg.time_budget_minutes is None else cfg.time_budget_minutes * 60
 
-    def progress_of(step: int) -> float:
-        """Fraction of the run done: by steps, or by wall time when a time budget is set."""
-        done = step / total_steps
+    def update_time_progress() -> None:
+        # Every rank must take the same lr and stop at the same step: in a distributed run
+        # the ranks agree on the time used (rank 0's clock rules) every SYNC_EVERY steps.
         if budget_s is not None:
-            done = max(done, state.elapsed / budget_s)
-        return min(done, 1.0)
+            used = state.elapsed / budget_s if main_rank else 0.0
+            state.time_progress = dist.max([used])[0] if dist is not None else used
+
+    def progress_of() -> float:
+        """Fraction of the run done: by samples, or by wall time when a time budget is set."""
+        return min(max(state.samples / total_samples, state.time_progress), 1.0)
 
     state.start_session()
-    finished = progress_of(state.step) >= 1.0
+    update_time_progress()
+    finished = progress_of() >= 1.0
     if trunk_only and not finished:
         raise ValueError(f"--resume: {ckpt_path} holds a finished run (trunk only); it cannot continue training")
-    if not finished and here not in state.trained_on:
+    if not finished and state.trained_on.split(", then ")[-1] != here:
         state.trained_on = f"{state.trained_on}, then {here}"
-    state.model.train()
-    bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
+    state.network.train()
+    remaining = math.ceil(max(0, total_samples - state.samples) / state.global_batch)
+    bar = tqdm(total=state.step + remaining, initial=state.step, desc="training", unit="step", disable=not (progress and main_rank), dynamic_ncols=True)
     while not finished:
-        loss, logits, ids = train_step(state, sampler, cfg.batch_size, lr_at(progress_of(state.step), cfg.lr), amp)
-        finished = progress_of(state.step) >= 1.0
+        epoch_before = state.samples // epoch_samples
+        loss, logits, ids = train_step(state, sampler, cfg.batch_size, lr_at(progress_of(), cfg.lr), amp)
+        if dist is None or state.step % SYNC_EVERY == 0:
+            update_time_progress()
+        finished = progress_of() >= 1.0
         bar.update(1)
-        end_of_epoch = state.step % steps_per_epoch == 0 or finished
-        # Reading the loss waits for the device, so it is read every 10th step only.
-        if state.step % 10 == 0 or end_of_epoch or state.loss_avg is None:
+        end_of_epoch = state.samples // epoch_samples > epoch_before or finished
+        # Reading the loss waits for the device, so it is read every SYNC_EVERY-th step only.
+        if main_rank and (state.step % SYNC_EVERY == 0 or end_of_epoch or state.loss_avg is None):
             _update_averages(state, loss, logits, ids)
-            rate = (state.step - state.session_first_step) * cfg.batch_size / max(1e-9, time.time() - state.session_start)
-            bar.set_postfix(loss=f"{state.loss_avg:.3f}", acc=f"{state.acc_avg:.3f}", samples_s=f"{rate:.0f}", epoch=(state.step - 1) // steps_per_epoch + 1)
-        if end_of_epoch:
-            _end_epoch(state, *validation, amp, state.step / steps_per_epoch, log_path)
+            bar.set_postfix(
+                loss=f"{state.loss_avg:.3f}", acc=f"{state.acc_avg:.3f}", samples_s=f"{state.samples_per_second:.0f}",
+                epoch=min(cfg.epochs, epoch_before + 1),
+            )
+        if main_rank and end_of_epoch:
+            _end_epoch(state, *validation, amp, state.samples / epoch_samples, log_path)
             save_checkpoint(ckpt_path, state, cfg, final=finished)
             state.last_checkpoint = time.time()
-        elif stop.get("signum") is not None or time.time() - state.last_checkpoint > cfg.checkpoint_minutes * 60:
+        elif main_rank and (stop.get("signum") is not None or time.time() - state.last_checkpoint > cfg.checkpoint_minutes * 60):
             save_checkpoint(ckpt_path, state, cfg)
             state.last_checkpoint = time.time()
         if stop.get("signum") is not None and not finished:
@@ -495,8 +589,8 @@ def _run_steps(
 
 
 def _update_averages(state: TrainState, loss: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> None:
-    """Fold one step's loss and accuracy into the running means (waits for the device)."""
-    loss_value, acc = float(loss), float((logits.argmax(1) == ids).float().mean())
+    """Fold one step's loss and accuracy into the running means (one wait for the device)."""
+    loss_value, acc = torch.stack([loss.float(), (logits.argmax(1) == ids).float().mean()]).tolist()
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"training diverged at step {state.step} (loss {loss_value}); lower --lr")
     state.loss_avg = loss_value if state.loss_avg is None else 0.8 * state.loss_avg + 0.2 * loss_value
@@ -509,6 +603,7 @@ def _end_epoch(state: TrainState, val_x: torch.Tensor, val_y: torch.Tensor, amp:
     record = {
         "epoch": round(epoch, 3),
         "step": state.step,
+        "samples": state.samples,
         "train_loss": state.loss_avg,
         "train_accuracy": state.acc_avg,
         "val_accuracy": val_acc,

@@ -73,7 +73,7 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
     ckpt_path = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(ckpt_path, weights_only=True)
     assert "trunk" in state and "model" not in state and "optimizer" not in state
-    state["step"] = 2 * 16 * 64 // 32
+    state["step"], state["samples"] = 2 * 16 * 64 // 32, 2 * 16 * 64
     torch.save(state, ckpt_path)
     with pytest.raises(ValueError, match="cannot continue training"):
         train(cfg, tmp_path / "run", resume=True, progress=False)
