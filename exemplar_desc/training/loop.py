@@ -233,9 +233,11 @@ def _evaluate(model: ExemplarClassifier, val_x: torch.Tensor, val_y: torch.Tenso
     return int(correct) / max(1, len(val_x))  # one wait for the device, at the end
 
 
-#: Rank r > 0 of a distributed run draws from a generator seeded with (seed, r, first step
-#: of the session): its own transformations and dropout masks, never replayed after --resume.
 def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of rank ``rank`` > 0 of a distributed run whose session starts at ``step``.
+
+    The rank draws its own transformations and dropout masks, never replayed after --resume.
+    """
     return int(np.random.SeedSequence((seed, rank, step)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 

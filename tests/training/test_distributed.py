@@ -86,7 +86,7 @@ def test_two_nodes_over_loopback(folder, tmp_path):
 
 def test_interrupted_two_process_run_resumes_in_one(folder, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    args = [str(folder), *TINY, "--samples-per-class", "150", "--epochs", "3", "--checkpoint-minutes", "0.002",
+    args = [str(folder), *TINY, "--samples-per-class", "60", "--epochs", "3", "--checkpoint-minutes", "0.002",
             "--workdir", str(work), "--out-dir", str(out)]
     job = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node", "2") + args, env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -98,14 +98,14 @@ def test_interrupted_two_process_run_resumes_in_one(folder, tmp_path):
     assert job.returncode != 0, output[-3000:]
     assert "interrupted by SIGTERM at step" in output and "--resume" in output, output[-3000:]
     ckpt = torch.load(work / "checkpoint.pt", weights_only=True)
-    assert 0 < ckpt["samples"] < 3 * 8 * 150 and ckpt["samples"] == ckpt["step"] * 32
+    assert 0 < ckpt["samples"] < 3 * 8 * 60 and ckpt["samples"] == ckpt["step"] * 32
     assert not out.exists()
 
     # One process continues the run: progress is counted in samples, so the world size may change.
     assert train_module.main([*args, "--resume", "--threads", "1"]) == 0
     card = _check_run(work, out, 1)
     assert card["training"]["device"] == "2 x cpu, then cpu"
-    assert card["training"]["samples_seen"] >= 3 * 8 * 150 > card["training"]["samples_seen"] - 32
+    assert card["training"]["samples_seen"] >= 3 * 8 * 60 > card["training"]["samples_seen"] - 32
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")

@@ -88,16 +88,22 @@ def test_training_leaves_the_global_generator_alone(folder, tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_sigint_writes_a_checkpoint_and_resume_finishes_the_same_run(folder, seed0_card, tmp_path, monkeypatch, capsys):
+def _signal_after_step(monkeypatch, step: int, signum: int):
+    """Make the training loop send ``signum`` to this process right after step ``step``; returns the real step."""
     real_step = loop.train_step
 
-    def step_then_interrupt(state, *args):
+    def step_then_signal(state, *args):
         out = real_step(state, *args)
-        if state.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+        if state.step == step:
+            os.kill(os.getpid(), signum)
         return out
 
-    monkeypatch.setattr(loop, "train_step", step_then_interrupt)
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    return real_step
+
+
+def test_sigint_writes_a_checkpoint_and_resume_finishes_the_same_run(folder, seed0_card, tmp_path, monkeypatch, capsys):
+    real_step = _signal_after_step(monkeypatch, 3, signal.SIGINT)
     args = [str(folder), *TINY, "--epochs", "2", "--magnification", "8"]
     status, card_path = _run(args, tmp_path, "i")
     err = capsys.readouterr().err
@@ -118,15 +124,7 @@ def test_sigint_writes_a_checkpoint_and_resume_finishes_the_same_run(folder, see
 
 
 def test_sigterm_stops_train_with_a_checkpoint(folder, tmp_path, monkeypatch):
-    real_step = loop.train_step
-
-    def step_then_terminate(state, *args):
-        out = real_step(state, *args)
-        if state.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(loop, "train_step", step_then_terminate)
+    _signal_after_step(monkeypatch, 2, signal.SIGTERM)
     cfg = TrainConfig(images=(str(folder),), num_classes=8, seeds_per_image=8, samples_per_class=16, batch_size=16, device="cpu")
     with pytest.raises(TrainingInterrupted, match="SIGTERM at step 2") as info:
         train(cfg, tmp_path / "w", progress=False)
