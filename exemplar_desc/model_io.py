@@ -9,6 +9,7 @@ the sha256 of the weights file, which the loader verifies).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from .networks import DescriptorNet, architecture_from_dict
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_MODEL", "weights_dir", "list_models", "resolve_card_path", "save_model", "load_model", "sha256_of"]
+__all__ = ["DEFAULT_MODEL", "weights_dir", "list_models", "resolve_card_path", "save_model", "load_model", "save_torch", "sha256_of"]
 
 #: The model ExemplarDescriptor() loads when none is named.
 DEFAULT_MODEL = "exemplar-fast"
@@ -71,6 +72,19 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def save_torch(path: str | os.PathLike, obj: object) -> None:
+    """``torch.save(obj)`` to ``path`` atomically; the bytes depend on ``obj`` alone.
+
+    torch.save on a path names the archive's records after the file, which atomic_write
+    makes a random temporary name; saving to memory first keeps identical tensors giving
+    identical files (and sha256).
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def save_model(net: DescriptorNet, card: dict, directory: str | os.PathLike, name: str) -> Path:
     """Write ``NAME.pt`` and ``NAME.json`` into ``directory``; returns the card's path.
 
@@ -81,7 +95,7 @@ def save_model(net: DescriptorNet, card: dict, directory: str | os.PathLike, nam
     directory = Path(directory)
     weights_path = directory / f"{name}.pt"
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    atomic_write(weights_path, lambda tmp: torch.save(state, tmp))
+    save_torch(weights_path, state)
     card = {**card, "name": name, "format": CARD_FORMAT, "weights_file": weights_path.name, "sha256": sha256_of(weights_path)}
     card_path = directory / f"{name}.json"
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
@@ -97,7 +111,9 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
 
     Raises:
         FileNotFoundError: unknown model or missing file.
-        ValueError: corrupted, truncated or incompatible weights file, or a malformed card.
+        ValueError: corrupted, truncated or incompatible weights file, a malformed card, or a
+            card without the weights' sha256 (nothing to verify them against: refused, not loaded
+            with a warning, since a card written by save_model always holds it).
     """
     card_path = resolve_card_path(model)
     try:
@@ -109,11 +125,16 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
         raise ValueError(f"model card {card_path} is malformed: {err}") from err
     if not weights_path.is_file():
         raise FileNotFoundError(f"weights file {weights_path} named by {card_path} is missing")
+    if "sha256" not in card:
+        raise ValueError(
+            f"model card {card_path} lacks the sha256 of its weights, so {weights_path.name} cannot be verified; "
+            "save the model with exemplar_desc.model_io.save_model, or add the file's sha256 to the card if you trust it"
+        )
     digest = sha256_of(weights_path)
-    if digest != card.get("sha256"):
+    if digest != card["sha256"]:
         raise ValueError(
             f"weights file {weights_path} is corrupted or truncated: sha256 {digest[:12]}... "
-            f"does not match {str(card.get('sha256'))[:12]}... recorded in {card_path.name}"
+            f"does not match {str(card['sha256'])[:12]}... recorded in {card_path.name}"
         )
     net = DescriptorNet(arch, layer=head["layer"], grid=head["grid"], dim=head["dim"], power=head.get("power", 1.0))
     try:

@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
+from .cli import ArgumentParser, check_number, check_output_dir, report
 from .images import list_images
 from .model_io import save_model
-from .networks import count_flops
+from .networks import DescriptorNet, count_flops
 from .training.head import fit_head
-from .training.loop import TrainConfig, train
+from .training.distributed import DEFAULT_TIMEOUT_MINUTES, close_distributed, init_distributed, rank_from_env, world_size_from_env
+from .training.loop import TrainConfig, TrainingInterrupted, train
 from .training.magnification import tune_magnification
+from .training.seeds import load_stl10_unlabeled
 from .training.transforms import FAMILIES, TransformConfig
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "build_card", "main"]
 
 
 def _parse_range(text: str) -> tuple[float, float]:
@@ -36,7 +41,7 @@ def _parse_range(text: str) -> tuple[float, float]:
         pair = (float(lo), float(hi))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text!r}") from err
-    if pair[0] > pair[1] or pair[0] <= 0:
+    if not all(map(math.isfinite, pair)) or pair[0] > pair[1] or pair[0] <= 0:
         raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
     return pair
 
@@ -44,7 +49,7 @@ def _parse_range(text: str) -> tuple[float, float]:
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     t = TransformConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m exemplar_desc.train",
         description="Train an Exemplar-CNN descriptor without labels on any folder of images.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -58,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds-per-image", type=int, default=d.seeds_per_image, help="seed candidates per image")
     p.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help="samples per class per epoch")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate (official step schedule)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step and process (under torchrun the global batch is N x this)")
+    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate (official step schedule); not scaled with the global batch, see docs/distributed.md")
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (seeds, samples, initialisation)")
@@ -77,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         dest="time_budget_minutes",
         help="stop after this many minutes of training; the lr schedule then follows wall time",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_MINUTES,
+        help="under torchrun: minutes a rank waits for the others before the job fails",
     )
     p.add_argument("--out-dir", default="weights", help="where the model and its card are written")
     p.add_argument("--name", help="model name (default: the architecture name)")
@@ -101,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from parsed command-line arguments, with checks that name the bad option."""
+def config_from_args(args: argparse.Namespace, data: bool = True) -> TrainConfig:
+    """TrainConfig from parsed command-line arguments, checked (:meth:`TrainConfig.check`; ``data``: the data paths too).
+
+    Raises:
+        OptionError: the first bad option.
+    """
     transforms = TransformConfig(
         translation=args.translation,
         scale=tuple(args.scale),
@@ -114,40 +129,32 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         hue=args.hue,
         blur=args.blur,
     ).without(*args.without)
-    if transforms.pca_colour < 1 or transforms.hsv_power < 1:
-        raise ValueError("--pca-colour and --hsv-power must be >= 1 (1 switches them off)")
-    if min(transforms.translation, transforms.rotation, transforms.hsv_add, transforms.hue, transforms.blur) < 0:
-        raise ValueError("transformation ranges must be non-negative")
-    if not 0 < args.head_power <= 1:
-        raise ValueError(f"--head-power must be in (0, 1], got {args.head_power}")
-    if not 0 <= args.whiten <= 1:
-        raise ValueError(f"--whiten must be in [0, 1], got {args.whiten}")
-    for name in ("num_classes", "samples_per_class", "epochs", "batch_size", "pca_patches", "seeds_per_image"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     fields = {k: getattr(args, k) for k in vars(TrainConfig()) if hasattr(args, k) and k not in ("images", "transforms")}
-    return TrainConfig(images=tuple(args.images), transforms=transforms, **fields)
+    cfg = TrainConfig(images=tuple(args.images), transforms=transforms, **fields)
+    cfg.check(data=data)
+    return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        result = train(cfg, Path(args.workdir), resume=args.resume)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
-    if cfg.magnification is None:
-        paths = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
-        magnification, tuning = tune_magnification(net, paths, seed=cfg.seed)
-    else:
-        magnification, tuning = cfg.magnification, None
-    name = args.name or cfg.arch
+def build_card(
+    cfg: TrainConfig,
+    argv: list[str],
+    resumed: bool,
+    result: dict,
+    net: DescriptorNet,
+    explained: float,
+    magnification: float,
+    tuning: dict | None,
+) -> dict:
+    """The model card of a trained descriptor (without the weights' name and sha256, added by save_model).
+
+    Args:
+        argv: the command line's arguments, recorded so the run can be repeated.
+        result: what :func:`exemplar_desc.training.loop.train` returned.
+        explained: fraction of the pooled features' variance the PCA keeps.
+        tuning: the magnification tuning record, None when --magnification was given.
+    """
     last = result["log"][-1] if result["log"] else {}
-    card = {
+    return {
         "architecture": result["arch"].to_dict(),
         "architecture_name": cfg.arch,
         "patch_size": cfg.patch_size,
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
         "training": {
             "command": "python -m exemplar_desc.train " + " ".join(shlex.quote(a) for a in argv),
-            "resumed": args.resume,
+            "resumed": resumed,
             "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
             "num_classes": cfg.num_classes,
             "samples_per_class_per_epoch": cfg.samples_per_class,
@@ -175,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             "steps": result["steps"],
             "samples_seen": result["samples_seen"],
             "batch_size": cfg.batch_size,
+            "world_size": result["world_size"],
+            "global_batch_size": cfg.batch_size * result["world_size"],
             "optimizer": {"type": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "official steps"},
             "transforms": cfg.transforms.to_dict(),
             "device": result["trained_on"],
@@ -187,7 +196,63 @@ def main(argv: list[str] | None = None) -> int:
             "seed": cfg.seed,
         },
     }
-    card_path = save_model(net, card, args.out_dir, name)
+
+
+def _magnification(cfg: TrainConfig, net: DescriptorNet) -> tuple[float, dict | None]:
+    """--magnification, or the one tuned on the image folders' photos (STL-10's when there are none)."""
+    if cfg.magnification is not None:
+        return cfg.magnification, None
+    images = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
+    source = "image folders"
+    if not images:
+        images, source = load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images), "STL-10 (96x96)"
+    magnification, tuning = tune_magnification(net, images, seed=cfg.seed)
+    return magnification, {**tuning, "images": source}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    0: model written; 2: bad option (one ``error:`` line, nothing written) or training
+    data that yield too few seeds; 128 + signal number (130 for SIGINT, 143 for SIGTERM):
+    interrupted, with a checkpoint to ``--resume`` from; 1 (under torchrun): this rank lost
+    another (a collective operation failed or timed out). Under torchrun every rank runs
+    this; only rank 0 prints, writes files, fits the head and tunes the magnification.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    main_rank = rank_from_env() == 0
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_intermixed_args(argv)  # folders may come before and after options
+    try:
+        try:
+            cfg = config_from_args(args, data=main_rank)
+            check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
+            workdir = check_output_dir("--workdir", args.workdir)
+            out_dir = check_output_dir("--out-dir", args.out_dir)
+            dist = init_distributed(cfg.device, args.dist_timeout)
+            result = train(cfg, workdir, resume=args.resume, dist=dist)
+        finally:
+            close_distributed()
+    except TrainingInterrupted as err:
+        if main_rank:
+            print(f"interrupted by {err}", file=sys.stderr)
+        return 128 + err.signum
+    except (ValueError, FloatingPointError) as err:
+        return report(err) if main_rank else 2
+    except RuntimeError as err:
+        if world_size_from_env() <= 1:
+            raise
+        # Usually another rank died and the collective operations lost it; torchrun's
+        # summary names the rank that failed first.
+        print(f"error: rank {rank_from_env()}: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if not main_rank:
+        return 0
+    net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
+    magnification, tuning = _magnification(cfg, net)
+    card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning)
+    last = result["log"][-1] if result["log"] else {}
+    card_path = save_model(net, card, out_dir, args.name or cfg.arch)
     print(f"model written to {card_path} and {card_path.with_suffix('.pt')}")
     print(
         f"surrogate validation accuracy {last.get('val_accuracy', float('nan')):.3f} over {cfg.num_classes} classes; "
@@ -197,4 +262,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # record: under torchrun, a failing rank's traceback appears in the job's error summary.
+    raise SystemExit(record(main)())

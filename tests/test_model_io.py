@@ -71,3 +71,22 @@ def test_default_model_is_shipped_with_a_complete_card():
         assert key in card["training"], key
     assert card["training"]["command"].startswith("python -m exemplar_desc.train")
     assert card["head"]["dim"] == 128
+
+
+def test_card_without_sha256_is_refused_as_unverifiable(random_model, tmp_path):
+    card_path = _copy_model(random_model, tmp_path)
+    card = json.loads(card_path.read_text())
+    del card["sha256"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=r"lacks the sha256 of its weights, so m\.pt cannot be verified") as info:
+        load_model(card_path)
+    assert "corrupted" not in str(info.value)
+
+
+def test_identical_weights_give_identical_files(random_model, tmp_path):
+    # torch.save on a path names the archive after the file; save_model must not depend on it.
+    net, card = load_model(random_model)
+    keep = {k: card[k] for k in ("architecture", "patch_size", "magnification", "head")}
+    a, b = save_model(net, keep, tmp_path / "a", "one"), save_model(net, keep, tmp_path / "b", "two")
+    assert a.with_suffix(".pt").read_bytes() == b.with_suffix(".pt").read_bytes()
+    assert json.loads(a.read_text())["sha256"] == json.loads(b.read_text())["sha256"]

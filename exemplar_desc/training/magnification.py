@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from ..descriptor import describe_frames
+from ..images import UnreadableImageError, decode_gray
 from ..matching import mutual_nearest_neighbours
 from ..networks import DescriptorNet
 from ..patches import build_pyramid, keypoint_frames, keypoints_to_arrays
@@ -47,23 +48,36 @@ def _project(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return cv2.perspectiveTransform(xy.reshape(-1, 1, 2).astype(np.float64), h).reshape(-1, 2)
 
 
+def _gray(image: Path | np.ndarray) -> np.ndarray | None:
+    """(H, W) uint8 grey image of a path (None when unreadable) or of an RGB / grey uint8 array."""
+    if isinstance(image, np.ndarray):
+        return np.ascontiguousarray(image if image.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY))
+    try:
+        return decode_gray(Path(image).read_bytes(), str(image))
+    except (OSError, UnreadableImageError):
+        return None
+
+
 def tune_magnification(
     net: DescriptorNet,
-    image_paths: Sequence[Path],
+    images: Sequence[Path | np.ndarray],
     candidates: Sequence[float] = CANDIDATES,
     num_pairs: int = 12,
     num_keypoints: int = 1000,
     threshold: float = 3.0,
     seed: int = 0,
     max_side: int = 640,
+    min_keypoints: int = 20,
 ) -> tuple[float, dict]:
     """Pick the magnification with the best mean matching accuracy on synthetic warps.
 
     Args:
         net: trained descriptor network (eval mode).
-        image_paths: training images; ``num_pairs`` of them are drawn with ``seed``.
+        images: training images, as paths (unreadable ones are skipped) or arrays: (H, W, 3)
+            RGB or (H, W) grey uint8, e.g. STL-10's 96x96 photos; ``num_pairs`` of them are drawn with ``seed``.
         candidates: magnifications to try.
         threshold: reprojection error in pixels for a correct match.
+        min_keypoints: images (or warps) with fewer SIFT keypoints are skipped.
 
     Returns:
         (best magnification, record with each candidate's accuracy and the settings used).
@@ -71,10 +85,10 @@ def tune_magnification(
     rng = np.random.default_rng(seed)
     sift = cv2.SIFT_create(nfeatures=num_keypoints)
     pairs = []
-    for index in rng.permutation(len(image_paths)):
+    for index in rng.permutation(len(images)):
         if len(pairs) == num_pairs:
             break
-        gray = cv2.imread(str(image_paths[index]), cv2.IMREAD_GRAYSCALE)
+        gray = _gray(images[index])
         if gray is None:
             continue
         factor = min(1.0, max_side / max(gray.shape))
@@ -86,12 +100,12 @@ def tune_magnification(
         if sigma > 0.3:
             warped = cv2.GaussianBlur(warped, (0, 0), sigma)
         kps = [sift.detect(gray, None), sift.detect(warped, None)]
-        if min(len(k) for k in kps) < 20:
+        if min(len(k) for k in kps) < min_keypoints:
             continue
         pyramids = [build_pyramid(img.astype(np.float32) / 255) for img in (gray, warped)]
         pairs.append((kps, pyramids, hom))
     if not pairs:
-        raise ValueError("no usable training image for tuning the magnification")
+        raise ValueError(f"no usable training image for tuning the magnification (each needs {min_keypoints} SIFT keypoints)")
     scores = {}
     for m in candidates:
         accuracies = []

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["iter_rgb_images", "load_stl10_unlabeled", "sample_seeds", "STL10_IMAGE_BYTES"]
+__all__ = ["iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "sample_seeds", "STL10_IMAGE_BYTES"]
 
 STL10_IMAGE_BYTES = 96 * 96 * 3
 
@@ -50,6 +50,21 @@ def iter_rgb_images(paths: Sequence[Path], max_side: int) -> Iterator[np.ndarray
         )
 
 
+def stl10_image_count(path: str | os.PathLike) -> int:
+    """Number of images in an STL-10 binary, from its size (the file is not read).
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: size not a positive multiple of 96*96*3 bytes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError("no such file")
+    size = path.stat().st_size
+    if size == 0 or size % STL10_IMAGE_BYTES:
+        raise ValueError(f"not an STL-10 binary: {size} bytes is not a positive multiple of 96*96*3 = {STL10_IMAGE_BYTES}")
+    return size // STL10_IMAGE_BYTES
+
+
 def load_stl10_unlabeled(path: str | os.PathLike, max_images: int | None = None) -> np.ndarray:
     """Read STL-10's ``unlabeled_X.bin``: 96x96x3 uint8 images stored column-major per channel.
 
@@ -59,14 +74,10 @@ def load_stl10_unlabeled(path: str | os.PathLike, max_images: int | None = None)
     Raises:
         FileNotFoundError: missing file. ValueError: size not a whole number of images.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"STL-10 file {path} does not exist")
-    size = path.stat().st_size
-    if size == 0 or size % STL10_IMAGE_BYTES:
-        raise ValueError(
-            f"{path} is not an STL-10 binary: {size} bytes is not a positive multiple of 96*96*3 = {STL10_IMAGE_BYTES}"
-        )
+    try:
+        stl10_image_count(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"STL-10 file {path}: {err}") from None
     data = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)
     if max_images is not None:
         data = data[:max_images]

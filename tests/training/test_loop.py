@@ -73,7 +73,7 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
     ckpt_path = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(ckpt_path, weights_only=True)
     assert "trunk" in state and "model" not in state and "optimizer" not in state
-    state["step"] = 2 * 16 * 64 // 32
+    state["step"], state["samples"] = 2 * 16 * 64 // 32, 2 * 16 * 64
     torch.save(state, ckpt_path)
     with pytest.raises(ValueError, match="cannot continue training"):
         train(cfg, tmp_path / "run", resume=True, progress=False)
@@ -89,7 +89,7 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
     # A finished run resumes without training, whatever the head options (they are fitted afterwards).
     refit = train(TrainConfig(**{**vars(cfg), "whiten": 1.0, "head_power": 1.0, "magnification": 10.0}), tmp_path / "run", resume=True, progress=False)
     assert refit["steps"] == resumed["steps"]
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match=r"made with other options: --lr 0\.05 -> 0\.1;"):
         train(TrainConfig(**{**vars(cfg), "lr": 0.1}), tmp_path / "run", resume=True, progress=False)
 
     # A checkpoint made on a GPU (a CUDA generator keeps a 16-byte state) refits on the CPU,
@@ -113,9 +113,3 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "usable seed patches" in capsys.readouterr().err
     assert train_module.main([]) == 2
     assert "no training data" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("option, value, message", [("--head-power", "0", "--head-power"), ("--whiten", "1.5", "--whiten")])
-def test_cli_refuses_bad_head_options_before_training(tmp_path, capsys, option, value, message):
-    assert train_module.main([str(tmp_path), option, value]) == 2
-    assert message in capsys.readouterr().err
