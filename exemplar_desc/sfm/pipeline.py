@@ -274,16 +274,14 @@ def run_sfm(
     """
     settings = settings or SfmSettings()
     main = dist is None or dist.is_main
-    image_dir, out_dir, names, subfolders, extractors = _on_every_rank(
-        dist, "checking the options", lambda: _check_inputs(image_dir, out_dir, descriptors, settings, dist)
-    )
+    job = _on_every_rank(dist, "checking the options", lambda: _check_inputs(image_dir, out_dir, descriptors, settings, dist))
+    out_dir, staging = job.out_dir, job.staging
     _on_every_rank(dist, "finishing an interrupted run", lambda: _finish_interrupted_run(out_dir) if main else None)
-    staging = out_dir / STAGING_DIR
     try:
-        summaries = _run(image_dir, names, extractors, staging, out_dir, subfolders, settings, dist)
+        summaries = _run(job)
         if main:
             entries = sorted(name for name in os.listdir(staging))
-            _write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "descriptors": list(extractors), "entries": entries})
+            _write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "descriptors": list(job.extractors), "entries": entries})
     except BaseException:
         if main:  # the others may still be writing their part files until rank 0 hears of an error
             shutil.rmtree(staging, ignore_errors=True)
@@ -303,19 +301,40 @@ def _device(settings: SfmSettings, dist: Distributed | None) -> str:
     return settings.device if dist is None else str(dist.device)
 
 
+@dataclass
+class _Job:
+    """The checked inputs of a run, its extractors and this process's place in it.
+
+    Attributes:
+        subfolders: descriptor -> output subfolder (``""`` with one descriptor).
+        extractors: descriptor -> extractor, on this process's device.
+    """
+
+    image_dir: Path
+    out_dir: Path
+    names: list[str]
+    subfolders: dict[str, str]
+    extractors: dict[str, Any]
+    settings: SfmSettings
+    dist: Distributed | None
+
+    @property
+    def staging(self) -> Path:
+        return self.out_dir / STAGING_DIR
+
+    def part_path(self, rank: int, sub: str, name: str) -> Path:
+        """Where ``rank`` writes its part of ``staging/<sub>/<name>``."""
+        return self.staging / PARTS_DIR / str(rank) / sub / name
+
+
 def _check_inputs(
     image_dir: str | Path,
     out_dir: str | Path,
     descriptors: Sequence[str],
     settings: SfmSettings,
     dist: Distributed | None,
-) -> tuple[Path, Path, list[str], dict[str, str], dict[str, Any]]:
-    """The checks of :func:`run_sfm`, then its extractors.
-
-    Returns:
-        image folder, output folder, image names, descriptor -> output subfolder (``""``
-        with one descriptor), descriptor -> extractor.
-    """
+) -> _Job:
+    """The checks of :func:`run_sfm`, then its extractors."""
     settings.check()
     if isinstance(descriptors, str):
         raise TypeError(f"descriptors must be a sequence of names, got the string {descriptors!r}")
@@ -336,12 +355,8 @@ def _check_inputs(
     if not settings.overwrite:  # refuse another descriptor's or program's files
         for d, sub in subfolders.items():
             check_feature_file(out_dir / sub / "features.h5", d)
-    return image_dir, out_dir, names, subfolders, _create_extractors(descriptors, settings, _device(settings, dist))
-
-
-def _part_path(staging: Path, rank: int, sub: str, name: str) -> Path:
-    """Where ``rank`` writes its part of ``staging/<sub>/<name>``."""
-    return staging / PARTS_DIR / str(rank) / sub / name
+    extractors = _create_extractors(descriptors, settings, _device(settings, dist))
+    return _Job(image_dir, out_dir, names, subfolders, extractors, settings, dist)
 
 
 def _merge_extractions(names: Sequence[str], parts: Sequence[ExtractionResult]) -> ExtractionResult:
@@ -360,35 +375,26 @@ def _merge_extractions(names: Sequence[str], parts: Sequence[ExtractionResult]) 
     )
 
 
-def _extract(
-    image_dir: Path,
-    names: list[str],
-    extractors: dict[str, Any],
-    staging: Path,
-    out_dir: Path,
-    subfolders: dict[str, str],
-    settings: SfmSettings,
-    dist: Distributed | None,
-) -> ExtractionResult:
-    """Features of ``names`` into ``staging/<sub>/features.h5`` for every descriptor.
+def _extract(job: _Job) -> ExtractionResult:
+    """Features of the images into ``staging/<sub>/features.h5`` for every descriptor.
 
     Unchanged images are reused from the set in place: its ``features.h5`` is linked to
     where the extraction writes, and :func:`.features.extract_features` reads it from there.
     In a distributed run each rank extracts its share of the images into a part file and
     rank 0 merges the parts before any rank goes on (the matching reads the merged file).
     """
-    reuse = not settings.overwrite
-    paths = {d: staging / sub / "features.h5" if dist is None else _part_path(staging, dist.rank, sub, "features.h5")
-             for d, sub in subfolders.items()}
+    dist, settings, reuse = job.dist, job.settings, not job.settings.overwrite
+    paths = {d: job.staging / sub / "features.h5" if dist is None else job.part_path(dist.rank, sub, "features.h5")
+             for d, sub in job.subfolders.items()}
 
     def extract() -> ExtractionResult:
-        for d, sub in subfolders.items():
-            if reuse and check_feature_file(out_dir / sub / "features.h5", d):
-                _link_or_copy(out_dir / sub / "features.h5", paths[d])
+        for d, sub in job.subfolders.items():
+            if reuse and check_feature_file(job.out_dir / sub / "features.h5", d):
+                _link_or_copy(job.out_dir / sub / "features.h5", paths[d])
         return extract_features(
-            image_dir,
-            names if dist is None else dist.shard(names),
-            extractors,
+            job.image_dir,
+            job.names if dist is None else dist.shard(job.names),
+            job.extractors,
             paths,
             max_size=settings.max_size,
             max_keypoints=settings.max_keypoints,
@@ -397,27 +403,20 @@ def _extract(
 
     if dist is None:
         return extract()
-    result = _merge_extractions(names, dist.all_gather_object(dist.run("extracting features", extract)))
+    result = _merge_extractions(job.names, dist.all_gather_object(dist.run("extracting features", extract)))
 
     def merge() -> None:
         if dist.is_main:
-            for sub in subfolders.values():
-                parts = [_part_path(staging, rank, sub, "features.h5") for rank in range(dist.world_size)]
-                merge_parts(parts, staging / sub / "features.h5", result.names)
+            for sub in job.subfolders.values():
+                parts = [job.part_path(rank, sub, "features.h5") for rank in range(dist.world_size)]
+                merge_parts(parts, job.staging / sub / "features.h5", result.names)
 
     dist.run("merging the features", merge)
     return result
 
 
-def _match(
-    folder: Path,
-    pairs: list[tuple[str, str]],
-    staging: Path,
-    sub: str,
-    settings: SfmSettings,
-    dist: Distributed | None,
-) -> dict[tuple[str, str], int]:
-    """Matches of ``pairs`` into ``folder/matches.h5`` (the descriptors of ``folder/features.h5``).
+def _match(job: _Job, sub: str, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Matches of ``pairs`` into ``staging/<sub>/matches.h5`` (the descriptors of its ``features.h5``).
 
     In a distributed run each rank matches its share of the pairs into a part file and rank 0
     merges the parts (the other ranks do not wait for that).
@@ -425,12 +424,12 @@ def _match(
     Returns:
         (name0, name1) -> number of matches, in the order of ``pairs``, on every rank.
     """
-    device = _device(settings, dist)
+    dist, folder, ratio, device = job.dist, job.staging / sub, job.settings.ratio, _device(job.settings, job.dist)
     if dist is None:
-        return match_pairs(folder / "features.h5", pairs, folder / "matches.h5", ratio=settings.ratio, device=device)
-    parts = [_part_path(staging, rank, sub, "matches.h5") for rank in range(dist.world_size)]
+        return match_pairs(folder / "features.h5", pairs, folder / "matches.h5", ratio=ratio, device=device)
+    parts = [job.part_path(rank, sub, "matches.h5") for rank in range(dist.world_size)]
     share = dist.run("matching", lambda: match_pairs(
-        folder / "features.h5", dist.shard(pairs), parts[dist.rank], ratio=settings.ratio, device=device
+        folder / "features.h5", dist.shard(pairs), parts[dist.rank], ratio=ratio, device=device
     ))
     counts = {pair: count for part in dist.all_gather_object(share) for pair, count in part.items()}
     if dist.is_main:
@@ -438,23 +437,16 @@ def _match(
     return {pair: counts[pair] for pair in pairs}
 
 
-def _run(
-    image_dir: Path,
-    names: list[str],
-    extractors: dict[str, Any],
-    staging: Path,
-    out_dir: Path,
-    subfolders: dict[str, str],
-    settings: SfmSettings,
-    dist: Distributed | None,
-) -> dict[str, dict[str, Any]]:
+def _run(job: _Job) -> dict[str, dict[str, Any]]:
     """The pipeline proper: every output under ``staging``; paths in the summaries under ``out_dir``.
 
     In a distributed run the ranks other than 0 return an empty dict after the matching.
     """
-    descriptors = list(extractors)
+    image_dir, names, staging, out_dir, subfolders, settings = (
+        job.image_dir, job.names, job.staging, job.out_dir, job.subfolders, job.settings)
+    descriptors = list(job.extractors)
     start = time.perf_counter()
-    extraction = _extract(image_dir, names, extractors, staging, out_dir, subfolders, settings, dist)
+    extraction = _extract(job)
     extraction_seconds = time.perf_counter() - start
     readable = extraction.names
     skipped = ", ".join(f"{n} ({why})" for n, why in extraction.skipped.items())
@@ -468,12 +460,12 @@ def _run(
     matched = {}
     for dname, sub in subfolders.items():
         start = time.perf_counter()
-        counts = _match(staging / sub, pairs, staging, sub, settings, dist)
+        counts = _match(job, sub, pairs)
         matched[dname] = counts, time.perf_counter() - start
         if not any(counts.values()):
             raise SfmError(f"no matches between any two of the {len(readable)} images in {image_dir} ({dname})")
-    if dist is not None:
-        if not dist.is_main:
+    if job.dist is not None:
+        if not job.dist.is_main:
             return {}
         shutil.rmtree(staging / PARTS_DIR)  # merged; not part of the set
 
