@@ -170,7 +170,8 @@ def init_distributed(
         option: the device option's name, for messages.
 
     Raises:
-        OptionError: ``cuda:N``, or fewer GPUs on this machine than local ranks.
+        OptionError: ``cuda:N``, or fewer GPUs on this machine than local ranks (refused
+            on every rank alike, before joining, so that rank 0 reports it).
     """
     if world_size_from_env() <= 1:
         return None
@@ -179,8 +180,12 @@ def init_distributed(
         raise OptionError(option, device_name, "under torchrun each rank uses cuda:LOCAL_RANK; give cuda, cpu or auto")
     cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise OptionError(option, device_name, f"local rank {local_rank} needs a GPU of its own; {torch.cuda.device_count()} here")
+        # LOCAL_WORLD_SIZE (torchrun's --nproc_per_node), not this rank's index, so that
+        # every rank of the machine refuses and rank 0 says why.
+        local_ranks = max(local_rank + 1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if local_ranks > torch.cuda.device_count():
+            raise OptionError(option, device_name, f"{local_ranks} processes on this machine need a GPU each; "
+                                                   f"{torch.cuda.device_count()} here")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:

@@ -18,10 +18,13 @@ def test_alone_no_process_group(monkeypatch):
     assert not dist.is_initialized()
 
 
-@pytest.mark.parametrize("device, message", [("cuda:1", "each rank uses cuda:LOCAL_RANK"), ("cuda", "needs a GPU of its own")])
-def test_refused_before_joining(monkeypatch, device, message):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # one more than the GPUs here
+@pytest.mark.parametrize("device, message", [("cuda:1", "each rank uses cuda:LOCAL_RANK"), ("cuda", "need a GPU each")])
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_refused_on_every_rank_before_joining(monkeypatch, device, message, local_rank):
+    processes = str(max(2, torch.cuda.device_count() + 1))  # more than the GPUs here
+    monkeypatch.setenv("WORLD_SIZE", processes)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     with pytest.raises(OptionError, match=message) as err:
         init_distributed(device, option="--sfm-device")
     assert err.value.option == "--sfm-device"
