@@ -22,6 +22,11 @@ the unfinished ``.partial/``); one interrupted while moving leaves a committed `
 which the next run moves into place before anything else. Features of unchanged images are
 reused from the set in place: its ``features.h5`` is linked into ``.partial/`` and read by
 :func:`.features.extract_features`. See docs/sfm-outputs.md.
+
+Under torchrun (``run_sfm(..., dist=...)``) the ranks extract the features of a share of the
+images each and match a share of the pairs each, into part files under
+``.partial/.ranks/<rank>/``; rank 0 merges them into the files one process writes and does
+everything else alone. See docs/distributed-sfm.md.
 """
 
 from __future__ import annotations
