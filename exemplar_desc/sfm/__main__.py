@@ -126,39 +126,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pycolmap.logging.minloglevel = 0 if args.verbose else 2
     try:
-        try:
-            settings = SfmSettings(
-                pairs=args.pairs,
-                max_size=args.max_size,
-                max_keypoints=args.max_keypoints,
-                ratio=args.ratio,
-                device=args.device,
-                mapper=MapperSettings(
-                    min_model_size=args.min_model_size,
-                    init_min_num_inliers=args.init_min_num_inliers,
-                    abs_pose_min_num_inliers=args.abs_pose_min_num_inliers,
-                    min_num_matches=args.min_num_matches,
-                    multiple_models=not args.single_model,
-                    two_pass=not args.one_pass,
-                    seed=args.seed,
-                    num_threads=args.num_threads,
-                ),
-                overwrite=args.overwrite,
-                export_colmap=args.export_colmap,
-                focal_length=args.focal_length,
-                magnification=args.magnification,
-            )
-            check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
-            dist = init_distributed(settings.device, args.dist_timeout)
-            summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings, dist)
-        finally:
-            close_distributed()
+        settings = SfmSettings(
+            pairs=args.pairs,
+            max_size=args.max_size,
+            max_keypoints=args.max_keypoints,
+            ratio=args.ratio,
+            device=args.device,
+            mapper=MapperSettings(
+                min_model_size=args.min_model_size,
+                init_min_num_inliers=args.init_min_num_inliers,
+                abs_pose_min_num_inliers=args.abs_pose_min_num_inliers,
+                min_num_matches=args.min_num_matches,
+                multiple_models=not args.single_model,
+                two_pass=not args.one_pass,
+                seed=args.seed,
+                num_threads=args.num_threads,
+            ),
+            overwrite=args.overwrite,
+            export_colmap=args.export_colmap,
+            focal_length=args.focal_length,
+            magnification=args.magnification,
+        )
+        check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
+        dist = init_distributed(settings.device, args.dist_timeout)
+        summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings, dist)
     except OptionError as err:  # run_sfm checks every option and path before any work
         return report(err) if main_rank else EXIT_BAD_OPTION
     except (OutputConflictError, SfmError, DistributedError) as err:
         if main_rank:
             print("error:", " ".join(str(err).split()), file=sys.stderr)  # one line, even with HDF5's messages
         return 1
+    finally:  # after the error line: the other ranks may be ending already
+        close_distributed()
     if not main_rank:
         return 0
     _print_summary(summaries)
