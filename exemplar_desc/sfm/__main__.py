@@ -3,7 +3,9 @@
     python -m exemplar_desc.sfm --images DIR --out DIR [--descriptor exemplar|sift|rootsift]
         [--pairs exhaustive|sequential:K] [--max-size PX] [--device cpu|cuda] [--compare sift]
 
-See :mod:`exemplar_desc.sfm.pipeline` for the outputs and docs/sfm.md.
+    torchrun --nproc_per_node N -m exemplar_desc.sfm ...   (the same, extraction and matching on N processes)
+
+See :mod:`exemplar_desc.sfm.pipeline` for the outputs, docs/sfm.md and docs/distributed-sfm.md.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import math
 import sys
 from typing import Any, Sequence
 
-from ..cli import ArgumentParser, OptionError, report
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from ..cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check_number, report
+from ..distributed import DEFAULT_TIMEOUT_MINUTES, DistributedError, close_distributed, init_distributed, rank_from_env
 from .features import OutputConflictError
 from .pipeline import SfmError, SfmSettings, expand_compare, run_sfm
 from .reconstruction import MapperSettings
@@ -53,7 +58,11 @@ def _parser() -> ArgumentParser:
     p.add_argument("--magnification", type=_magnification, default=defaults.magnification, metavar="M",
                    help="patch side / KeyPoint.size of Exemplar descriptors, or 'card' for the model card's "
                         "(default: %(default)s, for precisely placed matches)")
-    p.add_argument("--device", default=defaults.device, help="torch device for descriptors and matching, cpu or cuda (default: %(default)s)")
+    p.add_argument("--device", default=defaults.device,
+                   help="torch device for descriptors and matching, cpu or cuda; under torchrun each rank uses "
+                        "cuda:LOCAL_RANK with cuda (default: %(default)s)")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
+                   help="under torchrun: minutes a rank waits for the others before the job fails (default: %(default)s)")
     g = p.add_argument_group("incremental mapper (COLMAP's defaults: 10, 100, 30, 15)")
     g.add_argument("--min-model-size", type=int, default=mapper.min_model_size, help="smallest model kept, in images (default: %(default)s)")
     g.add_argument("--init-min-num-inliers", type=int, default=mapper.init_min_num_inliers,
@@ -105,10 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status.
 
     0: at least one model; 1: input that gives no reconstruction (fewer than two readable
-    images, no matches) or an output folder of another descriptor or program; 2: a bad option
-    or path, reported before anything is computed or written; 3: the mapper made no model.
+    images, no matches), an output folder of another descriptor or program, or (under
+    torchrun) a rank that failed or was lost; 2: a bad option or path, reported before
+    anything is computed or written; 3: the mapper made no model. Under torchrun every rank
+    runs this; only rank 0 prints, and the other ranks return 0 once their matching is done.
     """
     args = _parser().parse_args(argv)
+    main_rank = rank_from_env() == 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import pycolmap
 
@@ -135,15 +147,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             focal_length=args.focal_length,
             magnification=args.magnification,
         )
-        summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings)
+        check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
+        dist = init_distributed(settings.device, args.dist_timeout)
+        summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings, dist)
     except OptionError as err:  # run_sfm checks every option and path before any work
-        return report(err)
-    except (OutputConflictError, SfmError) as err:
-        print("error:", " ".join(str(err).split()), file=sys.stderr)  # one line, even with HDF5's messages
+        return report(err) if main_rank else EXIT_BAD_OPTION
+    except (OutputConflictError, SfmError, DistributedError) as err:
+        if main_rank:
+            print("error:", " ".join(str(err).split()), file=sys.stderr)  # one line, even with HDF5's messages
         return 1
+    finally:  # after the error line: the other ranks may be ending already
+        close_distributed()
+    if not main_rank:
+        return 0
     _print_summary(summaries)
     return 0 if any(s["num_models"] for s in summaries.values()) else 3
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under torchrun, a failing rank's traceback then appears in the job's error summary
+    # (not on main itself: its fault handler needs a real stderr, which tests capture).
+    sys.exit(record(main)())

@@ -50,8 +50,10 @@ def match_pairs(
 
     Args:
         features_path: hloc-layout ``features.h5`` (descriptors (D, N)).
-        pairs: (name0, name1) image names.
-        matches_path: output ``matches.h5`` (replaced atomically).
+        pairs: (name0, name1) image names, any of those of ``features_path``: a rank of a
+            distributed run matches its share of a run's pairs into a part file, and
+            :func:`.parts.merge_parts` puts the parts together.
+        matches_path: output ``matches.h5`` (replaced atomically), holding ``pairs`` only.
         ratio, mutual: see :func:`exemplar_desc.matching.match_descriptors`.
         device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
 

@@ -22,6 +22,11 @@ the unfinished ``.partial/``); one interrupted while moving leaves a committed `
 which the next run moves into place before anything else. Features of unchanged images are
 reused from the set in place: its ``features.h5`` is linked into ``.partial/`` and read by
 :func:`.features.extract_features`. See docs/sfm-outputs.md.
+
+Under torchrun (``run_sfm(..., dist=...)``) the ranks extract the features of a share of the
+images each and match a share of the pairs each, into part files under
+``.partial/.ranks/<rank>/``; rank 0 merges them into the files one process writes and does
+everything else alone. See docs/distributed-sfm.md.
 """
 
 from __future__ import annotations
@@ -33,18 +38,20 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
 from ..atomic import atomic_write
 from ..baselines import check_descriptor_name, create_descriptor
 from ..cli import OptionError, check, check_device, check_number, check_output_dir
+from ..distributed import Distributed
 from ..images import list_images
 from .export import export_colmap_text
-from .features import check_feature_file, extract_features
-from .matching import match_pairs
+from .features import ExtractionResult, check_feature_file, extract_features
+from .matching import match_pairs, pair_key
 from .pairs import check_image_names, make_pairs, parse_pairs_spec, write_pairs
+from .parts import merge_parts
 from .reconstruction import (
     MapperSettings,
     SfmError,
@@ -59,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SfmError", "SfmSettings", "expand_compare", "run_sfm", "MANIFEST", "STAGING_DIR"]
 
+T = TypeVar("T")
+
 #: Default patch magnification of the Exemplar descriptors in SfM (see :class:`SfmSettings`).
 SFM_MAGNIFICATION = 5.0
 #: The file that names the entries of the finished set in an output folder, written last.
@@ -66,6 +75,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "exemplar_desc.sfm.outputs/1"
 #: Where a run builds its outputs before moving them into place.
 STAGING_DIR = ".partial"
+#: Where, under the staging folder, the ranks of a distributed run write their part files.
+PARTS_DIR = ".ranks"
 _PREVIOUS_MANIFEST = "previous-manifest.json"
 # What versions before the manifest wrote; replaced as one set when no manifest names it.
 _UNLISTED_OUTPUTS = ("features.h5", "matches.h5", "pairs.txt", "database.db", "sparse", "colmap_features",
@@ -128,14 +139,14 @@ class SfmSettings:
         self.mapper.check()
 
 
-def _create_extractors(descriptors: Sequence[str], settings: SfmSettings) -> dict[str, Any]:
+def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device: str) -> dict[str, Any]:
     extractors = {}
     for i, name in enumerate(descriptors):
         try:
             if name == "exemplar" or name.startswith("exemplar:"):
-                extractors[name] = create_descriptor(name, device=settings.device, magnification=settings.magnification)
+                extractors[name] = create_descriptor(name, device=device, magnification=settings.magnification)
             else:
-                extractors[name] = create_descriptor(name, device=settings.device)
+                extractors[name] = create_descriptor(name, device=device)
         except (ImportError, FileNotFoundError) as err:  # a missing dependency or weights file
             raise OptionError("--descriptor" if i == 0 else "--compare", name, f"cannot be loaded here ({err})") from err
     return extractors
@@ -225,6 +236,7 @@ def run_sfm(
     out_dir: str | Path,
     descriptors: Sequence[str] = ("exemplar",),
     settings: SfmSettings | None = None,
+    dist: Distributed | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the pipeline on a folder of images with one or more descriptors.
 
@@ -239,6 +251,13 @@ def run_sfm(
             ``"exemplar"``, ``"exemplar:<model>"``), all on the same SIFT keypoints; the
             first is the ``--descriptor``, the others the ``--compare`` ones.
         settings: see :class:`SfmSettings`.
+        dist: this rank's place in a torchrun job (see
+            :func:`exemplar_desc.distributed.init_distributed`; every rank calls this with
+            the same arguments and sees the same folders), None for one process. The ranks
+            extract the features of a share of the images each, then match a share of the
+            pairs each; rank 0 merges their part files into the ``features.h5`` and
+            ``matches.h5`` that one process writes, and alone builds the database, maps,
+            writes the summaries and moves the set into place (docs/distributed-sfm.md).
 
     Returns:
         Descriptor name -> summary (also written to each folder's ``summary.json``): image
@@ -246,7 +265,8 @@ def run_sfm(
         every model, largest first, see ``model_statistics``), the largest model's
         ``images_registered``, ``points3D``, ``mean_track_length`` and
         ``mean_reprojection_error`` (pixels; None without a model), and ``seconds`` per stage
-        (``features`` covers detection and every descriptor of the run).
+        (``features`` covers detection and every descriptor of the run). An empty dict on
+        the ranks other than 0 of a distributed run, which end after matching.
 
     Raises:
         OptionError (a ValueError): a bad setting or descriptor name; a missing image folder,
@@ -255,8 +275,71 @@ def run_sfm(
         TypeError: ``descriptors`` is a single string, ``settings.mapper`` not MapperSettings.
         OutputConflictError: an output folder holds another descriptor's or program's files.
         SfmError: fewer than two readable images, or no matches between any two images.
+        DistributedError: another rank failed (its error is named) or the ranks lost contact.
     """
     settings = settings or SfmSettings()
+    main = dist is None or dist.is_main
+    job = _on_every_rank(dist, "checking the options", lambda: _check_inputs(image_dir, out_dir, descriptors, settings, dist))
+    out_dir, staging = job.out_dir, job.staging
+    _on_every_rank(dist, "finishing an interrupted run", lambda: _finish_interrupted_run(out_dir) if main else None)
+    try:
+        summaries = _run(job)
+        if main:
+            entries = sorted(name for name in os.listdir(staging))
+            _write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "descriptors": list(job.extractors), "entries": entries})
+    except BaseException:
+        if main:  # the others may still be writing their part files until rank 0 hears of an error
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if main:
+        _install(out_dir)
+    return summaries
+
+
+def _on_every_rank(dist: Distributed | None, what: str, work: Callable[[], T]) -> T:
+    """``work()``; in a distributed run, once every rank's has ended (see :meth:`Distributed.run`)."""
+    return work() if dist is None else dist.run(what, work)
+
+
+def _device(settings: SfmSettings, dist: Distributed | None) -> str:
+    """Where this process computes: ``--device``, or a rank's own GPU (``cuda:LOCAL_RANK``)."""
+    return settings.device if dist is None else str(dist.device)
+
+
+@dataclass
+class _Job:
+    """The checked inputs of a run, its extractors and this process's place in it.
+
+    Attributes:
+        subfolders: descriptor -> output subfolder (``""`` with one descriptor).
+        extractors: descriptor -> extractor, on this process's device.
+    """
+
+    image_dir: Path
+    out_dir: Path
+    names: list[str]
+    subfolders: dict[str, str]
+    extractors: dict[str, Any]
+    settings: SfmSettings
+    dist: Distributed | None
+
+    @property
+    def staging(self) -> Path:
+        return self.out_dir / STAGING_DIR
+
+    def part_path(self, rank: int, sub: str, name: str) -> Path:
+        """Where ``rank`` writes its part of ``staging/<sub>/<name>``."""
+        return self.staging / PARTS_DIR / str(rank) / sub / name
+
+
+def _check_inputs(
+    image_dir: str | Path,
+    out_dir: str | Path,
+    descriptors: Sequence[str],
+    settings: SfmSettings,
+    dist: Distributed | None,
+) -> _Job:
+    """The checks of :func:`run_sfm`, then its extractors."""
     settings.check()
     if isinstance(descriptors, str):
         raise TypeError(f"descriptors must be a sequence of names, got the string {descriptors!r}")
@@ -277,48 +360,98 @@ def run_sfm(
     if not settings.overwrite:  # refuse another descriptor's or program's files
         for d, sub in subfolders.items():
             check_feature_file(out_dir / sub / "features.h5", d)
-    extractors = _create_extractors(descriptors, settings)
-
-    _finish_interrupted_run(out_dir)
-    # The features of the set now in place are reused for unchanged images.
-    reusable = {d: not settings.overwrite and check_feature_file(out_dir / sub / "features.h5", d)
-                for d, sub in subfolders.items()}
-    staging = out_dir / STAGING_DIR
-    try:
-        for d, sub in subfolders.items():
-            if reusable[d]:
-                _link_or_copy(out_dir / sub / "features.h5", staging / sub / "features.h5")
-        summaries = _run(image_dir, names, extractors, staging, out_dir, subfolders, settings)
-        entries = sorted(name for name in os.listdir(staging))
-        _write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "descriptors": descriptors, "entries": entries})
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _install(out_dir)
-    return summaries
+    extractors = _create_extractors(descriptors, settings, _device(settings, dist))
+    return _Job(image_dir, out_dir, names, subfolders, extractors, settings, dist)
 
 
-def _run(
-    image_dir: Path,
-    names: list[str],
-    extractors: dict[str, Any],
-    staging: Path,
-    out_dir: Path,
-    subfolders: dict[str, str],
-    settings: SfmSettings,
-) -> dict[str, dict[str, Any]]:
-    """The pipeline proper: every output under ``staging``; paths in the summaries under ``out_dir``."""
-    descriptors = list(extractors)
-    start = time.perf_counter()
-    extraction = extract_features(
-        image_dir,
-        names,
-        extractors,
-        {d: staging / sub / "features.h5" for d, sub in subfolders.items()},
-        max_size=settings.max_size,
-        max_keypoints=settings.max_keypoints,
-        reuse=not settings.overwrite,
+def _merge_extractions(names: Sequence[str], parts: Sequence[ExtractionResult]) -> ExtractionResult:
+    """One :class:`ExtractionResult` from those of shares of ``names``, in the order of ``names``."""
+    order = {name: i for i, name in enumerate(names)}
+
+    def in_order(items):
+        return sorted(items, key=lambda item: order[item[0] if isinstance(item, tuple) else item])
+
+    return ExtractionResult(
+        names=in_order(n for part in parts for n in part.names),
+        skipped=dict(in_order(item for part in parts for item in part.skipped.items())),
+        reused=in_order(n for part in parts for n in part.reused),
+        num_keypoints={d: dict(in_order(item for part in parts for item in part.num_keypoints[d].items()))
+                       for d in parts[0].num_keypoints},
     )
+
+
+def _extract(job: _Job) -> ExtractionResult:
+    """Features of the images into ``staging/<sub>/features.h5`` for every descriptor.
+
+    Unchanged images are reused from the set in place: its ``features.h5`` is linked to
+    where the extraction writes, and :func:`.features.extract_features` reads it from there.
+    In a distributed run each rank extracts its share of the images into a part file and
+    rank 0 merges the parts before any rank goes on (the matching reads the merged file).
+    """
+    dist, settings, reuse = job.dist, job.settings, not job.settings.overwrite
+    paths = {d: job.staging / sub / "features.h5" if dist is None else job.part_path(dist.rank, sub, "features.h5")
+             for d, sub in job.subfolders.items()}
+
+    def extract() -> ExtractionResult:
+        for d, sub in job.subfolders.items():
+            if reuse and check_feature_file(job.out_dir / sub / "features.h5", d):
+                _link_or_copy(job.out_dir / sub / "features.h5", paths[d])
+        return extract_features(
+            job.image_dir,
+            job.names if dist is None else dist.shard(job.names),
+            job.extractors,
+            paths,
+            max_size=settings.max_size,
+            max_keypoints=settings.max_keypoints,
+            reuse=reuse,
+        )
+
+    if dist is None:
+        return extract()
+    result = _merge_extractions(job.names, dist.all_gather_object(dist.run("extracting features", extract)))
+
+    def merge() -> None:
+        if dist.is_main:
+            for sub in job.subfolders.values():
+                parts = [job.part_path(rank, sub, "features.h5") for rank in range(dist.world_size)]
+                merge_parts(parts, job.staging / sub / "features.h5", result.names)
+
+    dist.run("merging the features", merge)
+    return result
+
+
+def _match(job: _Job, sub: str, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Matches of ``pairs`` into ``staging/<sub>/matches.h5`` (the descriptors of its ``features.h5``).
+
+    In a distributed run each rank matches its share of the pairs into a part file and rank 0
+    merges the parts (the other ranks do not wait for that).
+
+    Returns:
+        (name0, name1) -> number of matches, in the order of ``pairs``, on every rank.
+    """
+    dist, folder, ratio, device = job.dist, job.staging / sub, job.settings.ratio, _device(job.settings, job.dist)
+    if dist is None:
+        return match_pairs(folder / "features.h5", pairs, folder / "matches.h5", ratio=ratio, device=device)
+    parts = [job.part_path(rank, sub, "matches.h5") for rank in range(dist.world_size)]
+    share = dist.run("matching", lambda: match_pairs(
+        folder / "features.h5", dist.shard(pairs), parts[dist.rank], ratio=ratio, device=device
+    ))
+    counts = {pair: count for part in dist.all_gather_object(share) for pair, count in part.items()}
+    if dist.is_main:
+        merge_parts(parts, folder / "matches.h5", [pair_key(*pair) for pair in pairs])
+    return {pair: counts[pair] for pair in pairs}
+
+
+def _run(job: _Job) -> dict[str, dict[str, Any]]:
+    """The pipeline proper: every output under ``staging``; paths in the summaries under ``out_dir``.
+
+    In a distributed run the ranks other than 0 return an empty dict after the matching.
+    """
+    image_dir, names, staging, out_dir, subfolders, settings = (
+        job.image_dir, job.names, job.staging, job.out_dir, job.subfolders, job.settings)
+    descriptors = list(job.extractors)
+    start = time.perf_counter()
+    extraction = _extract(job)
     extraction_seconds = time.perf_counter() - start
     readable = extraction.names
     skipped = ", ".join(f"{n} ({why})" for n, why in extraction.skipped.items())
@@ -329,10 +462,23 @@ def _run(
         )
     pairs = make_pairs(readable, settings.pairs)
 
+    matched = {}
+    for dname, sub in subfolders.items():
+        start = time.perf_counter()
+        counts = _match(job, sub, pairs)
+        matched[dname] = counts, time.perf_counter() - start
+        if not any(counts.values()):
+            raise SfmError(f"no matches between any two of the {len(readable)} images in {image_dir} ({dname})")
+    if job.dist is not None:
+        if not job.dist.is_main:
+            return {}
+        shutil.rmtree(staging / PARTS_DIR)  # merged; not part of the set
+
     summaries = {}
     for dname, sub in subfolders.items():
         folder = staging / sub
-        seconds = {"features": extraction_seconds}
+        counts, matching_seconds = matched[dname]
+        seconds = {"features": extraction_seconds, "matching": matching_seconds}
         summary: dict[str, Any] = {
             "descriptor": dname,
             "image_dir": str(image_dir),
@@ -344,15 +490,8 @@ def _run(
             "settings": {**asdict(settings), "descriptors": descriptors},
         }
         write_pairs(folder / "pairs.txt", pairs)
-        start = time.perf_counter()
-        counts = match_pairs(
-            folder / "features.h5", pairs, folder / "matches.h5", ratio=settings.ratio, device=settings.device
-        )
-        seconds["matching"] = time.perf_counter() - start
         summary.update(pairs=len(pairs), pairs_with_matches=sum(c > 0 for c in counts.values()),
                        mean_matches_per_pair=float(np.mean(list(counts.values()))))
-        if not any(counts.values()):
-            raise SfmError(f"no matches between any two of the {len(readable)} images in {image_dir} ({dname})")
 
         start = time.perf_counter()
         build_database(

@@ -1,0 +1,59 @@
+"""exemplar_desc.distributed on its own: option checks before any process group, shares, and the
+collectives on a one-process Gloo group (the several-process behaviour is tested through the
+command lines, tests/sfm/test_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from exemplar_desc.cli import OptionError
+from exemplar_desc.distributed import Distributed, close_distributed, init_distributed
+
+
+def test_alone_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed("cuda:3") is None  # one process: --device is checked elsewhere
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("device, message", [("cuda:1", "each rank uses cuda:LOCAL_RANK"), ("cuda", "need a GPU each")])
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_refused_on_every_rank_before_joining(monkeypatch, device, message, local_rank):
+    processes = str(max(2, torch.cuda.device_count() + 1))  # more than the GPUs here
+    monkeypatch.setenv("WORLD_SIZE", processes)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    with pytest.raises(OptionError, match=message) as err:
+        init_distributed(device, option="--sfm-device")
+    assert err.value.option == "--sfm-device"
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 7])
+def test_shards_partition_in_round_robin(world_size):
+    items = [f"{i}.png" for i in range(5)]
+    shares = [Distributed(rank, world_size, rank, torch.device("cpu")).shard(items) for rank in range(world_size)]
+    assert sorted(n for share in shares for n in share) == items
+    assert shares[0][:2] == items[: 2 * world_size : world_size]
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield Distributed(0, 1, 0, torch.device("cpu"))
+    close_distributed()
+
+
+def test_collectives_of_one_rank(one_rank):
+    one_rank.barrier()
+    assert one_rank.all_gather_object({"a.png": 3}) == [{"a.png": 3}]
+    assert one_rank.run("adding", lambda: 1 + 1) == 2
+
+    def failing():
+        raise KeyError("a.png")
+
+    with pytest.raises(KeyError, match="a.png"):  # this rank's own error, unchanged
+        one_rank.run("reading", failing)
+    assert one_rank.run("adding", lambda: 2 + 2) == 4  # the group still works
