@@ -26,7 +26,7 @@ from .images import list_images
 from .model_io import save_model
 from .networks import DescriptorNet, count_flops
 from .training.head import fit_head
-from .training.distributed import DEFAULT_TIMEOUT_MINUTES, close_distributed, init_distributed, rank_from_env, world_size_from_env
+from .distributed import DEFAULT_TIMEOUT_MINUTES, close_distributed, init_distributed, rank_from_env, world_size_from_env
 from .training.loop import TrainConfig, TrainingInterrupted, train
 from .training.magnification import tune_magnification
 from .training.seeds import load_stl10_unlabeled

@@ -1,8 +1,8 @@
 """Unsupervised Exemplar-CNN training.
 
 Modules: :mod:`.seeds` (unlabeled images and seed patches), :mod:`.transforms` (the
-surrogate-class transformations), :mod:`.loop` (the training loop), :mod:`.distributed`
-(data-parallel training under torchrun), :mod:`.head` (the descriptor head's fit) and
+surrogate-class transformations), :mod:`.loop` (the training loop, data-parallel under torchrun through
+:mod:`exemplar_desc.distributed`), :mod:`.head` (the descriptor head's fit) and
 :mod:`.magnification` (choosing the patch magnification). The command line is
 ``python -m exemplar_desc.train``.
 """

@@ -28,7 +28,7 @@ from ..cli import OptionError, check, check_device, check_number
 from ..images import list_images
 from ..model_io import save_torch
 from ..networks import ARCHITECTURES, ExemplarClassifier, resolve_architecture
-from .distributed import Distributed
+from ..distributed import Distributed
 from .seeds import iter_rgb_images, load_stl10_unlabeled, sample_seeds, stl10_image_count
 from .transforms import SurrogateSampler, TransformConfig, sample_patches
 
