@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -17,7 +17,7 @@ from .patches import build_pyramid, extract_patches, keypoint_frames, keypoints_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExemplarDescriptor", "describe_frames"]
+__all__ = ["ExemplarDescriptor", "describe_frames", "describe_images"]
 
 
 @torch.inference_mode()
@@ -39,14 +39,57 @@ def describe_frames(
     Returns:
         (N, D) float32 descriptors with unit L2 norm.
     """
+    return describe_images(net, [(pyramid, centers, frames)], len(centers), patch_size, batch_size).cpu().numpy()
+
+
+@torch.inference_mode()
+def describe_images(
+    net: DescriptorNet,
+    items: Iterable[tuple[list[torch.Tensor], np.ndarray, np.ndarray]],
+    total: int,
+    patch_size: int = 32,
+    batch_size: int = 1024,
+) -> torch.Tensor:
+    """Describe the patches of many images in shared network batches of ``batch_size``.
+
+    Patches of consecutive images are concatenated, so a batch may hold the end of one image
+    and the start of the next; at most ``2 * batch_size`` patches are held at once, and an
+    image's pyramid is dropped once its patches are cut (``items`` may be a generator).
+
+    Args:
+        net: descriptor network (eval mode) on any device.
+        items: per image ``(pyramid, centers, frames)`` as for :func:`describe_frames`.
+        total: the number of keypoints of all images together.
+
+    Returns:
+        (total, D) float32 descriptors with unit L2 norm on the network's device, images in order.
+    """
     device = next(net.parameters()).device
-    desc = np.empty((len(centers), net.head.projection.shape[1]), dtype=np.float32)
-    for start in range(0, len(centers), batch_size):
-        stop = start + batch_size
-        patches = normalize_patches(extract_patches(pyramid, centers[start:stop], frames[start:stop], patch_size))
-        patches = patches.to(device).contiguous(memory_format=torch.channels_last)
-        desc[start:stop] = net(patches).float().cpu().numpy()
-    return desc
+    out = torch.empty((total, net.head.projection.shape[1]), dtype=torch.float32, device=device)
+    pending: list[torch.Tensor] = []
+    held = done = 0
+
+    def run(count: int) -> None:
+        nonlocal pending, held, done
+        batch = torch.cat(pending) if len(pending) > 1 else pending[0]
+        batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+        out[done : done + count] = net(batch[:count]).float()
+        pending, held, done = [batch[count:]] if count < len(batch) else [], held - count, done + count
+
+    for pyramid, centers, frames in items:
+        start = 0
+        while start < len(centers):
+            stop = min(len(centers), start + batch_size - held)  # fill the batch exactly
+            pending.append(normalize_patches(extract_patches(pyramid, centers[start:stop], frames[start:stop], patch_size)))
+            held += stop - start
+            start = stop
+            if held == batch_size:
+                run(batch_size)
+    if held:
+        run(held)
+    if done != total:
+        raise ValueError(f"total={total} but the images hold {done} keypoints")
+    return out
 
 
 class ExemplarDescriptor:
@@ -137,28 +180,34 @@ class ExemplarDescriptor:
         gray = to_gray_float(image)
         return self.detector.detect(self._to_uint8(gray), self._check_mask(mask, gray.shape))
 
-    def compute(self, image: np.ndarray, keypoints: Sequence[cv2.KeyPoint]) -> tuple[list[cv2.KeyPoint], np.ndarray | None]:
-        """Describe keypoints.
+    def compute(
+        self, image: np.ndarray | Sequence[np.ndarray], keypoints: Sequence[cv2.KeyPoint] | Sequence[Sequence[cv2.KeyPoint]]
+    ) -> tuple[list[cv2.KeyPoint], np.ndarray | None] | tuple[list[list[cv2.KeyPoint]], list[np.ndarray | None]]:
+        """Describe keypoints of one image, or of many images in shared network batches.
 
         Args:
             image: (H, W) grey, (H, W, 3) BGR or (H, W, 4) BGRA; uint8, uint16 or float in [0, 1].
+                Or a list of such images (OpenCV's convention for many images), with
+                ``keypoints`` a list of keypoint lists of the same length.
             keypoints: cv2.KeyPoints from any detector (pixel coordinates, ``size`` a diameter in
                 pixels, ``angle`` in degrees clockwise, -1 for none).
 
         Returns:
             (keypoints as a list, in the given order; descriptors (N, D) float32 with unit L2 norm,
             or uint8 with ``output_dtype=np.uint8``). An empty keypoint list gives ``([], None)``.
+            For a list of images: a list of keypoint lists and a list of descriptor arrays (or
+            None), one per image. The patches of all images are described in network batches
+            of ``batch_size``, so many images with few keypoints each fill the batches.
         """
-        gray = to_gray_float(image)
-        if keypoints is None:
-            raise TypeError("keypoints must be a sequence of cv2.KeyPoint, got None")
-        keypoints = list(keypoints)
-        if not keypoints:
-            return [], None
-        xy, size, angle = keypoints_to_arrays(keypoints)
-        frames = keypoint_frames(size, None if self.upright else angle, self.magnification)
-        desc = self._describe(build_pyramid(gray), xy, frames)
-        return keypoints, self._finish(desc)
+        if isinstance(image, (list, tuple)):
+            if not isinstance(keypoints, (list, tuple)) or len(keypoints) != len(image):
+                raise TypeError(
+                    f"with a list of {len(image)} images, keypoints must be a list of {len(image)} keypoint lists, "
+                    f"got {type(keypoints).__name__}" + (f" of length {len(keypoints)}" if isinstance(keypoints, (list, tuple)) else "")
+                )
+            return self._compute_many(list(image), list(keypoints), "images[{}]", "keypoints[{}]")
+        kps, desc = self._compute_many([image], [keypoints], "image", "keypoints")
+        return kps[0], desc[0]
 
     def detectAndCompute(
         self,
@@ -199,6 +248,31 @@ class ExemplarDescriptor:
         return torch.stack(out).to(image.device)
 
     # --- internals -----------------------------------------------------------------------
+
+    def _compute_many(
+        self, images: list, keypoints: list, image_name: str, keypoints_name: str
+    ) -> tuple[list[list[cv2.KeyPoint]], list[np.ndarray | None]]:
+        """Check every keypoint list, then describe the images' keypoints in shared batches."""
+        lists, arrays = [], []
+        for i, kps in enumerate(keypoints):
+            name = keypoints_name.format(i)
+            if kps is None:
+                raise TypeError(f"{name} must be a sequence of cv2.KeyPoint, got None")
+            kps = list(kps)
+            lists.append(kps)
+            arrays.append(keypoints_to_arrays(kps, name) if kps else None)
+
+        def items():
+            for i, (image, arr) in enumerate(zip(images, arrays)):
+                gray = to_gray_float(image, image_name.format(i))
+                if arr is not None:
+                    xy, size, angle = arr
+                    yield build_pyramid(gray), xy, keypoint_frames(size, None if self.upright else angle, self.magnification)
+
+        counts = [len(k) for k in lists]
+        desc = describe_images(self.net, items(), sum(counts), self.patch_size, self.batch_size).cpu().numpy()
+        parts = np.split(desc, np.cumsum(counts)[:-1])
+        return lists, [self._finish(d) if len(d) else None for d in parts]
 
     def _describe(self, pyramid: list[torch.Tensor], centers: np.ndarray, frames: np.ndarray) -> np.ndarray:
         return describe_frames(self.net, pyramid, centers, frames, self.patch_size, self.batch_size)

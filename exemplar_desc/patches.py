@@ -81,8 +81,14 @@ def to_gray_float(image: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def keypoints_to_arrays(keypoints: Sequence[cv2.KeyPoint]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def keypoints_to_arrays(
+    keypoints: Sequence[cv2.KeyPoint], name: str = "keypoints"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split cv2.KeyPoints into arrays.
+
+    Args:
+        keypoints: the keypoints.
+        name: what to call the argument in error messages (``keypoints[i]`` names the offender).
 
     Returns:
         xy: (N, 2) float32 pixel coordinates (x, y);
@@ -91,18 +97,23 @@ def keypoints_to_arrays(keypoints: Sequence[cv2.KeyPoint]) -> tuple[np.ndarray, 
 
     Raises:
         TypeError: an element is not a cv2.KeyPoint.
-        ValueError: a non-finite coordinate or a non-positive size.
+        ValueError: a non-finite coordinate or angle, or a size that is not positive and finite.
     """
     for i, kp in enumerate(keypoints):
         if not isinstance(kp, cv2.KeyPoint):
-            raise TypeError(f"keypoints[{i}] must be a cv2.KeyPoint, got {type(kp).__name__}")
+            raise TypeError(f"{name}[{i}] must be a cv2.KeyPoint, got {type(kp).__name__}")
     xy = np.array([kp.pt for kp in keypoints], dtype=np.float32).reshape(-1, 2)
     size = np.array([kp.size for kp in keypoints], dtype=np.float32)
     angle = np.array([kp.angle for kp in keypoints], dtype=np.float32)
-    if not np.all(np.isfinite(xy)):
-        raise ValueError("keypoint coordinates must be finite")
-    if not np.all(np.isfinite(size) & (size > 0)):
-        raise ValueError("KeyPoint.size must be positive and finite (it is the diameter in pixels)")
+    checks = (
+        (np.isfinite(xy).all(axis=1), "pt", "coordinates must be finite pixels"),
+        (np.isfinite(size) & (size > 0), "size", "must be a positive, finite diameter in pixels"),
+        (np.isfinite(angle), "angle", "must be finite degrees (-1 for none)"),
+    )
+    for ok, field, allowed in checks:
+        if not ok.all():
+            i = int(np.argmin(ok))
+            raise ValueError(f"{name}[{i}].{field} = {getattr(keypoints[i], field)}: {allowed}")
     return xy, size, angle
 
 

@@ -166,3 +166,31 @@ def test_cuda_gives_the_cpu_descriptors(random_model, photo_bgr, keypoints):
     gpu = ExemplarDescriptor(random_model, device="cuda").compute(photo_bgr, keypoints)[1]
     assert gpu.dtype == np.float32 and gpu.shape == cpu.shape
     np.testing.assert_allclose(gpu, cpu, atol=1e-3)
+
+
+def test_list_compute_equals_per_image_compute(random_model, photo_bgr, keypoints):
+    """Many images in OpenCV's list convention, described in shared batches, as one at a time."""
+    descriptor = ExemplarDescriptor(random_model, batch_size=64)  # batches span image boundaries
+    gray = cv2.cvtColor(photo_bgr, cv2.COLOR_BGR2GRAY)
+    images = [photo_bgr, gray[::-1].copy(), gray[:300, :200].copy(), photo_bgr, photo_bgr]
+    few = [cv2.KeyPoint(50.0, 60.0, 8.0, 30.0)] * 3
+    kps = [list(keypoints[:100]), list(keypoints[100:137]), few, [], list(keypoints[:50])]
+    out_kps, descs = descriptor.compute(images, kps)
+    assert isinstance(out_kps, list) and isinstance(descs, list) and len(descs) == len(images)
+    for image, given, got_kps, got in zip(images, kps, out_kps, descs):
+        ref_kps, ref = descriptor.compute(image, given)
+        assert got_kps == ref_kps == given
+        if ref is None:
+            assert got is None
+        else:
+            assert got.shape == ref.shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_list_compute_checks_its_arguments(descriptor, photo_bgr, keypoints):
+    with pytest.raises(TypeError, match="2 keypoint lists"):
+        descriptor.compute([photo_bgr, photo_bgr], [keypoints])
+    with pytest.raises(TypeError, match=r"images\[1\]"):
+        descriptor.compute([photo_bgr, "x.png"], [keypoints, keypoints])
+    with pytest.raises(TypeError, match=r"keypoints\[1\]\[0\]"):
+        descriptor.compute([photo_bgr, photo_bgr], [keypoints, [(1, 2)]])
