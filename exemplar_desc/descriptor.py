@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import torch
 
+from .cli import check_number
 from .model_io import load_model
 from .networks import DescriptorNet
 from .quantization import quantize_uint8
@@ -129,8 +130,7 @@ class ExemplarDescriptor:
         detector: cv2.Feature2D | None = None,
         output_dtype: type = np.float32,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_number("batch_size", batch_size, low=1, integer=True)
         if np.dtype(output_dtype) not in (np.float32, np.uint8):
             raise ValueError(f"output_dtype must be np.float32 or np.uint8, got {output_dtype}")
         self.device = torch.device(device)
@@ -138,12 +138,12 @@ class ExemplarDescriptor:
             raise ValueError("device='cuda' requested but CUDA is not available; use device='cpu'")
         self.net, self.card = load_model(model, self.device)
         self.net = self.net.fuse_batch_norm().to(memory_format=torch.channels_last)
+        if magnification is not None:
+            check_number("magnification", magnification, low=0, low_open=True)
         self.magnification = float(self.card["magnification"] if magnification is None else magnification)
-        if not self.magnification > 0:
-            raise ValueError(f"magnification must be positive, got {self.magnification}")
         self.patch_size = int(self.card["patch_size"])
         self.upright = upright
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.output_dtype = np.dtype(output_dtype)
         self.detector = detector if detector is not None else cv2.SIFT_create()
 
@@ -240,6 +240,10 @@ class ExemplarDescriptor:
             raise ValueError(f"image must be a (B, 1|3, H, W) tensor, got {getattr(image, 'shape', type(image))}")
         if not isinstance(lafs, torch.Tensor) or lafs.ndim != 4 or lafs.shape[2:] != (2, 3) or lafs.shape[0] != image.shape[0]:
             raise ValueError(f"lafs must be a (B, N, 2, 3) tensor with the image's B, got {getattr(lafs, 'shape', type(lafs))}")
+        finite = torch.isfinite(lafs).flatten(2).all(2)
+        if not finite.all():
+            b, n = (int(i) for i in torch.nonzero(~finite)[0])
+            raise ValueError(f"lafs[{b}, {n}] = {lafs[b, n].tolist()}: must be finite pixels")
         out = []
         for img, laf in zip(image.detach().cpu(), lafs.detach().cpu().double().numpy()):
             rgb = img.permute(1, 2, 0).float().numpy()

@@ -194,3 +194,39 @@ def test_list_compute_checks_its_arguments(descriptor, photo_bgr, keypoints):
         descriptor.compute([photo_bgr, "x.png"], [keypoints, keypoints])
     with pytest.raises(TypeError, match=r"keypoints\[1\]\[0\]"):
         descriptor.compute([photo_bgr, photo_bgr], [keypoints, [(1, 2)]])
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [(cv2.KeyPoint(10.0, 10.0, 5.0, float("nan")), "angle"), (cv2.KeyPoint(10.0, 10.0, 5.0, float("inf")), "angle"),
+     (cv2.KeyPoint(10.0, 10.0, float("nan")), "size"), (cv2.KeyPoint(10.0, 10.0, float("inf")), "size"),
+     (cv2.KeyPoint(10.0, 10.0, -2.0), "size"), (cv2.KeyPoint(float("nan"), 10.0, 5.0), "pt"),
+     (cv2.KeyPoint(10.0, float("-inf"), 5.0), "pt")],
+)
+def test_non_finite_keypoints_are_named_by_index(descriptor, photo_bgr, bad, field):
+    good = [cv2.KeyPoint(20.0, 20.0, 5.0, 10.0)] * 3
+    with pytest.raises(ValueError, match=rf"keypoints\[3\]\.{field} = "):
+        descriptor.compute(photo_bgr, good + [bad])
+    with pytest.raises(ValueError, match=rf"keypoints\[1\]\[2\]\.{field} = "):
+        descriptor.compute([photo_bgr, photo_bgr], [good, good[:2] + [bad]])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0, -3.0, "12"])
+def test_bad_magnification_is_refused(random_model, value):
+    with pytest.raises(ValueError, match="magnification"):
+        ExemplarDescriptor(random_model, magnification=value)
+
+
+@pytest.mark.parametrize("value", [2.5, 0, -1, float("inf"), "64", True])
+def test_bad_batch_size_is_refused(random_model, value):
+    with pytest.raises(ValueError, match="batch_size"):
+        ExemplarDescriptor(random_model, batch_size=value)
+
+
+def test_non_finite_laf_is_named_by_index(descriptor):
+    image = torch.rand(2, 1, 64, 64)
+    lafs = torch.tensor([[[4.0, 0, 32], [0, 4.0, 32]]]).repeat(2, 3, 1, 1)
+    assert descriptor.compute_lafs(image, lafs).shape == (2, 3, 128)
+    lafs[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"lafs\[1, 2\]"):
+        descriptor.compute_lafs(image, lafs)
