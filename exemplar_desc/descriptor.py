@@ -14,7 +14,16 @@ from .cli import check_number
 from .model_io import load_model
 from .networks import DescriptorNet
 from .quantization import quantize_uint8
-from .patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches, to_gray_float
+from .patches import (
+    BGR_TO_GRAY,
+    build_pyramid,
+    extract_patches,
+    gray_tensor,
+    keypoint_frames,
+    keypoints_to_arrays,
+    normalize_patches,
+    to_gray_float,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ def describe_frames(
 @torch.inference_mode()
 def describe_images(
     net: DescriptorNet,
-    items: Iterable[tuple[list[torch.Tensor], np.ndarray, np.ndarray]],
+    items: Iterable[tuple[list[torch.Tensor], np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
     total: int,
     patch_size: int = 32,
     batch_size: int = 1024,
@@ -56,10 +65,12 @@ def describe_images(
     Patches of consecutive images are concatenated, so a batch may hold the end of one image
     and the start of the next; at most ``2 * batch_size`` patches are held at once, and an
     image's pyramid is dropped once its patches are cut (``items`` may be a generator).
+    Everything stays on the network's device: sampling, standardisation, network, head.
 
     Args:
         net: descriptor network (eval mode) on any device.
-        items: per image ``(pyramid, centers, frames)`` as for :func:`describe_frames`.
+        items: per image ``(pyramid, centers, frames)`` as for :func:`describe_frames`, the
+            pyramid on the network's device (numpy centers and frames are uploaded).
         total: the number of keypoints of all images together.
 
     Returns:
@@ -240,16 +251,18 @@ class ExemplarDescriptor:
             raise ValueError(f"image must be a (B, 1|3, H, W) tensor, got {getattr(image, 'shape', type(image))}")
         if not isinstance(lafs, torch.Tensor) or lafs.ndim != 4 or lafs.shape[2:] != (2, 3) or lafs.shape[0] != image.shape[0]:
             raise ValueError(f"lafs must be a (B, N, 2, 3) tensor with the image's B, got {getattr(lafs, 'shape', type(lafs))}")
+        input_device = image.device
         finite = torch.isfinite(lafs).flatten(2).all(2)
         if not finite.all():
             b, n = (int(i) for i in torch.nonzero(~finite)[0])
             raise ValueError(f"lafs[{b}, {n}] = {lafs[b, n].tolist()}: must be finite pixels")
-        out = []
-        for img, laf in zip(image.detach().cpu(), lafs.detach().cpu().double().numpy()):
-            rgb = img.permute(1, 2, 0).float().numpy()
-            gray = to_gray_float(np.ascontiguousarray(rgb[..., ::-1]) if rgb.shape[2] == 3 else rgb)
-            out.append(torch.from_numpy(self._describe(build_pyramid(gray), laf[:, :, 2], laf[:, :, :2])))
-        return torch.stack(out).to(image.device)
+        image, lafs = image.detach().to(self.device), lafs.detach().to(self.device, torch.float64)
+        if image.shape[1] == 3:  # RGB, with OpenCV's grey weights
+            b, g, r = BGR_TO_GRAY
+            image = image[:, 0:1] * r + image[:, 1:2] * g + image[:, 2:3] * b
+        items = ((build_pyramid(img[0].float()), laf[:, :, 2], laf[:, :, :2]) for img, laf in zip(image, lafs))
+        desc = describe_images(self.net, items, lafs.shape[0] * lafs.shape[1], self.patch_size, self.batch_size)
+        return desc.reshape(lafs.shape[0], lafs.shape[1], -1).to(input_device)
 
     # --- internals -----------------------------------------------------------------------
 
@@ -268,18 +281,16 @@ class ExemplarDescriptor:
 
         def items():
             for i, (image, arr) in enumerate(zip(images, arrays)):
-                gray = to_gray_float(image, image_name.format(i))
+                gray = gray_tensor(image, self.device, image_name.format(i))  # checks every image
                 if arr is not None:
                     xy, size, angle = arr
-                    yield build_pyramid(gray), xy, keypoint_frames(size, None if self.upright else angle, self.magnification)
+                    frames = keypoint_frames(size, None if self.upright else angle, self.magnification)
+                    yield build_pyramid(gray), torch.from_numpy(xy).to(self.device), torch.from_numpy(frames).to(self.device)
 
         counts = [len(k) for k in lists]
         desc = describe_images(self.net, items(), sum(counts), self.patch_size, self.batch_size).cpu().numpy()
         parts = np.split(desc, np.cumsum(counts)[:-1])
         return lists, [self._finish(d) if len(d) else None for d in parts]
-
-    def _describe(self, pyramid: list[torch.Tensor], centers: np.ndarray, frames: np.ndarray) -> np.ndarray:
-        return describe_frames(self.net, pyramid, centers, frames, self.patch_size, self.batch_size)
 
     def _finish(self, desc: np.ndarray) -> np.ndarray:
         return quantize_uint8(desc, signed=True) if self.output_dtype == np.uint8 else desc
