@@ -1,7 +1,7 @@
 """Command line: detect and describe a folder of images into one hloc-layout ``features.h5``.
 
     python -m exemplar_desc.extract --images DIR --out features.h5 [--descriptor NAME]
-        [--max-size PX] [--max-keypoints N] [--device cpu|cuda] [--workers N] [--batch-size N]
+        [--max-size PX] [--max-keypoints N] [--device cpu|cuda] [--workers N] [--batch-size N] [--precision bf16]
 
 Images are read, decoded and detected (OpenCV SIFT/DoG) in ``--workers`` processes,
 described on ``--device`` in network batches shared across images, and written as they
@@ -42,6 +42,8 @@ def _parser() -> ArgumentParser:
                    help="processes that read, decode and detect, 0 for none (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patches per network batch, shared across images (default: 1024 on the CPU, 8192 on CUDA)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="Exemplar convolutions in float32 or bfloat16 (faster on CPUs with AVX512-BF16/AMX; default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a file of another descriptor and extract every image again")
     p.add_argument("--verbose", action="store_true", help="log skipped images and reuse decisions")
     return p
@@ -61,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_size is not None:
             check(exemplar, "--batch-size", args.batch_size, "only applies to an Exemplar descriptor")
             check_number("--batch-size", args.batch_size, low=1, integer=True)
+        check(exemplar or args.precision == "fp32", "--precision", args.precision, "only applies to an Exemplar descriptor")
         if args.magnification is not None:
             check(exemplar, "--magnification", args.magnification, "only applies to an Exemplar descriptor")
             check_number("--magnification", args.magnification, low=0, low_open=True)
@@ -74,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs = {}
         if exemplar:
             batch_size = args.batch_size or (8192 if device.type == "cuda" else 1024)
-            kwargs = {"magnification": args.magnification, "batch_size": batch_size}
+            kwargs = {"magnification": args.magnification, "batch_size": batch_size, "precision": args.precision}
         try:
             descriptor = create_descriptor(args.descriptor, device=str(device), **kwargs)
         except (FileNotFoundError, ValueError) as err:

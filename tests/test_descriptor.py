@@ -230,3 +230,16 @@ def test_non_finite_laf_is_named_by_index(descriptor):
     lafs[1, 2, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"lafs\[1, 2\]"):
         descriptor.compute_lafs(image, lafs)
+
+
+def test_bf16_stays_within_cosine_0999_of_fp32(photo_bgr, keypoints):
+    """The shipped model with bfloat16 convolutions (head in float32) against float32."""
+    fp32 = ExemplarDescriptor().compute(photo_bgr, keypoints)[1]
+    bf16 = ExemplarDescriptor(precision="bf16")
+    assert "precision='bf16'" in repr(bf16)
+    out = bf16.compute(photo_bgr, keypoints)[1]
+    assert out.dtype == np.float32 and out.shape == fp32.shape
+    cos = (out * fp32).sum(1)
+    assert cos.min() > 0.999 and np.median(cos) > 0.9999
+    with pytest.raises(ValueError, match="precision"):
+        ExemplarDescriptor(precision="int8")

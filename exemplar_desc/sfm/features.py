@@ -125,7 +125,8 @@ def _identity(descriptor: Any) -> str:
     """What distinguishes two extractors of one name: an Exemplar model's weights and patch geometry."""
     card = getattr(descriptor, "card", None)
     if card is not None:
-        return f"sha256 {card['sha256']}, magnification {descriptor.magnification:g}, upright {descriptor.upright}"
+        precision = "" if descriptor.precision == "fp32" else f", precision {descriptor.precision}"
+        return f"sha256 {card['sha256']}, magnification {descriptor.magnification:g}, upright {descriptor.upright}{precision}"
     return f"{type(descriptor).__name__}, OpenCV {cv2.__version__}"
 
 
