@@ -79,7 +79,7 @@ def describe_images(
     Returns:
         (total, D) float32 descriptors with unit L2 norm on the network's device, images in order.
     """
-    device = next(net.parameters()).device
+    device = net.head.projection.device
     out = torch.empty((total, net.head.projection.shape[1]), dtype=torch.float32, device=device)
     pending: list[torch.Tensor] = []
     held = done = 0

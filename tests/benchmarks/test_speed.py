@@ -41,3 +41,12 @@ def test_speed_rejects_bad_options(capsys, args, message):
 def test_speed_rejects_a_missing_image(capsys, tmp_path):
     assert main(["--descriptor", "sift", "--image", str(tmp_path / "missing.ppm")]) == 2
     assert "missing.ppm" in capsys.readouterr().err
+
+
+def test_cpu_levers_rejects_bad_options(capsys, tmp_path):
+    from benchmarks.cpu_levers import main as levers
+
+    assert levers(["--image", str(tmp_path / "missing.ppm")]) == 2
+    assert levers(["--image", str(tmp_path / "missing.ppm"), "--repeats", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "missing.ppm" in err[0] and "--repeats 0" in err[1]
