@@ -9,18 +9,27 @@ are done. The file has the layout of :mod:`exemplar_desc.sfm.features` (hloc's, 
 in original pixels); the SfM command line writes the same through the same code. A re-run
 copies the images whose file, descriptor and settings are unchanged; an interrupted run
 leaves any previous file as it was and no partial one.
+
+Several processes (``torchrun --nproc_per_node N -m exemplar_desc.extract ...``): rank r
+takes images r, r + N, ..., writes them to a part file beside ``--out`` (reusing from the
+previous ``--out``), and rank 0 merges the parts into ``--out`` in image order; the file
+holds the same as one process writes. The ranks meet through torch.distributed (gloo).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
+
+import torch.distributed as dist
 
 from .baselines import create_descriptor
 from .cli import ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
 from .images import list_images
-from .sfm.features import OutputConflictError, check_feature_file, extract_features
+from .sfm.features import ExtractionResult, OutputConflictError, check_feature_file, extract_features, merge_feature_files
 
 __all__ = ["main"]
 
@@ -49,9 +58,46 @@ def _parser() -> ArgumentParser:
     return p
 
 
+def _extract_distributed(
+    image_dir: str, names: list[str], dname: str, descriptor, out: Path, rank: int, world: int, common: dict
+) -> ExtractionResult:
+    """This rank's share of the images into a part file; rank 0 merges the parts into ``out``.
+
+    Returns:
+        On rank 0 the result of all ranks, images in input order; on the others their own.
+    """
+    dist.init_process_group("gloo")
+    try:
+        part = out.with_name(f".{out.name}.part{rank}of{world}")
+        mine = extract_features(image_dir, names[rank::world], {dname: descriptor}, {dname: part},
+                                previous_paths={dname: out}, progress=rank == 0, **common)
+        results: list[ExtractionResult | None] = [None] * world
+        dist.all_gather_object(results, mine)  # also waits until every part is complete
+        if rank:
+            dist.barrier()
+            return mine
+        parts = [out.with_name(f".{out.name}.part{r}of{world}") for r in range(world)]
+        merge_feature_files(parts, names, out)
+        for p in parts:
+            p.unlink()
+        done = {n for r in results for n in r.names}
+        merged = ExtractionResult(
+            names=[n for n in names if n in done],
+            skipped={n: why for r in results for n, why in r.skipped.items()},
+            reused=[n for n in names if any(n in r.reused for r in results)],
+            num_keypoints={dname: {n: k for r in results for n, k in r.num_keypoints[dname].items()}},
+        )
+        dist.barrier()  # the merged file exists before any rank returns
+        return merged
+    finally:
+        # On an error this rank exits non-zero and torchrun stops the others.
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0: written, 2: bad option or output, before any work)."""
     args = _parser().parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     exemplar = args.descriptor == "exemplar" or args.descriptor.startswith("exemplar:")
     try:
@@ -83,10 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as err:
             raise OptionError("--descriptor", args.descriptor, str(err)) from None
     except (ValueError, OutputConflictError) as err:
-        return report(err)
-    result = extract_features(args.images, names, {args.descriptor: descriptor}, {args.descriptor: out},
-                              max_size=args.max_size, max_keypoints=args.max_keypoints, reuse=not args.overwrite,
-                              workers=args.workers)
+        return report(err) if rank == 0 else 2  # every rank checks; one says so
+    common = {"max_size": args.max_size, "max_keypoints": args.max_keypoints, "reuse": not args.overwrite,
+              "workers": args.workers}
+    if world == 1:
+        result = extract_features(args.images, names, {args.descriptor: descriptor}, {args.descriptor: out}, **common)
+    else:
+        result = _extract_distributed(args.images, names, args.descriptor, descriptor, out, rank, world, common)
+        if rank:
+            return 0
     counts = result.num_keypoints[args.descriptor]
     print(f"{len(result.names)} images ({len(result.reused)} reused, {len(result.skipped)} skipped), "
           f"{sum(counts.values())} keypoints -> {out}")

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -65,6 +70,31 @@ def test_hloc_layout_and_workers_give_the_same_file(images, tmp_path, random_mod
         for key in a:
             if isinstance(a[key], tuple):
                 np.testing.assert_array_equal(a[key][0], b[key][0], err_msg=key)
+                assert a[key][1] == b[key][1], key
+            else:
+                assert a[key] == b[key], key
+
+
+def test_two_processes_write_what_one_writes(images, tmp_path, random_model):
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    assert main(_args(images, one, random_model, "--workers", "0")) == 0
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "exemplar_desc.extract", *_args(images, two, random_model, "--workers", "0")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("4 images (0 reused, 1 skipped)") == 1  # rank 0 reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.h5", "two.h5"]  # parts merged and removed
+    with h5py.File(one, "r") as f, h5py.File(two, "r") as g:
+        a, b = _contents(f), _contents(g)
+        assert list(f) == list(g) and a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], tuple):
+                # Two processes run one thread each: float sums may round differently.
+                np.testing.assert_allclose(a[key][0], b[key][0], atol=1e-6, err_msg=key)
                 assert a[key][1] == b[key][1], key
             else:
                 assert a[key] == b[key], key

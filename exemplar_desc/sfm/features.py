@@ -59,6 +59,7 @@ __all__ = [
     "ExtractionResult",
     "check_feature_file",
     "extract_features",
+    "merge_feature_files",
 ]
 
 FEATURES_FORMAT = "exemplar_desc.sfm.features/1"
@@ -294,6 +295,7 @@ def extract_features(
     reuse: bool = True,
     workers: int = 0,
     progress: bool = True,
+    previous_paths: Mapping[str, str | Path] | None = None,
 ) -> ExtractionResult:
     """Detect keypoints once per image and describe them with each descriptor.
 
@@ -310,6 +312,8 @@ def extract_features(
         workers: processes that read, decode and detect (0: in this process); the results
             do not depend on it.
         progress: show a progress bar (on stderr).
+        previous_paths: descriptor name -> the file to reuse groups from, when it is not the
+            output itself (a part file of a multi-process run reuses from the final file).
 
     Returns:
         An :class:`ExtractionResult`. Unreadable images are skipped, logged and listed.
@@ -330,8 +334,9 @@ def extract_features(
             olds: dict[str, h5py.File | None] = {}
             news: dict[str, h5py.File] = {}
             for dname, path in feature_paths.items():
-                keep = check_feature_file(path, dname) if reuse else False
-                olds[dname] = stack.enter_context(h5py.File(path, "r")) if keep else None
+                source = Path((previous_paths or {}).get(dname, path))
+                keep = check_feature_file(source, dname) if reuse else False
+                olds[dname] = stack.enter_context(h5py.File(source, "r")) if keep else None
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 news[dname] = stack.enter_context(h5py.File(tmp_paths[dname], "w"))
                 news[dname].attrs.update(
@@ -366,3 +371,34 @@ def extract_features(
     for dname, path in feature_paths.items():
         os.replace(tmp_paths[dname], path)
     return result
+
+
+def merge_feature_files(parts: Sequence[str | Path], names: Sequence[str], path: str | Path) -> None:
+    """Merge complete feature files that hold disjoint images into one, images in ``names`` order.
+
+    The result has the parts' root attributes and is written as ``<path>.tmp`` and moved into
+    place after its ``complete`` flag is set, as :func:`extract_features` does; the parts are
+    left as they are.
+
+    Raises:
+        ValueError: a part is incomplete or its root attributes differ from the first part's.
+    """
+    path, tmp = Path(path), Path(str(path) + ".tmp")
+    try:
+        with ExitStack() as stack:
+            files = [stack.enter_context(h5py.File(p, "r")) for p in parts]
+            attrs = dict(files[0].attrs)
+            for p, f in zip(parts, files):
+                if not f.attrs.get("complete", False) or dict(f.attrs) != attrs:
+                    raise ValueError(f"{p} is incomplete or was made with other settings than {parts[0]}")
+            out = stack.enter_context(h5py.File(tmp, "w"))
+            out.attrs.update({**attrs, "complete": False})
+            for name in names:
+                for f in files:
+                    if name in f:
+                        f.copy(f[name], out, name=name)
+            out.attrs["complete"] = True
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
