@@ -223,7 +223,8 @@ def extract_patches(
     out = torch.empty((n, 1, patch_size, patch_size), dtype=torch.float32, device=device)
     if n == 0:
         return out
-    step = 2 * torch.sqrt(torch.abs(torch.linalg.det(frames))) / patch_size  # level-0 pixels per patch pixel
+    det = frames[:, 0, 0] * frames[:, 1, 1] - frames[:, 0, 1] * frames[:, 1, 0]  # no LU solver for 2x2 (CUDA)
+    step = 2 * torch.sqrt(torch.abs(det)) / patch_size  # level-0 pixels per patch pixel
     level = torch.floor(torch.log2(step.clamp_min(1e-12))).clamp(0, len(pyramid) - 1).long()
     cells = (2 * torch.arange(patch_size, device=device, dtype=torch.float32) + 1) / patch_size - 1
     v, u = torch.meshgrid(cells, cells, indexing="ij")  # (P, P): u along a row, v down the rows
