@@ -260,6 +260,10 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     Returns:
         (B, C, P, P) tensor; makes descriptors invariant to affine intensity changes.
     """
-    mean = patches.mean(dim=(1, 2, 3), keepdim=True)
-    std = patches.std(dim=(1, 2, 3), keepdim=True)
-    return (patches - mean) / (std + eps)
+    dims = (1, 2, 3)
+    centred = patches - patches.mean(dim=dims, keepdim=True)
+    # Two-pass standard deviation (unbiased, as Tensor.std) from the centred values we need
+    # anyway: several times faster on the CPU than Tensor.std's Welford reduction.
+    count = patches[0].numel()
+    std = torch.sqrt(centred.square().sum(dim=dims, keepdim=True) / max(count - 1, 1))
+    return centred / (std + eps)
