@@ -101,9 +101,9 @@ def catalogue() -> tuple[list[str], dict[str, str]]:
     return names, unavailable
 
 
-def _build(name: str, device: str, magnification: float | None):
+def _build(name: str, device: str, magnification: float | None, **exemplar_options):
     if name == "exemplar" or name.startswith("exemplar:"):
-        return create_descriptor(name, device=device, magnification=magnification)
+        return create_descriptor(name, device=device, magnification=magnification, **exemplar_options)
     if name in ("sift", "rootsift"):
         return create_descriptor(name, device=device)
     import kornia.feature as KF
@@ -119,7 +119,7 @@ def _build(name: str, device: str, magnification: float | None):
 
 
 def build_descriptors(
-    names: Sequence[str] | None = None, device: str = "cpu", magnification: float | None = None
+    names: Sequence[str] | None = None, device: str = "cpu", magnification: float | None = None, **exemplar_options
 ) -> tuple[dict[str, object], dict[str, str]]:
     """Build descriptors by name.
 
@@ -128,6 +128,7 @@ def build_descriptors(
             ``None`` means all of them.
         device: torch device for the network descriptors.
         magnification: patch side / ``KeyPoint.size`` for the Exemplar models (``None``: each card's).
+        exemplar_options: more :class:`ExemplarDescriptor` arguments (``precision``, ``batch_size``).
 
     Returns:
         ``{name: descriptor}`` for those that could be built, and ``{name: reason}`` for
@@ -147,7 +148,7 @@ def build_descriptors(
             reasons[name] = skipped[name]
             continue
         try:
-            built[name] = _build(name, device, magnification)
+            built[name] = _build(name, device, magnification, **exemplar_options)
         except Exception as err:  # a peer that cannot load is reported, not fatal
             reasons[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             logger.info("descriptor %s skipped: %s", name, reasons[name])

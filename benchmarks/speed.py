@@ -3,41 +3,113 @@
 Usage::
 
     python -m benchmarks.speed                                   # shipped Exemplar model, skimage photo
-    python -m benchmarks.speed --image ../shared/data/oxford/graf/img1.ppm --descriptor tfeat
-    python -m benchmarks.speed --device cuda
+    python -m benchmarks.speed --image ../shared/data/oxford/graf/img1.ppm --precision bf16
+    python -m benchmarks.speed --device cuda --counts 2000,8000,32000 --images 16
 
-Both descriptors describe the same 2000 SIFT keypoints of one 800x640 image in the same
-process; after one warm-up call each, ``--repeats`` calls of each are timed alternately
-and the medians are reported, with their ratio and descriptors per second.
+For each count N of ``--counts`` both descriptors describe the same N keypoints of one
+image (SIFT's strongest; where the image has fewer, its keypoints are repeated, which
+costs the same per keypoint), then ``--images`` copies of the image with ``--num-features``
+keypoints each in one list call (OpenCV's many-image convention; SIFT loops over them).
+After one warm-up call each, ``--repeats`` calls of each are timed alternately and the
+medians are reported, with descriptors per second and the ratio of the times. For an
+Exemplar descriptor the time of one call is then split into its stages (upload, pyramid,
+sampling, network, download), and on CUDA the network alone is timed on resident patches.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
+from typing import Callable
 
 import cv2
 import numpy as np
+import torch
+
+from exemplar_desc import ExemplarDescriptor
+from exemplar_desc.cli import ArgumentParser, OptionError, check, check_device, check_number, report
+from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
 from .descriptors import build_descriptors, catalogue
 from .matching import detect
 from .synthetic import sample_photo
 
-__all__ = ["time_compute", "main"]
+__all__ = ["time_calls", "stage_times", "main"]
 
 IMAGE_SIZE = (800, 640)  # (width, height), graf img1's size
 
 
-def time_compute(descriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint], repeats: int) -> list[float]:
-    """Wall-clock seconds of each of ``repeats`` calls of ``descriptor.compute(image, keypoints)``; warm up before."""
-    times = []
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall-clock seconds of each call over ``repeats`` rounds, after one warm-up each.
+
+    The calls alternate within a round, so background load affects all of them alike.
+    """
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        descriptor.compute(image, keypoints)
-        times.append(time.perf_counter() - start)
-    return times
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+@torch.inference_mode()
+def stage_times(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint], repeats: int) -> dict[str, float]:
+    """Median seconds of each stage of :meth:`ExemplarDescriptor.compute` on one image.
+
+    Stages: ``upload`` (grey conversion on the device, with the transfer), ``pyramid``,
+    ``sampling`` (patches and standardisation), ``network`` (trunk and head), ``download``;
+    each is synchronised on CUDA, so the sum exceeds a pipelined call slightly.
+    """
+    device, bs = descriptor.device, descriptor.batch_size
+    xy, size, angle = keypoints_to_arrays(keypoints)
+    frames = torch.from_numpy(keypoint_frames(size, angle, descriptor.magnification)).to(device)
+    centers = torch.from_numpy(xy).to(device)
+    state: dict[str, object] = {}
+
+    def upload():
+        state["gray"] = gray_tensor(image, device)
+
+    def pyramid():
+        state["pyramid"] = build_pyramid(state["gray"])
+
+    def sampling():
+        state["patches"] = [normalize_patches(extract_patches(state["pyramid"], centers[s : s + bs], frames[s : s + bs],
+                                                              descriptor.patch_size)) for s in range(0, len(xy), bs)]
+
+    def network():
+        state["desc"] = torch.cat([descriptor.net(p.contiguous(memory_format=torch.channels_last)) for p in state["patches"]])
+
+    def download():
+        state["desc"].cpu().numpy()
+
+    stages = {"upload": upload, "pyramid": pyramid, "sampling": sampling, "network": network, "download": download}
+    times: dict[str, list[float]] = {name: [] for name in stages}
+    for round_ in range(repeats + 1):  # the first round warms up
+        for name, stage in stages.items():
+            _sync(device)
+            start = time.perf_counter()
+            stage()
+            _sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _keypoints(image: np.ndarray, count: int) -> list[cv2.KeyPoint]:
+    """``count`` SIFT keypoints: the strongest, repeated when the image has fewer."""
+    found = list(detect(image, "sift", count)[0])
+    if not found:
+        raise ValueError("SIFT finds no keypoint in the image")
+    return (found * (count // len(found) + 1))[:count]
 
 
 def _default_descriptor() -> tuple[str, str | None]:
@@ -48,53 +120,98 @@ def _default_descriptor() -> tuple[str, str | None]:
     return "kornia:sift", f"no shipped Exemplar model ({unavailable.get('exemplar')}); timing kornia:sift instead"
 
 
+def _parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise OptionError("--counts", text, "must be comma-separated whole numbers, e.g. 2000,8000,32000") from None
+    for c in counts:
+        check_number("--counts", c, low=1, integer=True)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status (0 ok, 1 descriptor unavailable, 2 bad arguments)."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--descriptor", help="descriptor name (default: the first shipped Exemplar model); see "
                    "python -m benchmarks.matching --list")
     p.add_argument("--image", help="image file (e.g. graf img1.ppm); default: skimage's astronaut resized to 800x640")
-    p.add_argument("--num-features", type=int, default=2000, help="SIFT keypoints (default 2000)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls of each descriptor (default 5)")
-    p.add_argument("--device", default="cpu", help="torch device of a network descriptor: cpu or cuda")
+    p.add_argument("--counts", default="2000,8000,32000", help="keypoints per image to time (default: %(default)s)")
+    p.add_argument("--images", type=int, default=16, help="images of --num-features keypoints in one list call, 0 to skip "
+                   "(default: %(default)s)")
+    p.add_argument("--num-features", type=int, default=2000, help="keypoints per image of the list call and the split "
+                   "(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls of each descriptor (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device of a network descriptor: cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="Exemplar convolutions (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help="Exemplar patches per network batch (default: 1024, 8192 on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    if args.image:
-        image = cv2.imread(args.image, cv2.IMREAD_GRAYSCALE)
-        if image is None:
-            print(f"error: cannot read image {args.image}", file=sys.stderr)
-            return 2
-    else:
-        image = cv2.resize(cv2.cvtColor(sample_photo("astronaut"), cv2.COLOR_BGR2GRAY), IMAGE_SIZE, interpolation=cv2.INTER_CUBIC)
-    name, note = (args.descriptor, None) if args.descriptor else _default_descriptor()
-    if note:
-        print(note)
     try:
-        built, skipped = build_descriptors([name], device=args.device)
+        counts = _parse_counts(args.counts)
+        check_number("--images", args.images, low=0, integer=True)
+        check_number("--num-features", args.num_features, low=1, integer=True)
+        check_number("--repeats", args.repeats, low=1, integer=True)
+        if args.threads is not None:
+            check_number("--threads", args.threads, low=1, integer=True)
+        if args.batch_size is not None:
+            check_number("--batch-size", args.batch_size, low=1, integer=True)
+        device = check_device("--device", args.device)
+        if args.image:
+            image = cv2.imread(args.image, cv2.IMREAD_GRAYSCALE)
+            check(image is not None, "--image", args.image, "cannot be read as an image")
+        else:
+            image = cv2.resize(cv2.cvtColor(sample_photo("astronaut"), cv2.COLOR_BGR2GRAY), IMAGE_SIZE,
+                               interpolation=cv2.INTER_CUBIC)
+        name, note = (args.descriptor, None) if args.descriptor else _default_descriptor()
+        exemplar = name == "exemplar" or name.startswith("exemplar:")
+        options = {"precision": args.precision, "batch_size": args.batch_size or (8192 if device.type == "cuda" else 1024)}
+        built, skipped = build_descriptors([name], device=str(device), **(options if exemplar else {}))
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     if name not in built:
         print(f"error: {name} unavailable: {skipped[name]}", file=sys.stderr)
         return 1
+    if note:
+        print(note)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     descriptor, sift = built[name], cv2.SIFT_create()
-    keypoints, _ = detect(image, "sift", args.num_features)
-    n = len(descriptor.compute(image, keypoints)[0])  # warm-up, and the count it describes
-    sift.compute(image, keypoints)
-    ours, theirs = [], []
-    for _ in range(args.repeats):  # alternate, so background load affects both alike
-        ours += time_compute(descriptor, image, keypoints, 1)
-        theirs += time_compute(sift, image, keypoints, 1)
-    t_ours, t_sift = statistics.median(ours), statistics.median(theirs)
-    print(f"image {image.shape[1]}x{image.shape[0]}, {len(keypoints)} SIFT keypoints, device {args.device}, "
-          f"median of {args.repeats} runs after a warm-up")
-    print(f"{name:>16s}: {1000 * t_ours:9.1f} ms  {n / t_ours:10.0f} descriptors/s")
-    print(f"{'cv2 SIFT':>16s}: {1000 * t_sift:9.1f} ms  {len(keypoints) / t_sift:10.0f} descriptors/s")
-    print(f"{'ratio':>16s}: {t_ours / t_sift:9.2f} x SIFT's time")
+    cpu = "" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"
+    print(f"image {image.shape[1]}x{image.shape[0]}, device {device}{cpu}"
+          + (f", precision {args.precision}, batch {descriptor.batch_size}" if exemplar else "")
+          + f"; median of {args.repeats} runs after a warm-up")
+    print(f"{'keypoints':>10s} {'images':>6s} {name + ' ms':>24s} {'desc/s':>9s} {'SIFT ms':>9s} {'desc/s':>9s} {'ratio':>6s}")
+    cases = [(n, 1) for n in counts] + ([(args.num_features, args.images)] if args.images else [])
+    for n, m in cases:
+        kps = _keypoints(image, n)
+        if m == 1:
+            calls = {"ours": lambda: descriptor.compute(image, kps), "sift": lambda: sift.compute(image, kps)}
+        else:
+            many = (lambda: descriptor.compute([image] * m, [kps] * m)) if exemplar else \
+                (lambda: [descriptor.compute(image, kps) for _ in range(m)])
+            calls = {"ours": many, "sift": lambda: [sift.compute(image, kps) for _ in range(m)]}
+        t = time_calls(calls, args.repeats)
+        total = n * m
+        print(f"{n:>10d} {m:>6d} {1000 * t['ours']:>24.1f} {total / t['ours']:>9.0f} {1000 * t['sift']:>9.1f} "
+              f"{total / t['sift']:>9.0f} {t['ours'] / t['sift']:>5.2f}x")
+    if exemplar:
+        kps = _keypoints(image, args.num_features)
+        split = stage_times(descriptor, image, kps, args.repeats)
+        print(f"split at {args.num_features} keypoints (ms): "
+              + ", ".join(f"{stage} {1000 * s:.2f}" for stage, s in split.items()))
+        if device.type == "cuda":
+            patches = torch.randn(descriptor.batch_size, 1, descriptor.patch_size, descriptor.patch_size, device=device)
+            patches = patches.contiguous(memory_format=torch.channels_last)
+
+            def network():
+                with torch.inference_mode():
+                    descriptor.net(patches)
+                torch.cuda.synchronize(device)
+
+            alone = time_calls({"net": network}, args.repeats)["net"]
+            print(f"network alone: {1000 * alone:.2f} ms per batch of {descriptor.batch_size}, "
+                  f"{descriptor.batch_size / alone:.0f} patches/s")
     return 0
 
 

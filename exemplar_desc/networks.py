@@ -273,7 +273,13 @@ class DescriptorNet(nn.Module):
         return self.trunk(patches)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(patches))
+        """(B, 1, P, P) normalised float patches -> (B, dim) float32 descriptors.
+
+        The trunk may hold bfloat16 weights (``trunk.to(torch.bfloat16)``): patches are cast
+        to its dtype and the head (PCA, normalisation) still runs in float32.
+        """
+        dtype = self.trunk.blocks[0][0].weight.dtype
+        return self.head(self.features(patches.to(dtype)).float())
 
 
 def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -166,3 +166,80 @@ def test_cuda_gives_the_cpu_descriptors(random_model, photo_bgr, keypoints):
     gpu = ExemplarDescriptor(random_model, device="cuda").compute(photo_bgr, keypoints)[1]
     assert gpu.dtype == np.float32 and gpu.shape == cpu.shape
     np.testing.assert_allclose(gpu, cpu, atol=1e-3)
+
+
+def test_list_compute_equals_per_image_compute(random_model, photo_bgr, keypoints):
+    """Many images in OpenCV's list convention, described in shared batches, as one at a time."""
+    descriptor = ExemplarDescriptor(random_model, batch_size=64)  # batches span image boundaries
+    gray = cv2.cvtColor(photo_bgr, cv2.COLOR_BGR2GRAY)
+    images = [photo_bgr, gray[::-1].copy(), gray[:300, :200].copy(), photo_bgr, photo_bgr]
+    few = [cv2.KeyPoint(50.0, 60.0, 8.0, 30.0)] * 3
+    kps = [list(keypoints[:100]), list(keypoints[100:137]), few, [], list(keypoints[:50])]
+    out_kps, descs = descriptor.compute(images, kps)
+    assert isinstance(out_kps, list) and isinstance(descs, list) and len(descs) == len(images)
+    for image, given, got_kps, got in zip(images, kps, out_kps, descs):
+        ref_kps, ref = descriptor.compute(image, given)
+        assert got_kps == ref_kps == given
+        if ref is None:
+            assert got is None
+        else:
+            assert got.shape == ref.shape and got.dtype == np.float32
+            np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_list_compute_checks_its_arguments(descriptor, photo_bgr, keypoints):
+    with pytest.raises(TypeError, match="2 keypoint lists"):
+        descriptor.compute([photo_bgr, photo_bgr], [keypoints])
+    with pytest.raises(TypeError, match=r"images\[1\]"):
+        descriptor.compute([photo_bgr, "x.png"], [keypoints, keypoints])
+    with pytest.raises(TypeError, match=r"keypoints\[1\]\[0\]"):
+        descriptor.compute([photo_bgr, photo_bgr], [keypoints, [(1, 2)]])
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [(cv2.KeyPoint(10.0, 10.0, 5.0, float("nan")), "angle"), (cv2.KeyPoint(10.0, 10.0, 5.0, float("inf")), "angle"),
+     (cv2.KeyPoint(10.0, 10.0, float("nan")), "size"), (cv2.KeyPoint(10.0, 10.0, float("inf")), "size"),
+     (cv2.KeyPoint(10.0, 10.0, -2.0), "size"), (cv2.KeyPoint(float("nan"), 10.0, 5.0), "pt"),
+     (cv2.KeyPoint(10.0, float("-inf"), 5.0), "pt")],
+)
+def test_non_finite_keypoints_are_named_by_index(descriptor, photo_bgr, bad, field):
+    good = [cv2.KeyPoint(20.0, 20.0, 5.0, 10.0)] * 3
+    with pytest.raises(ValueError, match=rf"keypoints\[3\]\.{field} = "):
+        descriptor.compute(photo_bgr, good + [bad])
+    with pytest.raises(ValueError, match=rf"keypoints\[1\]\[2\]\.{field} = "):
+        descriptor.compute([photo_bgr, photo_bgr], [good, good[:2] + [bad]])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0, -3.0, "12"])
+def test_bad_magnification_is_refused(random_model, value):
+    with pytest.raises(ValueError, match="magnification"):
+        ExemplarDescriptor(random_model, magnification=value)
+
+
+@pytest.mark.parametrize("value", [2.5, 0, -1, float("inf"), "64", True])
+def test_bad_batch_size_is_refused(random_model, value):
+    with pytest.raises(ValueError, match="batch_size"):
+        ExemplarDescriptor(random_model, batch_size=value)
+
+
+def test_non_finite_laf_is_named_by_index(descriptor):
+    image = torch.rand(2, 1, 64, 64)
+    lafs = torch.tensor([[[4.0, 0, 32], [0, 4.0, 32]]]).repeat(2, 3, 1, 1)
+    assert descriptor.compute_lafs(image, lafs).shape == (2, 3, 128)
+    lafs[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"lafs\[1, 2\]"):
+        descriptor.compute_lafs(image, lafs)
+
+
+def test_bf16_stays_within_cosine_0999_of_fp32(photo_bgr, keypoints):
+    """The shipped model with bfloat16 convolutions (head in float32) against float32."""
+    fp32 = ExemplarDescriptor().compute(photo_bgr, keypoints)[1]
+    bf16 = ExemplarDescriptor(precision="bf16")
+    assert "precision='bf16'" in repr(bf16)
+    out = bf16.compute(photo_bgr, keypoints)[1]
+    assert out.dtype == np.float32 and out.shape == fp32.shape
+    cos = (out * fp32).sum(1)
+    assert cos.min() > 0.999 and np.median(cos) > 0.9999
+    with pytest.raises(ValueError, match="precision"):
+        ExemplarDescriptor(precision="int8")

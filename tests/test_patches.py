@@ -3,7 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches, to_gray_float
+from exemplar_desc.patches import (
+    build_pyramid,
+    extract_patches,
+    gray_tensor,
+    keypoint_frames,
+    keypoints_to_arrays,
+    normalize_patches,
+    to_gray_float,
+)
 
 
 @pytest.mark.parametrize(
@@ -99,3 +107,59 @@ def test_normalize_patches():
     assert torch.allclose(out.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-5)
     assert torch.allclose(out.std(dim=(1, 2, 3)), torch.ones(4), atol=1e-3)
     assert torch.isfinite(normalize_patches(torch.ones(1, 1, 8, 8))).all()
+
+
+def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Float64 bilinear interpolation at interior points (pixel centres at integers)."""
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = x - x0, y - y0
+    img = image.astype(np.float64)
+    return ((1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x0 + 1])
+            + fy * ((1 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1]))
+
+
+def test_pyramid_is_opencvs_pyr_down():
+    image = np.random.default_rng(1).random((101, 138)).astype(np.float32)
+    levels = build_pyramid(image)
+    ref = [image]
+    while min(ref[-1].shape) // 2 >= 16:
+        ref.append(cv2.pyrDown(ref[-1]))
+    assert [tuple(lv.shape[-2:]) for lv in levels] == [r.shape for r in ref]
+    for level, r in zip(levels, ref):
+        np.testing.assert_allclose(level[0, 0].numpy(), r, atol=1e-6)
+
+
+def test_patches_follow_the_keypoint_geometry_within_1e4():
+    """Every patch pixel is the level's bilinear sample at c + A (u, v), u, v the cell centres in [-1, 1].
+
+    The sampler computes its grid in float32 from float64 frames; against this float64
+    reference the bound is 1e-4 in intensity (image values in [0, 1]), at level 0 and 2.
+    """
+    rng = np.random.default_rng(2)
+    image = cv2.GaussianBlur(rng.random((400, 500)).astype(np.float32), (0, 0), 1.5)
+    pyramid = build_pyramid(image)
+    size = np.array([3.0, 2.5, 10.0, 12.0])  # magnification 4: steps 0.375, 0.31, 1.25, 1.5 px: level 0
+    size = np.concatenate([size, [40.0, 36.0]])  # steps 5 and 4.5: level 2
+    angle = np.array([-1.0, 30.0, 117.0, 250.0, 45.0, 300.0])
+    centers = np.array([[250.3, 200.7], [101.1, 99.9], [300.0, 150.5], [199.5, 210.25], [250.0, 200.0], [180.2, 220.9]])
+    frames = keypoint_frames(size, angle, 4.0)
+    patches = extract_patches(pyramid, centers, frames, 32)[:, 0].numpy()
+    cells = (2 * np.arange(32) + 1) / 32 - 1
+    u, v = np.meshgrid(cells, cells)
+    for i in range(len(size)):
+        step = 2 * np.sqrt(abs(np.linalg.det(frames[i]))) / 32
+        lev = int(np.clip(np.floor(np.log2(step)), 0, len(pyramid) - 1))
+        assert lev == (2 if i >= 4 else 0)
+        f = 2.0**lev
+        x = (centers[i, 0] + 0.5) / f - 0.5 + (frames[i, 0, 0] * u + frames[i, 0, 1] * v) / f
+        y = (centers[i, 1] + 0.5) / f - 0.5 + (frames[i, 1, 0] * u + frames[i, 1, 1] * v) / f
+        ref = _bilinear(pyramid[lev][0, 0].numpy(), x, y)
+        assert np.abs(patches[i] - ref).max() < 1e-4
+
+
+def test_gray_tensor_is_opencvs_conversion():
+    bgr = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    ref = cv2.cvtColor(bgr.astype(np.float32) / 255, cv2.COLOR_BGR2GRAY)
+    np.testing.assert_allclose(gray_tensor(bgr).numpy(), ref, atol=1e-6)
+    bgra = cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)
+    np.testing.assert_allclose(gray_tensor(bgra).numpy(), ref, atol=1e-6)

@@ -5,7 +5,9 @@ per image, named by its path relative to the image folder (``/`` in a name makes
 groups, as in hloc), holding
 
 - ``keypoints`` (N, 2) float32: (x, y) in ORIGINAL-resolution pixels, pixel centres at
-  integer coordinates (OpenCV's and hloc's convention; COLMAP's adds 0.5);
+  integer coordinates (OpenCV's and hloc's convention; COLMAP's adds 0.5); its attribute
+  ``uncertainty`` is the detection noise in original pixels as hloc writes it (1 px on the
+  processed image for DoG, times the mean resize factor original / processed);
 - ``descriptors`` (D, N) float32, TRANSPOSED, each column L2-normalised;
 - ``scores`` (N,) float32: the detector's response;
 - ``image_size`` (2,) int32: (W, H) of the original image;
@@ -15,6 +17,12 @@ groups, as in hloc), holding
 Keypoints are found once per image by OpenCV's SIFT (DoG) detector on the image
 downscaled to ``max_size``, and every descriptor describes the same keypoints, so runs
 with different descriptors compare descriptors only.
+
+Streaming: images are read, decoded, resized and detected in ``workers`` processes (a torch
+DataLoader; 0 does it in the calling process), in input order; an Exemplar descriptor
+describes the keypoints of consecutive images together in network batches of its
+``batch_size`` (:meth:`ExemplarDescriptor.compute` with lists), and each image is written
+as soon as it is described.
 
 Re-runs: each group records the image file's SHA-1, the descriptor name, its identity (an
 Exemplar model's weights hash and patch magnification) and the extraction settings; an
@@ -36,8 +44,11 @@ from typing import Any, Mapping, Sequence
 import cv2
 import h5py
 import numpy as np
+import torch
+import torch.utils.data
 from tqdm import tqdm
 
+from ..descriptor import ExemplarDescriptor
 from ..images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
 
 logger = logging.getLogger(__name__)
@@ -48,6 +59,7 @@ __all__ = [
     "ExtractionResult",
     "check_feature_file",
     "extract_features",
+    "merge_feature_files",
 ]
 
 FEATURES_FORMAT = "exemplar_desc.sfm.features/1"
@@ -114,7 +126,8 @@ def _identity(descriptor: Any) -> str:
     """What distinguishes two extractors of one name: an Exemplar model's weights and patch geometry."""
     card = getattr(descriptor, "card", None)
     if card is not None:
-        return f"sha256 {card['sha256']}, magnification {descriptor.magnification:g}, upright {descriptor.upright}"
+        precision = "" if descriptor.precision == "fp32" else f", precision {descriptor.precision}"
+        return f"sha256 {card['sha256']}, magnification {descriptor.magnification:g}, upright {descriptor.upright}{precision}"
     return f"{type(descriptor).__name__}, OpenCV {cv2.__version__}"
 
 
@@ -128,79 +141,148 @@ def _settings(descriptor_name: str, descriptor: Any, max_size: int | None, max_k
     }
 
 
-def _reusable(old: h5py.File | None, name: str, sha1: str, settings: Mapping[str, Any]) -> bool:
+def _reusable_sha1(old: h5py.File | None, name: str, settings: Mapping[str, Any]) -> str | None:
+    """The image file's SHA-1 recorded for ``name`` in the previous file, if made with these settings."""
     if old is None or name not in old:
-        return False
+        return None
     attrs = old[name].attrs
-    return attrs.get("sha1") == sha1 and all(attrs.get(k) == v for k, v in settings.items())
+    return attrs.get("sha1") if all(attrs.get(k) == v for k, v in settings.items()) else None
 
 
-def _describe(
-    descriptor: Any, image: np.ndarray, keypoints: Sequence[cv2.KeyPoint], scale: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Describe keypoints found on the processed image; return hloc datasets in original pixels."""
-    dim = int(descriptor.descriptorSize())
-    kps, desc = descriptor.compute(image, keypoints) if len(keypoints) else ((), None)
-    if desc is None or len(kps) == 0:
-        kps, desc = (), np.zeros((0, dim), np.float32)
-    desc = np.asarray(desc, dtype=np.float32).reshape(len(kps), dim)
-    desc = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
-    xy = np.array([kp.pt for kp in kps], dtype=np.float64).reshape(-1, 2)
-    return {
-        "keypoints": ((xy + 0.5) / scale - 0.5).astype(np.float32),
-        "descriptors": np.ascontiguousarray(desc.T),
-        "scores": np.array([kp.response for kp in kps], dtype=np.float32),
-        "scales": (np.array([kp.size for kp in kps], dtype=np.float64) / scale.mean()).astype(np.float32),
-        "oris": np.array([kp.angle for kp in kps], dtype=np.float32),
-    }
+@dataclass
+class _Detected:
+    """One image as a worker hands it over (picklable: keypoints as an array, not cv2.KeyPoints).
 
-
-def _process_image(
-    image_dir: Path,
-    name: str,
-    descriptors: Mapping[str, Any],
-    olds: Mapping[str, h5py.File | None],
-    news: Mapping[str, h5py.File],
-    detector: cv2.Feature2D,
-    max_size: int | None,
-    settings: Mapping[str, Mapping[str, Any]],
-    result: ExtractionResult,
-) -> None:
-    """Copy one image's groups from the old files or extract them; record what happened in ``result``.
-
-    ``settings`` maps each descriptor name to its :func:`_settings` record.
+    Attributes:
+        todo: descriptors whose previous record does not match (empty: copy every group).
+        image: (h, w) uint8, resized to ``max_size``; None when nothing is to do or on error.
+        keypoints: (N, 7) float64 rows (x, y, size, angle, response, octave, class_id) on ``image``.
+        scale: (2,) processed pixels per original pixel along (x, y).
+        image_size: (2,) int32 (W, H) of the original image.
     """
-    try:
-        data, sha1 = read_image_bytes(image_dir / name)
-    except OSError as err:
-        result.skipped[name] = f"cannot read file: {err}"
-        logger.warning("skipping %s: %s", name, result.skipped[name])
-        return
-    todo = [d for d in descriptors if not _reusable(olds[d], name, sha1, settings[d])]
-    if todo:
+
+    name: str
+    sha1: str = ""
+    error: str | None = None
+    todo: tuple[str, ...] = ()
+    image: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    image_size: np.ndarray | None = None
+
+    def cv_keypoints(self) -> list[cv2.KeyPoint]:
+        return [cv2.KeyPoint(x, y, size, angle, response, int(octave), int(cid))
+                for x, y, size, angle, response, octave, cid in self.keypoints.tolist()]
+
+
+class _ImageSource(torch.utils.data.Dataset):
+    """Reads, fingerprints, decodes, resizes and detects one image per item (in a worker process)."""
+
+    def __init__(self, image_dir: Path, names: Sequence[str], done: Mapping[str, Mapping[str, str]],
+                 max_size: int | None, max_keypoints: int) -> None:
+        self.image_dir, self.names, self.done = image_dir, list(names), done
+        self.max_size, self.max_keypoints = max_size, max_keypoints
+        self._detector: cv2.Feature2D | None = None  # made in the process that uses it
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> _Detected:
+        name = self.names[index]
+        try:
+            data, sha1 = read_image_bytes(self.image_dir / name)
+        except OSError as err:
+            return _Detected(name, error=f"cannot read file: {err}")
+        todo = tuple(d for d, sha1s in self.done.items() if sha1s.get(name) != sha1)
+        if not todo:
+            return _Detected(name, sha1)
         try:
             full = decode_gray(data, name)
         except UnreadableImageError as err:
-            result.skipped[name] = str(err)
-            logger.warning("skipping %s", err)
-            return
-        image, scale = resize_to_max(full, max_size)
+            return _Detected(name, sha1, error=str(err))
+        image, scale = resize_to_max(full, self.max_size)
+        if self._detector is None:
+            self._detector = cv2.SIFT_create(nfeatures=self.max_keypoints)
         # Deterministic, so descriptors extracted now and copied ones share keypoints.
-        keypoints = detector.detect(image, None)
-        image_size = np.array([full.shape[1], full.shape[0]], dtype=np.int32)
+        kps = self._detector.detect(image, None)
+        rows = np.array([(*kp.pt, kp.size, kp.angle, kp.response, kp.octave, kp.class_id) for kp in kps],
+                        dtype=np.float64).reshape(-1, 7)
+        return _Detected(name, sha1, None, todo, image, rows, scale, np.array([full.shape[1], full.shape[0]], np.int32))
+
+
+def _as_is(item: _Detected) -> _Detected:
+    return item
+
+
+def _worker_init(_: int) -> None:
+    # Each worker is one of several processes: one thread each avoids oversubscribing the cores.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _describe(
+    descriptor: Any, images: Sequence[np.ndarray], keypoints: Sequence[Sequence[cv2.KeyPoint]], scales: Sequence[np.ndarray]
+) -> list[dict[str, np.ndarray]]:
+    """Describe keypoints found on processed images; return hloc datasets in original pixels, per image.
+
+    An :class:`ExemplarDescriptor` describes all images in shared network batches; other
+    descriptors one image at a time.
+    """
+    dim = int(descriptor.descriptorSize())
+    if isinstance(descriptor, ExemplarDescriptor):
+        described = list(zip(*descriptor.compute(list(images), list(keypoints))))
     else:
-        result.reused.append(name)
-    for dname, out in news.items():
-        if dname in todo:
-            group = out.create_group(name)
-            for key, value in _describe(descriptors[dname], image, keypoints, scale).items():
-                group.create_dataset(key, data=value)
-            group.create_dataset("image_size", data=image_size)
-            group.attrs.update({"sha1": sha1, **settings[dname]})
-        else:
-            olds[dname].copy(olds[dname][name], out, name=name)
-        result.num_keypoints[dname][name] = int(out[name]["keypoints"].shape[0])
-    result.names.append(name)
+        described = [descriptor.compute(image, kps) if len(kps) else ((), None) for image, kps in zip(images, keypoints)]
+    out = []
+    for (kps, desc), scale in zip(described, scales):
+        if desc is None or len(kps) == 0:
+            kps, desc = (), np.zeros((0, dim), np.float32)
+        desc = np.asarray(desc, dtype=np.float32).reshape(len(kps), dim)
+        desc = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
+        xy = np.array([kp.pt for kp in kps], dtype=np.float64).reshape(-1, 2)
+        out.append({
+            "keypoints": ((xy + 0.5) / scale - 0.5).astype(np.float32),
+            "descriptors": np.ascontiguousarray(desc.T),
+            "scores": np.array([kp.response for kp in kps], dtype=np.float32),
+            "scales": (np.array([kp.size for kp in kps], dtype=np.float64) / scale.mean()).astype(np.float32),
+            "oris": np.array([kp.angle for kp in kps], dtype=np.float32),
+        })
+    return out
+
+
+def _write_pending(
+    pending: list[_Detected],
+    descriptors: Mapping[str, Any],
+    olds: Mapping[str, h5py.File | None],
+    news: Mapping[str, h5py.File],
+    settings: Mapping[str, Mapping[str, Any]],
+    result: ExtractionResult,
+) -> None:
+    """Describe the images of ``pending`` that need it, then write every one of them, in order."""
+    described: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for dname, descriptor in descriptors.items():
+        items = [item for item in pending if dname in item.todo]
+        if items:
+            datasets = _describe(descriptor, [i.image for i in items], [i.cv_keypoints() for i in items],
+                                 [i.scale for i in items])
+            described[dname] = {item.name: d for item, d in zip(items, datasets)}
+    for item in pending:
+        if not item.todo:
+            result.reused.append(item.name)
+        for dname, out in news.items():
+            if dname in item.todo:
+                group = out.create_group(item.name)
+                for key, value in described[dname][item.name].items():
+                    group.create_dataset(key, data=value)
+                group.create_dataset("image_size", data=item.image_size)
+                # hloc: detection noise (1 processed pixel for DoG) x mean resize factor.
+                group["keypoints"].attrs["uncertainty"] = float(np.mean(1.0 / item.scale))
+                group.attrs.update({"sha1": item.sha1, **settings[dname]})
+            else:
+                olds[dname].copy(olds[dname][item.name], out, name=item.name)
+            result.num_keypoints[dname][item.name] = int(out[item.name]["keypoints"].shape[0])
+        result.names.append(item.name)
+    pending.clear()
 
 
 def extract_features(
@@ -211,6 +293,9 @@ def extract_features(
     max_size: int | None = None,
     max_keypoints: int = 8192,
     reuse: bool = True,
+    workers: int = 0,
+    progress: bool = True,
+    previous_paths: Mapping[str, str | Path] | None = None,
 ) -> ExtractionResult:
     """Detect keypoints once per image and describe them with each descriptor.
 
@@ -224,6 +309,11 @@ def extract_features(
             resolution); keypoints are stored in original-resolution pixels.
         max_keypoints: the detector's limit per image (strongest kept).
         reuse: copy unchanged images from existing complete files of the same descriptor.
+        workers: processes that read, decode and detect (0: in this process); the results
+            do not depend on it.
+        progress: show a progress bar (on stderr).
+        previous_paths: descriptor name -> the file to reuse groups from, when it is not the
+            output itself (a part file of a multi-process run reuses from the final file).
 
     Returns:
         An :class:`ExtractionResult`. Unreadable images are skipped, logged and listed.
@@ -234,8 +324,9 @@ def extract_features(
     """
     if set(descriptors) != set(feature_paths):
         raise ValueError("descriptors and feature_paths must have the same keys")
-    detector = cv2.SIFT_create(nfeatures=max_keypoints)
     settings = {d: _settings(d, descriptors[d], max_size, max_keypoints) for d in descriptors}
+    # Keypoints to gather before describing: a network batch of the largest batching descriptor.
+    gather = max((d.batch_size for d in descriptors.values() if isinstance(d, ExemplarDescriptor)), default=0)
     result = ExtractionResult(num_keypoints={d: {} for d in descriptors})
     tmp_paths = {d: Path(str(p) + ".tmp") for d, p in feature_paths.items()}
     try:
@@ -243,15 +334,34 @@ def extract_features(
             olds: dict[str, h5py.File | None] = {}
             news: dict[str, h5py.File] = {}
             for dname, path in feature_paths.items():
-                keep = check_feature_file(path, dname) if reuse else False
-                olds[dname] = stack.enter_context(h5py.File(path, "r")) if keep else None
+                source = Path((previous_paths or {}).get(dname, path))
+                keep = check_feature_file(source, dname) if reuse else False
+                olds[dname] = stack.enter_context(h5py.File(source, "r")) if keep else None
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 news[dname] = stack.enter_context(h5py.File(tmp_paths[dname], "w"))
                 news[dname].attrs.update(
                     {"format": FEATURES_FORMAT, "complete": False, **settings[dname]}
                 )
-            for name in tqdm(names, desc="features", unit="img"):
-                _process_image(Path(image_dir), name, descriptors, olds, news, detector, max_size, settings, result)
+            done = {d: {n: sha1 for n in names if (sha1 := _reusable_sha1(olds[d], n, settings[d]))} for d in descriptors}
+            loader = torch.utils.data.DataLoader(
+                _ImageSource(Path(image_dir), names, done, max_size, max_keypoints), batch_size=None,
+                num_workers=workers, collate_fn=_as_is, worker_init_fn=_worker_init if workers else None,
+                # Forked workers can deadlock on the thread pools (OpenMP, OpenCV) the parent already started.
+                multiprocessing_context="spawn" if workers else None,
+            )
+            pending: list[_Detected] = []
+            held = 0  # keypoints in pending
+            for item in tqdm(loader, total=len(names), desc="features", unit="img", disable=not progress):
+                if item.error is not None:
+                    result.skipped[item.name] = item.error
+                    logger.warning("skipping %s: %s", item.name, item.error)
+                    continue
+                pending.append(item)
+                held += 0 if item.keypoints is None else len(item.keypoints)
+                if held >= gather:
+                    _write_pending(pending, descriptors, olds, news, settings, result)
+                    held = 0
+            _write_pending(pending, descriptors, olds, news, settings, result)
             for out in news.values():
                 out.attrs["complete"] = True
     except BaseException:
@@ -262,3 +372,33 @@ def extract_features(
         os.replace(tmp_paths[dname], path)
     return result
 
+
+def merge_feature_files(parts: Sequence[str | Path], names: Sequence[str], path: str | Path) -> None:
+    """Merge complete feature files that hold disjoint images into one, images in ``names`` order.
+
+    The result has the parts' root attributes and is written as ``<path>.tmp`` and moved into
+    place after its ``complete`` flag is set, as :func:`extract_features` does; the parts are
+    left as they are.
+
+    Raises:
+        ValueError: a part is incomplete or its root attributes differ from the first part's.
+    """
+    path, tmp = Path(path), Path(str(path) + ".tmp")
+    try:
+        with ExitStack() as stack:
+            files = [stack.enter_context(h5py.File(p, "r")) for p in parts]
+            attrs = dict(files[0].attrs)
+            for p, f in zip(parts, files):
+                if not f.attrs.get("complete", False) or dict(f.attrs) != attrs:
+                    raise ValueError(f"{p} is incomplete or was made with other settings than {parts[0]}")
+            out = stack.enter_context(h5py.File(tmp, "w"))
+            out.attrs.update({**attrs, "complete": False})
+            for name in names:
+                for f in files:
+                    if name in f:
+                        f.copy(f[name], out, name=name)
+            out.attrs["complete"] = True
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
