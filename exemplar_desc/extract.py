@@ -19,17 +19,15 @@ holds the same as one process writes. The ranks meet through torch.distributed (
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch.distributed as dist
-
 from .baselines import create_descriptor
-from .cli import ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
+from .cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
 from .images import list_images
-from .sfm.features import ExtractionResult, OutputConflictError, check_feature_file, extract_features, merge_feature_files
+from .distributed import DEFAULT_TIMEOUT_MINUTES, DistributedError, close_distributed, init_distributed, rank_from_env
+from .sfm.features import OutputConflictError, check_feature_file, extract_features, extract_features_across_ranks
 
 __all__ = ["main"]
 
@@ -53,91 +51,76 @@ def _parser() -> ArgumentParser:
                    help="patches per network batch, shared across images (default: 1024 on the CPU, 8192 on CUDA)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="Exemplar convolutions in float32 or bfloat16 (faster on CPUs with AVX512-BF16/AMX; default: %(default)s)")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
+                   help="under torchrun: minutes a rank waits for the others before the job fails (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a file of another descriptor and extract every image again")
     p.add_argument("--verbose", action="store_true", help="log skipped images and reuse decisions")
     return p
 
 
-def _extract_distributed(
-    image_dir: str, names: list[str], dname: str, descriptor, out: Path, rank: int, world: int, common: dict
-) -> ExtractionResult:
-    """This rank's share of the images into a part file; rank 0 merges the parts into ``out``.
-
-    Returns:
-        On rank 0 the result of all ranks, images in input order; on the others their own.
-    """
-    dist.init_process_group("gloo")
-    try:
-        part = out.with_name(f".{out.name}.part{rank}of{world}")
-        mine = extract_features(image_dir, names[rank::world], {dname: descriptor}, {dname: part},
-                                previous_paths={dname: out}, progress=rank == 0, **common)
-        results: list[ExtractionResult | None] = [None] * world
-        dist.all_gather_object(results, mine)  # also waits until every part is complete
-        if rank:
-            dist.barrier()
-            return mine
-        parts = [out.with_name(f".{out.name}.part{r}of{world}") for r in range(world)]
-        merge_feature_files(parts, names, out)
-        for p in parts:
-            p.unlink()
-        done = {n for r in results for n in r.names}
-        merged = ExtractionResult(
-            names=[n for n in names if n in done],
-            skipped={n: why for r in results for n, why in r.skipped.items()},
-            reused=[n for n in names if any(n in r.reused for r in results)],
-            num_keypoints={dname: {n: k for r in results for n, k in r.num_keypoints[dname].items()}},
-        )
-        dist.barrier()  # the merged file exists before any rank returns
-        return merged
-    finally:
-        # On an error this rank exits non-zero and torchrun stops the others.
-        dist.destroy_process_group()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0: written, 2: bad option or output, before any work)."""
     args = _parser().parse_args(argv)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    main_rank = rank_from_env() == 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     exemplar = args.descriptor == "exemplar" or args.descriptor.startswith("exemplar:")
     try:
-        if args.max_size is not None:
-            check_number("--max-size", args.max_size, low=16, integer=True)
-        check_number("--max-keypoints", args.max_keypoints, low=1, integer=True)
-        check_number("--workers", args.workers, low=0, integer=True)
-        device = check_device("--device", args.device)
-        if args.batch_size is not None:
-            check(exemplar, "--batch-size", args.batch_size, "only applies to an Exemplar descriptor")
-            check_number("--batch-size", args.batch_size, low=1, integer=True)
-        check(exemplar or args.precision == "fp32", "--precision", args.precision, "only applies to an Exemplar descriptor")
-        if args.magnification is not None:
-            check(exemplar, "--magnification", args.magnification, "only applies to an Exemplar descriptor")
-            check_number("--magnification", args.magnification, low=0, low_open=True)
-        out = check_output_file("--out", args.out)
         try:
-            names = list_images(args.images)
-        except (FileNotFoundError, ValueError) as err:
-            raise OptionError("--images", args.images, str(err)) from None
-        if not args.overwrite:
-            check_feature_file(out, args.descriptor)
-        kwargs = {}
-        if exemplar:
-            batch_size = args.batch_size or (8192 if device.type == "cuda" else 1024)
-            kwargs = {"magnification": args.magnification, "batch_size": batch_size, "precision": args.precision}
-        try:
-            descriptor = create_descriptor(args.descriptor, device=str(device), **kwargs)
-        except (FileNotFoundError, ValueError) as err:
-            raise OptionError("--descriptor", args.descriptor, str(err)) from None
-    except (ValueError, OutputConflictError) as err:
-        return report(err) if rank == 0 else 2  # every rank checks; one says so
-    common = {"max_size": args.max_size, "max_keypoints": args.max_keypoints, "reuse": not args.overwrite,
-              "workers": args.workers}
-    if world == 1:
-        result = extract_features(args.images, names, {args.descriptor: descriptor}, {args.descriptor: out}, **common)
-    else:
-        result = _extract_distributed(args.images, names, args.descriptor, descriptor, out, rank, world, common)
-        if rank:
-            return 0
+            if args.max_size is not None:
+                check_number("--max-size", args.max_size, low=16, integer=True)
+            check_number("--max-keypoints", args.max_keypoints, low=1, integer=True)
+            check_number("--workers", args.workers, low=0, integer=True)
+            check_device("--device", args.device)
+            check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
+            if args.batch_size is not None:
+                check(exemplar, "--batch-size", args.batch_size, "only applies to an Exemplar descriptor")
+                check_number("--batch-size", args.batch_size, low=1, integer=True)
+            check(exemplar or args.precision == "fp32", "--precision", args.precision, "only applies to an Exemplar descriptor")
+            if args.magnification is not None:
+                check(exemplar, "--magnification", args.magnification, "only applies to an Exemplar descriptor")
+                check_number("--magnification", args.magnification, low=0, low_open=True)
+            out = check_output_file("--out", args.out)
+            try:
+                names = list_images(args.images)
+            except (FileNotFoundError, ValueError) as err:
+                raise OptionError("--images", args.images, str(err)) from None
+            if not args.overwrite:
+                check_feature_file(out, args.descriptor)
+            dist = init_distributed(args.device, args.dist_timeout)  # None without torchrun
+            device = dist.device if dist is not None else check_device("--device", args.device)
+            kwargs = {}
+            if exemplar:
+                batch_size = args.batch_size or (8192 if device.type == "cuda" else 1024)
+                kwargs = {"magnification": args.magnification, "batch_size": batch_size, "precision": args.precision}
+            try:
+                descriptor = create_descriptor(args.descriptor, device=str(device), **kwargs)
+            except (FileNotFoundError, ValueError) as err:
+                raise OptionError("--descriptor", args.descriptor, str(err)) from None
+        except (ValueError, OutputConflictError) as err:  # checked before any work
+            return report(err) if main_rank else EXIT_BAD_OPTION  # every rank checks; one says so
+        common = {"max_size": args.max_size, "max_keypoints": args.max_keypoints, "reuse": not args.overwrite,
+                  "workers": args.workers}
+        descriptors, paths = {args.descriptor: descriptor}, {args.descriptor: out}
+        if dist is None:
+            result = extract_features(args.images, names, descriptors, paths, **common)
+        else:
+
+            def parts(rank: int) -> dict[str, Path]:
+                return {args.descriptor: out.with_name(f".{out.name}.part{rank}of{dist.world_size}")}
+
+            result = extract_features_across_ranks(dist, args.images, names, descriptors, parts, paths,
+                                                   previous_paths=paths, **common)
+            if main_rank:
+                for rank in range(dist.world_size):
+                    Path(parts(rank)[args.descriptor]).unlink(missing_ok=True)
+    except DistributedError as err:
+        if main_rank:
+            print("error:", " ".join(str(err).split()), file=sys.stderr)
+        return 1
+    finally:
+        close_distributed()
+    if not main_rank:
+        return 0
     counts = result.num_keypoints[args.descriptor]
     print(f"{len(result.names)} images ({len(result.reused)} reused, {len(result.skipped)} skipped), "
           f"{sum(counts.values())} keypoints -> {out}")

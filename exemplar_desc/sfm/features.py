@@ -39,7 +39,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import h5py
@@ -49,7 +49,9 @@ import torch.utils.data
 from tqdm import tqdm
 
 from ..descriptor import ExemplarDescriptor
+from ..distributed import Distributed
 from ..images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
+from .parts import merge_parts
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ __all__ = [
     "ExtractionResult",
     "check_feature_file",
     "extract_features",
-    "merge_feature_files",
+    "extract_features_across_ranks",
+    "merge_extraction_results",
 ]
 
 FEATURES_FORMAT = "exemplar_desc.sfm.features/1"
@@ -373,32 +376,58 @@ def extract_features(
     return result
 
 
-def merge_feature_files(parts: Sequence[str | Path], names: Sequence[str], path: str | Path) -> None:
-    """Merge complete feature files that hold disjoint images into one, images in ``names`` order.
+def merge_extraction_results(names: Sequence[str], parts: Sequence[ExtractionResult]) -> ExtractionResult:
+    """One :class:`ExtractionResult` from those of disjoint shares of ``names``, in the order of ``names``."""
+    order = {name: i for i, name in enumerate(names)}
 
-    The result has the parts' root attributes and is written as ``<path>.tmp`` and moved into
-    place after its ``complete`` flag is set, as :func:`extract_features` does; the parts are
-    left as they are.
+    def in_order(items):
+        return sorted(items, key=lambda item: order[item[0] if isinstance(item, tuple) else item])
+
+    return ExtractionResult(
+        names=in_order(n for part in parts for n in part.names),
+        skipped=dict(in_order(item for part in parts for item in part.skipped.items())),
+        reused=in_order(n for part in parts for n in part.reused),
+        num_keypoints={d: dict(in_order(item for part in parts for item in part.num_keypoints[d].items()))
+                       for d in parts[0].num_keypoints},
+    )
+
+
+def extract_features_across_ranks(
+    dist: Distributed,
+    image_dir: str | Path,
+    names: Sequence[str],
+    descriptors: Mapping[str, Any],
+    part_paths: Callable[[int], Mapping[str, str | Path]],
+    feature_paths: Mapping[str, str | Path],
+    **kwargs: Any,
+) -> ExtractionResult:
+    """:func:`extract_features` split across the ranks of a torchrun job.
+
+    Each rank extracts its share of ``names`` (:meth:`Distributed.shard`) into its part
+    files; rank 0 then merges every rank's parts into ``feature_paths`` (images in the
+    order of ``names``) while the others wait, so the merged files equal one process's.
+
+    Args:
+        dist: this process's place in the job.
+        part_paths: rank -> descriptor name -> that rank's part file.
+        feature_paths: descriptor name -> merged ``features.h5``.
+        image_dir, names, descriptors, kwargs: as for :func:`extract_features`
+            (``previous_paths`` names the files to reuse unchanged images from).
+
+    Returns:
+        The :class:`ExtractionResult` of all ranks, the same on every rank.
 
     Raises:
-        ValueError: a part is incomplete or its root attributes differ from the first part's.
+        exemplar_desc.distributed.DistributedError: a rank failed or was lost (named).
     """
-    path, tmp = Path(path), Path(str(path) + ".tmp")
-    try:
-        with ExitStack() as stack:
-            files = [stack.enter_context(h5py.File(p, "r")) for p in parts]
-            attrs = dict(files[0].attrs)
-            for p, f in zip(parts, files):
-                if not f.attrs.get("complete", False) or dict(f.attrs) != attrs:
-                    raise ValueError(f"{p} is incomplete or was made with other settings than {parts[0]}")
-            out = stack.enter_context(h5py.File(tmp, "w"))
-            out.attrs.update({**attrs, "complete": False})
-            for name in names:
-                for f in files:
-                    if name in f:
-                        f.copy(f[name], out, name=name)
-            out.attrs["complete"] = True
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    mine = dist.run("extracting features", lambda: extract_features(
+        image_dir, dist.shard(names), descriptors, part_paths(dist.rank), progress=dist.is_main, **kwargs))
+    result = merge_extraction_results(names, dist.all_gather_object(mine))
+
+    def merge() -> None:
+        if dist.is_main:
+            for d, path in feature_paths.items():
+                merge_parts([part_paths(rank)[d] for rank in range(dist.world_size)], path, result.names)
+
+    dist.run("merging the features", merge)
+    return result

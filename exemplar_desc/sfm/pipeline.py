@@ -20,8 +20,8 @@ place: ``out_dir/manifest.json`` is moved away first, the previous set's entries
 interrupted before the commit point leaves the previous set untouched (the next run discards
 the unfinished ``.partial/``); one interrupted while moving leaves a committed ``.partial/``,
 which the next run moves into place before anything else. Features of unchanged images are
-reused from the set in place: its ``features.h5`` is linked into ``.partial/`` and read by
-:func:`.features.extract_features`. See docs/sfm-outputs.md.
+reused from the set in place: :func:`.features.extract_features` reads its ``features.h5``
+as the previous file. See docs/sfm-outputs.md.
 
 Under torchrun (``run_sfm(..., dist=...)``) the ranks extract the features of a share of the
 images each and match a share of the pairs each, into part files under
@@ -48,7 +48,7 @@ from ..cli import OptionError, check, check_device, check_number, check_output_d
 from ..distributed import Distributed
 from ..images import list_images
 from .export import export_colmap_text
-from .features import ExtractionResult, check_feature_file, extract_features
+from .features import ExtractionResult, check_feature_file, extract_features, extract_features_across_ranks
 from .matching import match_pairs, pair_key
 from .pairs import check_image_names, make_pairs, parse_pairs_spec, write_pairs
 from .parts import merge_parts
@@ -184,14 +184,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)  # no copy: extraction replaces the target, never writes into it
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def _install(out_dir: Path) -> None:
@@ -364,60 +356,29 @@ def _check_inputs(
     return _Job(image_dir, out_dir, names, subfolders, extractors, settings, dist)
 
 
-def _merge_extractions(names: Sequence[str], parts: Sequence[ExtractionResult]) -> ExtractionResult:
-    """One :class:`ExtractionResult` from those of shares of ``names``, in the order of ``names``."""
-    order = {name: i for i, name in enumerate(names)}
-
-    def in_order(items):
-        return sorted(items, key=lambda item: order[item[0] if isinstance(item, tuple) else item])
-
-    return ExtractionResult(
-        names=in_order(n for part in parts for n in part.names),
-        skipped=dict(in_order(item for part in parts for item in part.skipped.items())),
-        reused=in_order(n for part in parts for n in part.reused),
-        num_keypoints={d: dict(in_order(item for part in parts for item in part.num_keypoints[d].items()))
-                       for d in parts[0].num_keypoints},
-    )
-
-
 def _extract(job: _Job) -> ExtractionResult:
     """Features of the images into ``staging/<sub>/features.h5`` for every descriptor.
 
-    Unchanged images are reused from the set in place: its ``features.h5`` is linked to
-    where the extraction writes, and :func:`.features.extract_features` reads it from there.
-    In a distributed run each rank extracts its share of the images into a part file and
-    rank 0 merges the parts before any rank goes on (the matching reads the merged file).
+    Unchanged images are reused from the set in place (its ``features.h5`` is read as the
+    previous file). In a distributed run each rank extracts its share of the images into a
+    part file and rank 0 merges the parts before any rank goes on (the matching reads the
+    merged file).
     """
-    dist, settings, reuse = job.dist, job.settings, not job.settings.overwrite
-    paths = {d: job.staging / sub / "features.h5" if dist is None else job.part_path(dist.rank, sub, "features.h5")
-             for d, sub in job.subfolders.items()}
-
-    def extract() -> ExtractionResult:
-        for d, sub in job.subfolders.items():
-            if reuse and check_feature_file(job.out_dir / sub / "features.h5", d):
-                _link_or_copy(job.out_dir / sub / "features.h5", paths[d])
-        return extract_features(
-            job.image_dir,
-            job.names if dist is None else dist.shard(job.names),
-            job.extractors,
-            paths,
-            max_size=settings.max_size,
-            max_keypoints=settings.max_keypoints,
-            reuse=reuse,
-        )
-
-    if dist is None:
-        return extract()
-    result = _merge_extractions(job.names, dist.all_gather_object(dist.run("extracting features", extract)))
-
-    def merge() -> None:
-        if dist.is_main:
-            for sub in job.subfolders.values():
-                parts = [job.part_path(rank, sub, "features.h5") for rank in range(dist.world_size)]
-                merge_parts(parts, job.staging / sub / "features.h5", result.names)
-
-    dist.run("merging the features", merge)
-    return result
+    settings = job.settings
+    paths = {d: job.staging / sub / "features.h5" for d, sub in job.subfolders.items()}
+    kwargs = {
+        "max_size": settings.max_size,
+        "max_keypoints": settings.max_keypoints,
+        "reuse": not settings.overwrite,
+        "previous_paths": {d: job.out_dir / sub / "features.h5" for d, sub in job.subfolders.items()},
+    }
+    if job.dist is None:
+        return extract_features(job.image_dir, job.names, job.extractors, paths, **kwargs)
+    return extract_features_across_ranks(
+        job.dist, job.image_dir, job.names, job.extractors,
+        lambda rank: {d: job.part_path(rank, sub, "features.h5") for d, sub in job.subfolders.items()},
+        paths, **kwargs,
+    )
 
 
 def _match(job: _Job, sub: str, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
