@@ -29,6 +29,7 @@ setup(
             "exemplar-train = exemplar_desc.train:main",
             "exemplar-sfm = exemplar_desc.sfm.__main__:main",
             "exemplar-match = exemplar_desc.match:main",
+            "exemplar-extract = exemplar_desc.extract:main",
         ]
     },
     extras_require={"test": ["pytest>=7"]},
