@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from exemplar_desc.atomic import atomic_write
+from exemplar_desc.baselines import check_descriptor_name
 from exemplar_desc.cli import (
     ArgumentParser,
     OptionError,
@@ -399,10 +400,7 @@ def _check_descriptor_names(text: str | None) -> list[str] | None:
     check(len(names) > 0, "--descriptors", text, f"name at least one descriptor; {available}")
     for name in names:
         if name.startswith("exemplar:"):
-            try:
-                resolve_card_path(name.split(":", 1)[1])
-            except FileNotFoundError as err:
-                raise OptionError("--descriptors", text, f"{name}: {err}") from None
+            check_descriptor_name("--descriptors", name)
         else:
             check(name in known or name == "exemplar", "--descriptors", text, f"unknown descriptor {name!r}; {available}")
     return names
