@@ -40,7 +40,7 @@ def _int8_descriptor(descriptor: ExemplarDescriptor, image: np.ndarray, keypoint
     xy, size, angle = keypoints_to_arrays(keypoints)
     frames = keypoint_frames(size, angle, descriptor.magnification)
     patches = normalize_patches(extract_patches(build_pyramid(gray_tensor(image)), xy, frames, descriptor.patch_size))
-    quantised = ExemplarDescriptor()
+    quantised = ExemplarDescriptor(precision="fp32")
     trunk = torch.nn.Sequential(*copy.deepcopy(quantised.net.trunk.blocks)).eval()
     prepared = prepare_fx(trunk, get_default_qconfig_mapping("x86"), (patches[:8],))
     with torch.inference_mode():
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return report(err)
     keypoints = cv2.SIFT_create(nfeatures=args.num_features).detect(image, None)
     sift = cv2.SIFT_create()
-    fp32, bf16 = ExemplarDescriptor(), ExemplarDescriptor(precision="bf16")
-    nchw = ExemplarDescriptor()
+    fp32, bf16 = ExemplarDescriptor(precision="fp32"), ExemplarDescriptor(precision="bf16")
+    nchw = ExemplarDescriptor(precision="fp32")
     nchw.net.to(memory_format=torch.contiguous_format)
     variants = {"fp32": fp32, "fp32 NCHW": nchw, "bf16": bf16}
     if args.int8:

@@ -3,7 +3,7 @@
 Usage::
 
     python -m benchmarks.speed                                   # shipped Exemplar model, skimage photo
-    python -m benchmarks.speed --image ../shared/data/oxford/graf/img1.ppm --precision bf16
+    python -m benchmarks.speed --image ../shared/data/oxford/graf/img1.ppm --precision fp32
     python -m benchmarks.speed --device cuda --counts 2000,8000,32000 --images 16
 
 For each count N of ``--counts`` both descriptors describe the same N keypoints of one
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each descriptor (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device of a network descriptor: cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="Exemplar convolutions (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="Exemplar convolutions; auto: bf16 where the device has it in hardware (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="Exemplar patches per network batch (default: 1024, 8192 on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     descriptor, sift = built[name], cv2.SIFT_create()
     cpu = "" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"
     print(f"image {image.shape[1]}x{image.shape[0]}, device {device}{cpu}"
-          + (f", precision {args.precision}, batch {descriptor.batch_size}" if exemplar else "")
+          + (f", precision {descriptor.precision}, batch {descriptor.batch_size}" if exemplar else "")
           + f"; median of {args.repeats} runs after a warm-up")
     print(f"{'keypoints':>10s} {'images':>6s} {name + ' ms':>24s} {'desc/s':>9s} {'SIFT ms':>9s} {'desc/s':>9s} {'ratio':>6s}")
     cases = [(n, 1) for n in counts] + ([(args.num_features, args.images)] if args.images else [])

@@ -27,10 +27,34 @@ from .patches import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExemplarDescriptor", "PRECISIONS", "describe_frames", "describe_images"]
+__all__ = ["ExemplarDescriptor", "PRECISIONS", "describe_frames", "describe_images", "native_bf16", "resolve_precision"]
 
-#: Arithmetic of the convolutions: name -> torch dtype.
+#: Arithmetic of the convolutions: name -> torch dtype (``"auto"`` resolves to one of them).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether the device computes bfloat16 convolutions in hardware.
+
+    CPUs need AVX512-BF16 or AMX (oneDNN emulates bfloat16 elsewhere, slower than float32);
+    CUDA GPUs need compute capability 8.0 or newer.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``"fp32"`` or ``"bf16"``; ``"auto"`` is ``"bf16"`` where :func:`native_bf16` holds, else ``"fp32"``."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 @torch.inference_mode()
@@ -132,9 +156,12 @@ class ExemplarDescriptor:
         detector: ``cv2.Feature2D`` used by :meth:`detect`; default ``cv2.SIFT_create()``.
         output_dtype: ``np.float32`` (default) or ``np.uint8`` (128 bytes with a constant norm,
             so COLMAP's dot-product matching ranks like L2; see :mod:`exemplar_desc.quantization`).
-        precision: ``"fp32"`` (default) or ``"bf16"``: the convolutions in bfloat16 (the head
-            stays float32). On CPUs with AVX512-BF16/AMX about 2-3x faster, descriptors within
-            cosine 0.999 of fp32's (docs/throughput.md); slow on CPUs without them.
+        precision: ``"auto"`` (default), ``"fp32"`` or ``"bf16"``. ``"bf16"`` runs the
+            convolutions in bfloat16 (the head stays float32): on CPUs with AVX512-BF16/AMX
+            about 2x faster, descriptors within cosine 0.999 of fp32's and the same benchmark
+            results (docs/throughput.md), but slow on CPUs without them. ``"auto"`` takes
+            ``"bf16"`` where the device has bfloat16 hardware (:func:`native_bf16`), else
+            ``"fp32"``; ``self.precision`` holds the choice.
     """
 
     def __init__(
@@ -146,7 +173,7 @@ class ExemplarDescriptor:
         batch_size: int = 1024,
         detector: cv2.Feature2D | None = None,
         output_dtype: type = np.float32,
-        precision: str = "fp32",
+        precision: str = "auto",
     ) -> None:
         check_number("batch_size", batch_size, low=1, integer=True)
         if np.dtype(output_dtype) not in (np.float32, np.uint8):
@@ -154,9 +181,8 @@ class ExemplarDescriptor:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available; use device='cpu'")
+        precision = resolve_precision(precision, self.device)
         self.net, self.card = load_model(model, self.device)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.net = self.net.fuse_batch_norm().to(memory_format=torch.channels_last)
         self.net.trunk.to(PRECISIONS[precision])
         self.precision = precision

@@ -1,7 +1,7 @@
 """Command line: detect and describe a folder of images into one hloc-layout ``features.h5``.
 
     python -m exemplar_desc.extract --images DIR --out features.h5 [--descriptor NAME]
-        [--max-size PX] [--max-keypoints N] [--device cpu|cuda] [--workers N] [--batch-size N] [--precision bf16]
+        [--max-size PX] [--max-keypoints N] [--device cpu|cuda] [--workers N] [--batch-size N] [--precision auto|fp32|bf16]
 
 Images are read, decoded and detected (OpenCV SIFT/DoG) in ``--workers`` processes,
 described on ``--device`` in network batches shared across images, and written as they
@@ -49,8 +49,9 @@ def _parser() -> ArgumentParser:
                    help="processes that read, decode and detect, 0 for none (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patches per network batch, shared across images (default: 1024 on the CPU, 8192 on CUDA)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="Exemplar convolutions in float32 or bfloat16 (faster on CPUs with AVX512-BF16/AMX; default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="Exemplar convolutions in float32 or bfloat16; auto: bfloat16 where the device has it in hardware "
+                        "(default: %(default)s)")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
                    help="under torchrun: minutes a rank waits for the others before the job fails (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a file of another descriptor and extract every image again")
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.batch_size is not None:
                 check(exemplar, "--batch-size", args.batch_size, "only applies to an Exemplar descriptor")
                 check_number("--batch-size", args.batch_size, low=1, integer=True)
-            check(exemplar or args.precision == "fp32", "--precision", args.precision, "only applies to an Exemplar descriptor")
+            check(exemplar or args.precision == "auto", "--precision", args.precision, "only applies to an Exemplar descriptor")
             if args.magnification is not None:
                 check(exemplar, "--magnification", args.magnification, "only applies to an Exemplar descriptor")
                 check_number("--magnification", args.magnification, low=0, low_open=True)

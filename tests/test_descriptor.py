@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from exemplar_desc import ExemplarDescriptor
+from exemplar_desc.descriptor import native_bf16, resolve_precision
 
 
 @pytest.fixture(scope="module")
 def descriptor(random_model):
-    return ExemplarDescriptor(random_model)
+    return ExemplarDescriptor(random_model, precision="fp32")  # exact comparisons need float32
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,9 @@ def test_image_types_give_the_same_descriptors(descriptor, photo_bgr, keypoints)
 
 
 def test_deterministic_and_batch_independent(random_model, photo_bgr, keypoints):
-    a = ExemplarDescriptor(random_model, batch_size=1024).compute(photo_bgr, keypoints)[1]
-    b = ExemplarDescriptor(random_model, batch_size=1024).compute(photo_bgr, keypoints)[1]
-    c = ExemplarDescriptor(random_model, batch_size=7).compute(photo_bgr, keypoints)[1]
+    a = ExemplarDescriptor(random_model, batch_size=1024, precision="fp32").compute(photo_bgr, keypoints)[1]
+    b = ExemplarDescriptor(random_model, batch_size=1024, precision="fp32").compute(photo_bgr, keypoints)[1]
+    c = ExemplarDescriptor(random_model, batch_size=7, precision="fp32").compute(photo_bgr, keypoints)[1]
     assert np.array_equal(a, b)
     assert np.allclose(a, c, atol=1e-5)
 
@@ -234,7 +235,7 @@ def test_non_finite_laf_is_named_by_index(descriptor):
 
 def test_bf16_stays_within_cosine_0999_of_fp32(photo_bgr, keypoints):
     """The shipped model with bfloat16 convolutions (head in float32) against float32."""
-    fp32 = ExemplarDescriptor().compute(photo_bgr, keypoints)[1]
+    fp32 = ExemplarDescriptor(precision="fp32").compute(photo_bgr, keypoints)[1]
     bf16 = ExemplarDescriptor(precision="bf16")
     assert "precision='bf16'" in repr(bf16)
     out = bf16.compute(photo_bgr, keypoints)[1]
@@ -243,3 +244,12 @@ def test_bf16_stays_within_cosine_0999_of_fp32(photo_bgr, keypoints):
     assert cos.min() > 0.999 and np.median(cos) > 0.9999
     with pytest.raises(ValueError, match="precision"):
         ExemplarDescriptor(precision="int8")
+
+
+def test_auto_precision_is_bf16_only_with_bfloat16_hardware():
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    assert ExemplarDescriptor().precision == resolve_precision("auto", "cpu")
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert not native_bf16("meta")
+    with pytest.raises(ValueError, match="auto, fp32, bf16"):
+        resolve_precision("fp16", "cpu")

@@ -61,7 +61,7 @@ def test_laf_descriptor_agrees_with_exemplar_descriptor(module, photo_bgr):
         if (r := m * kp.size / 2 * 2**0.5) < kp.pt[0] < w - 1 - r and r < kp.pt[1] < h - 1 - r
     ]
     assert len(keypoints) > 100
-    kps, reference = ExemplarDescriptor().compute(photo_bgr, keypoints)
+    kps, reference = ExemplarDescriptor(precision="fp32").compute(photo_bgr, keypoints)
     xy = torch.tensor([kp.pt for kp in kps])[None]
     size = torch.tensor([kp.size for kp in kps])[None, :, None, None]
     angle = torch.tensor([kp.angle for kp in kps])[None, :, None]
