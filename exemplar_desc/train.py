@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hsv-add", type=float, default=t.hsv_add, help="max offset on S, V")
     g.add_argument("--hue", type=float, default=t.hue, help="max hue shift, fraction of the circle")
     g.add_argument("--blur", type=float, default=t.blur, help="max Gaussian sigma in patch pixels")
+    g.add_argument("--gamma", type=float, default=t.gamma, help="gamma range [1/G, G] on all channels, log-uniform (1: off)")
+    g.add_argument("--shading", type=float, default=t.shading, help="max log-gain range of a smooth illumination field across the patch (0: off; e.g. 0.7)")
+    g.add_argument("--shadow", type=float, default=t.shadow, help="probability of a soft-edged shadow across the patch, darkening by 0.3-0.8 (0: off)")
+    g.add_argument("--noise", type=float, default=t.noise, help="max sensor noise sigma (read and shot), intensity in [0, 1] (0: off; e.g. 0.02)")
     g.add_argument("--without", nargs="+", default=[], choices=FAMILIES, metavar="FAMILY", help=f"switch families off: {', '.join(FAMILIES)}")
     return p
 
@@ -136,6 +140,10 @@ def config_from_args(args: argparse.Namespace, data: bool = True) -> TrainConfig
         hsv_add=args.hsv_add,
         hue=args.hue,
         blur=args.blur,
+        gamma=args.gamma,
+        shading=args.shading,
+        shadow=args.shadow,
+        noise=args.noise,
     ).without(*args.without)
     fields = {k: getattr(args, k) for k in vars(TrainConfig()) if hasattr(args, k) and k not in ("images", "transforms", "arch")}
     cfg = TrainConfig(images=tuple(args.images), transforms=transforms, arch=_arch_option(args), **fields)

@@ -143,10 +143,12 @@ class TrainConfig:
         if self.magnification is not None:
             check_number("--magnification", self.magnification, low=0, low_open=True)
         t = self.transforms
-        for name in ("translation", "rotation", "hsv_add", "hue", "blur"):
+        for name in ("translation", "rotation", "hsv_add", "hue", "blur", "shading"):
             check_number(_option_name(name), getattr(t, name), low=0)
-        check_number("--pca-colour", t.pca_colour, low=1)
-        check_number("--hsv-power", t.hsv_power, low=1)
+        for name in ("pca_colour", "hsv_power", "gamma"):
+            check_number(_option_name(name), getattr(t, name), low=1)
+        check_number("--shadow", t.shadow, low=0, high=1)
+        check_number("--noise", t.noise, low=0, high=1)
         for name in ("scale", "hsv_multiply"):
             lo, hi = getattr(t, name)
             check(all(math.isfinite(v) for v in (lo, hi)) and 0 < lo <= hi, _option_name(name), f"{lo:g},{hi:g}", "expected MIN,MAX with 0 < MIN <= MAX")
@@ -433,8 +435,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> dict:
         ) from None
     old, new = checkpoint["config"], _config_record(cfg)
     changed = [f"{_option_name(key)} {old.get(key)!r} -> {value!r}" for key, value in new.items() if key != "transforms" and old.get(key) != value]
-    old_t = old.get("transforms", {})
-    changed += [f"{_option_name(key)} {old_t.get(key)!r} -> {value!r}" for key, value in new["transforms"].items() if old_t.get(key) != value]
+    # A family newer than the checkpoint was at its default there (the identity).
+    old_t = {**TransformConfig().to_dict(), **old.get("transforms", {})}
+    changed += [f"{_option_name(key)} {old_t[key]!r} -> {value!r}" for key, value in new["transforms"].items() if old_t[key] != value]
     if changed:
         raise OptionError("--resume", str(path), f"made with other options: {'; '.join(changed)}; give the old values or another --workdir")
     return checkpoint
