@@ -46,6 +46,13 @@ def _parse_range(text: str) -> tuple[float, float]:
     return pair
 
 
+def _parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected S1,S2,..., got {text!r}") from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     t = TransformConfig()
@@ -69,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-classes", type=int, default=d.num_classes, help="surrogate classes (seed patches)")
     p.add_argument("--seeds-per-image", type=int, default=d.seeds_per_image, help="seed candidates per image")
+    p.add_argument(
+        "--seed-scales",
+        type=_parse_scales,
+        default=d.seed_scales,
+        help="image scales S1,S2,... in (0, 1] the seeds are taken at, the candidates split evenly among them",
+    )
     p.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help="samples per class per epoch")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step and process (under torchrun the global batch is N x this)")
@@ -203,6 +216,7 @@ def build_card(
             "resumed": resumed,
             "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
             "num_classes": cfg.num_classes,
+            "seed_scales": list(cfg.seed_scales),
             "samples_per_class_per_epoch": cfg.samples_per_class,
             "epochs": cfg.epochs,
             "time_budget_minutes": cfg.time_budget_minutes,

@@ -29,7 +29,7 @@ from ..images import list_images
 from ..model_io import load_model, save_torch
 from ..networks import ARCHITECTURES, Architecture, DescriptorNet, ExemplarClassifier, architecture_from_dict, resolve_architecture
 from ..distributed import Distributed
-from .seeds import iter_rgb_images, load_stl10_unlabeled, sample_seeds, stl10_image_count
+from .seeds import PAPER_SEED_SCALES, iter_rgb_images, load_stl10_unlabeled, sample_seeds, stl10_image_count
 from .transforms import SurrogateSampler, TransformConfig, sample_patches
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class TrainConfig:
     arch: str = "fast"
     num_classes: int = 8000
     seeds_per_image: int = 40
+    seed_scales: tuple[float, ...] = PAPER_SEED_SCALES
     samples_per_class: int = 100
     epochs: int = 1
     batch_size: int = 128
@@ -121,6 +122,10 @@ class TrainConfig:
                 f"--init {self.init} has the architecture {_describe(init_arch)}, not {_describe(arch)}; leave --arch out to take the model's",
             )
         check_number("--num-classes", self.num_classes, low=2, integer=True)
+        check(
+            len(self.seed_scales) > 0 and all(isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1 for v in self.seed_scales),
+            "--seed-scales", ",".join(f"{v:g}" for v in self.seed_scales), "expected S1,S2,... with every 0 < S <= 1",
+        )
         for option in ("seeds_per_image", "samples_per_class", "epochs", "batch_size", "pca_patches", "val_per_class"):
             check_number(_option_name(option), getattr(self, option), low=1, integer=True)
         check_number("--lr", self.lr, low=0, low_open=True)
@@ -283,6 +288,7 @@ def _load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) ->
         num,
         rng,
         per_image=cfg.seeds_per_image,
+        scales=cfg.seed_scales,
         patch_size=cfg.patch_size,
         context=cfg.context,
         total=total,
@@ -433,7 +439,8 @@ def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> dict:
         raise OptionError(
             "--resume", str(path), "not a readable training checkpoint (truncated, corrupt or another kind of file); delete it to start again"
         ) from None
-    old, new = checkpoint["config"], _config_record(cfg)
+    # A setting newer than the checkpoint was at its default there.
+    old, new = {**_config_record(TrainConfig()), **checkpoint["config"]}, _config_record(cfg)
     changed = [f"{_option_name(key)} {old.get(key)!r} -> {value!r}" for key, value in new.items() if key != "transforms" and old.get(key) != value]
     # A family newer than the checkpoint was at its default there (the identity).
     old_t = {**TransformConfig().to_dict(), **old.get("transforms", {})}
@@ -704,7 +711,7 @@ def _config_record(cfg: TrainConfig) -> dict:
     ignored = ("transforms", "device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
                "head_power", "whiten", "pca_patches", "magnification")
     record = {k: v for k, v in vars(cfg).items() if k not in ignored}
-    record["images"] = list(record["images"])
+    record["images"], record["seed_scales"] = list(record["images"]), list(record["seed_scales"])
     record["transforms"] = cfg.transforms.to_dict()
     return json.loads(json.dumps(record))
 

@@ -67,19 +67,19 @@ def test_run_starts_from_the_init_weights_and_records_them(random_model, folder,
     assert json.loads((out / "m.json").read_text())["training"]["init"] == card["training"]["init"]
 
 
-def test_a_run_without_init_records_none_and_resumes_a_checkpoint_older_than_the_light_families(folder, tmp_path, capsys):
+def test_a_run_without_init_records_none_and_resumes_a_checkpoint_older_than_the_light_families_and_seed_scales(folder, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     args = [str(folder), *TINY, "--workdir", str(work), "--out-dir", str(out), "--name", "m"]
     assert train_module.main(args) == 0
     card = json.loads((out / "m.json").read_text())
-    assert card["training"]["init"] is None
+    assert card["training"]["init"] is None and card["training"]["seed_scales"] == [1.0, 0.8, 0.64, 0.512]
     assert {k: card["training"]["transforms"][k] for k in ("gamma", "shading", "shadow", "noise")} == {
         "gamma": 1.0, "shading": 0.0, "shadow": 0.0, "noise": 0.0}
     # A checkpoint written before these families existed (and before --init) resumes with their defaults.
     checkpoint = torch.load(work / "checkpoint.pt", weights_only=True)
     for key in ("gamma", "shading", "shadow", "noise"):
         del checkpoint["config"]["transforms"][key]
-    del checkpoint["config"]["init"], checkpoint["init"]
+    del checkpoint["config"]["init"], checkpoint["config"]["seed_scales"], checkpoint["init"]
     torch.save(checkpoint, work / "checkpoint.pt")
     assert train_module.main([*args, "--resume", "--head-dim", "8"]) == 0
     capsys.readouterr()
@@ -87,11 +87,13 @@ def test_a_run_without_init_records_none_and_resumes_a_checkpoint_older_than_the
     assert "--shading 0.0 -> 0.7" in capsys.readouterr().err
 
 
-def test_light_family_options_reach_the_config(folder):
+def test_light_family_and_seed_scale_options_reach_the_config(folder):
     args = train_module.build_parser().parse_args(
-        [str(folder), "--gamma", "1.5", "--shading", "0.7", "--shadow", "0.3", "--noise", "0.02", "--without", "gamma"])
-    t = train_module.config_from_args(args).transforms
+        [str(folder), "--gamma", "1.5", "--shading", "0.7", "--shadow", "0.3", "--noise", "0.02", "--without", "gamma", "--seed-scales", "1,0.5"])
+    cfg = train_module.config_from_args(args)
+    t = cfg.transforms
     assert (t.gamma, t.shading, t.shadow, t.noise) == (1.0, 0.7, 0.3, 0.02)
+    assert cfg.seed_scales == (1.0, 0.5)
 
 
 @pytest.mark.parametrize(
