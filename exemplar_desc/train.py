@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .cli import ArgumentParser, check_number, check_output_dir, report
+from .cli import ArgumentParser, check, check_number, check_output_dir, report
 from .images import list_images
 from .model_io import save_model
-from .networks import DescriptorNet, count_flops
+from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.head import fit_head
 from .distributed import DEFAULT_TIMEOUT_MINUTES, close_distributed, init_distributed, rank_from_env, world_size_from_env
-from .training.loop import TrainConfig, TrainingInterrupted, train
+from .training.loop import TrainConfig, TrainingInterrupted, architecture_option, load_init_model, train
 from .training.magnification import tune_magnification
 from .training.seeds import load_stl10_unlabeled
 from .training.transforms import FAMILIES, TransformConfig
@@ -46,6 +46,13 @@ def _parse_range(text: str) -> tuple[float, float]:
     return pair
 
 
+def _parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected S1,S2,..., got {text!r}") from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     t = TransformConfig()
@@ -58,9 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stl10", help="STL-10 unlabeled_X.bin (96x96x3 uint8, column-major)")
     p.add_argument("--stl10-max-images", type=int, help="use only the first N STL-10 images")
     p.add_argument("--max-side", type=int, default=d.max_side, help="downscale images to this longer side first (pixels)")
-    p.add_argument("--arch", default=d.arch, help="named architecture (fast, exemplar-nips, ...) or notation like 64c5-128c5-256c5-512f")
+    p.add_argument(
+        "--arch",
+        help=f"named architecture (fast, exemplar-nips, ...) or notation like 64c5-128c5-256c5-512f (default: {d.arch}, or the --init model's)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="MODEL",
+        help="start the conv layers from this model (shipped name or .pt/.json path); the classifier layers start fresh",
+    )
     p.add_argument("--num-classes", type=int, default=d.num_classes, help="surrogate classes (seed patches)")
     p.add_argument("--seeds-per-image", type=int, default=d.seeds_per_image, help="seed candidates per image")
+    p.add_argument(
+        "--seed-scales",
+        type=_parse_scales,
+        default=d.seed_scales,
+        help="image scales S1,S2,... in (0, 1] the seeds are taken at, the candidates split evenly among them",
+    )
     p.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help="samples per class per epoch")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step and process (under torchrun the global batch is N x this)")
@@ -108,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hsv-add", type=float, default=t.hsv_add, help="max offset on S, V")
     g.add_argument("--hue", type=float, default=t.hue, help="max hue shift, fraction of the circle")
     g.add_argument("--blur", type=float, default=t.blur, help="max Gaussian sigma in patch pixels")
+    g.add_argument("--gamma", type=float, default=t.gamma, help="gamma range [1/G, G] on all channels, log-uniform (1: off)")
+    g.add_argument("--shading", type=float, default=t.shading, help="max log-gain range of a smooth illumination field across the patch (0: off; e.g. 0.7)")
+    g.add_argument("--shadow", type=float, default=t.shadow, help="probability of a soft-edged shadow across the patch, darkening by 0.3-0.8 (0: off)")
+    g.add_argument("--noise", type=float, default=t.noise, help="max sensor noise sigma (read and shot), intensity in [0, 1] (0: off; e.g. 0.02)")
     g.add_argument("--without", nargs="+", default=[], choices=FAMILIES, metavar="FAMILY", help=f"switch families off: {', '.join(FAMILIES)}")
     return p
 
@@ -128,11 +153,26 @@ def config_from_args(args: argparse.Namespace, data: bool = True) -> TrainConfig
         hsv_add=args.hsv_add,
         hue=args.hue,
         blur=args.blur,
+        gamma=args.gamma,
+        shading=args.shading,
+        shadow=args.shadow,
+        noise=args.noise,
     ).without(*args.without)
-    fields = {k: getattr(args, k) for k in vars(TrainConfig()) if hasattr(args, k) and k not in ("images", "transforms")}
-    cfg = TrainConfig(images=tuple(args.images), transforms=transforms, **fields)
+    fields = {k: getattr(args, k) for k in vars(TrainConfig()) if hasattr(args, k) and k not in ("images", "transforms", "arch")}
+    cfg = TrainConfig(images=tuple(args.images), transforms=transforms, arch=_arch_option(args), **fields)
     cfg.check(data=data)
     return cfg
+
+
+def _arch_option(args: argparse.Namespace) -> str:
+    """--arch as given; else the --init model's architecture (named as --arch would name it); else the default."""
+    if args.arch is not None or args.init is None:
+        return args.arch or TrainConfig.arch
+    _, card = load_init_model(args.init)
+    arch = architecture_from_dict(card["architecture"])
+    name = architecture_option(arch)
+    check(name is not None, "--init", args.init, f"its architecture {arch.to_dict()} has no --arch name")
+    return name
 
 
 def build_card(
@@ -176,6 +216,7 @@ def build_card(
             "resumed": resumed,
             "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
             "num_classes": cfg.num_classes,
+            "seed_scales": list(cfg.seed_scales),
             "samples_per_class_per_epoch": cfg.samples_per_class,
             "epochs": cfg.epochs,
             "time_budget_minutes": cfg.time_budget_minutes,
@@ -194,6 +235,7 @@ def build_card(
             "final_surrogate_val_accuracy": last.get("val_accuracy"),
             "torch": torch.__version__,
             "seed": cfg.seed,
+            "init": result["init"],
         },
     }
 

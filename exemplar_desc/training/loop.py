@@ -26,15 +26,18 @@ from tqdm import tqdm
 from ..atomic import atomic_write
 from ..cli import OptionError, check, check_device, check_number
 from ..images import list_images
-from ..model_io import save_torch
-from ..networks import ARCHITECTURES, ExemplarClassifier, resolve_architecture
+from ..model_io import load_model, save_torch
+from ..networks import ARCHITECTURES, Architecture, DescriptorNet, ExemplarClassifier, architecture_from_dict, resolve_architecture
 from ..distributed import Distributed
-from .seeds import iter_rgb_images, load_stl10_unlabeled, sample_seeds, stl10_image_count
+from .seeds import PAPER_SEED_SCALES, iter_rgb_images, load_stl10_unlabeled, sample_seeds, stl10_image_count
 from .transforms import SurrogateSampler, TransformConfig, sample_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainState", "TrainingInterrupted", "train", "train_step", "save_checkpoint", "load_checkpoint", "restore_state", "lr_at"]
+__all__ = [
+    "TrainConfig", "TrainState", "TrainingInterrupted", "train", "train_step", "save_checkpoint", "load_checkpoint", "restore_state", "lr_at",
+    "load_init_model", "architecture_option", "init_trunk",
+]
 
 #: The official schedule, relative to the run's length: lr x1 for 1.2M of 1.56M iterations,
 #: then x0.4, x0.1, x0.04, x0.01 in equal parts.
@@ -43,7 +46,12 @@ PAPER_LR_STEPS = ((0.0, 1.0), (0.77, 0.4), (0.83, 0.1), (0.89, 0.04), (0.94, 0.0
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (recorded in the checkpoint and the model card)."""
+    """Everything a training run depends on (recorded in the checkpoint and the model card).
+
+    ``init``: a shipped model name or a saved model's path (``.pt`` or ``.json``) whose conv
+    trunk the run starts from (:func:`init_trunk`); ``arch`` must give the same architecture
+    (:func:`architecture_option` names it).
+    """
 
     images: tuple[str, ...] = ()
     stl10: str | None = None
@@ -52,6 +60,7 @@ class TrainConfig:
     arch: str = "fast"
     num_classes: int = 8000
     seeds_per_image: int = 40
+    seed_scales: tuple[float, ...] = PAPER_SEED_SCALES
     samples_per_class: int = 100
     epochs: int = 1
     batch_size: int = 128
@@ -73,6 +82,7 @@ class TrainConfig:
     whiten: float = 0.25
     pca_patches: int = 20000
     magnification: float | None = None
+    init: str | None = None
     transforms: TransformConfig = TransformConfig()
 
     def check(self, data: bool = True) -> None:
@@ -104,7 +114,18 @@ class TrainConfig:
             arch = resolve_architecture(self.arch)
         except ValueError as err:
             raise OptionError("--arch", self.arch, f"{err}; named architectures: {', '.join(ARCHITECTURES)}") from None
+        if self.init is not None:
+            _, card = load_init_model(self.init)
+            init_arch = architecture_from_dict(card["architecture"])
+            check(
+                arch == init_arch, "--arch", self.arch,
+                f"--init {self.init} has the architecture {_describe(init_arch)}, not {_describe(arch)}; leave --arch out to take the model's",
+            )
         check_number("--num-classes", self.num_classes, low=2, integer=True)
+        check(
+            len(self.seed_scales) > 0 and all(isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1 for v in self.seed_scales),
+            "--seed-scales", ",".join(f"{v:g}" for v in self.seed_scales), "expected S1,S2,... with every 0 < S <= 1",
+        )
         for option in ("seeds_per_image", "samples_per_class", "epochs", "batch_size", "pca_patches", "val_per_class"):
             check_number(_option_name(option), getattr(self, option), low=1, integer=True)
         check_number("--lr", self.lr, low=0, low_open=True)
@@ -127,13 +148,65 @@ class TrainConfig:
         if self.magnification is not None:
             check_number("--magnification", self.magnification, low=0, low_open=True)
         t = self.transforms
-        for name in ("translation", "rotation", "hsv_add", "hue", "blur"):
+        for name in ("translation", "rotation", "hsv_add", "hue", "blur", "shading"):
             check_number(_option_name(name), getattr(t, name), low=0)
-        check_number("--pca-colour", t.pca_colour, low=1)
-        check_number("--hsv-power", t.hsv_power, low=1)
+        for name in ("pca_colour", "hsv_power", "gamma"):
+            check_number(_option_name(name), getattr(t, name), low=1)
+        check_number("--shadow", t.shadow, low=0, high=1)
+        check_number("--noise", t.noise, low=0, high=1)
         for name in ("scale", "hsv_multiply"):
             lo, hi = getattr(t, name)
             check(all(math.isfinite(v) for v in (lo, hi)) and 0 < lo <= hi, _option_name(name), f"{lo:g},{hi:g}", "expected MIN,MAX with 0 < MIN <= MAX")
+
+
+def _describe(arch: Architecture) -> str:
+    return f"{arch.spec} (pool after {arch.pool_after}, batch norm {'on' if arch.batch_norm else 'off'})"
+
+
+def load_init_model(model: str) -> tuple[DescriptorNet, dict]:
+    """The ``--init`` model (shipped name or ``.pt``/``.json`` path), its sha256 verified, on the CPU.
+
+    Returns:
+        (network, model card), as :func:`exemplar_desc.model_io.load_model` returns them.
+
+    Raises:
+        OptionError (``--init``): unknown name, missing file, or a corrupt or malformed model.
+    """
+    try:
+        with torch.random.fork_rng(devices=[]):  # building the network draws random weights: leave the caller's stream alone
+            return load_model(model)
+    except (FileNotFoundError, ValueError) as err:
+        raise OptionError("--init", model, str(err)) from None
+
+
+def architecture_option(arch: Architecture) -> str | None:
+    """The ``--arch`` value that gives ``arch``: its name in ARCHITECTURES, else its notation; None when neither does."""
+    for name in (*ARCHITECTURES, arch.spec):
+        if resolve_architecture(name) == arch:
+            return name
+    return None
+
+
+def init_trunk(model: ExemplarClassifier, init: str) -> dict:
+    """Copy the conv trunk of the ``--init`` model into ``model``'s (weights and batch-norm statistics).
+
+    The fully connected layers and the surrogate classifier keep their fresh initialisation
+    (a saved descriptor has neither). A saved descriptor keeps the convolutions up to its
+    head layer only; later ones, if any, stay fresh too.
+
+    Returns:
+        The model card's ``training.init`` record: ``model`` (as given), ``sha256`` of its
+        weights file, ``conv_layers`` (how many convolutions were copied, of how many).
+    """
+    net, card = load_init_model(init)
+    copied = len(net.trunk.blocks)
+    for block, source in zip(model.trunk.blocks, net.trunk.blocks):
+        block.load_state_dict(source.state_dict())
+    total = len(model.trunk.blocks)
+    if copied < total:
+        logger.warning("--init %s keeps %d of %d convolutions (up to its head layer); the others start fresh", init, copied, total)
+    logger.info("trunk initialised from %s (sha256 %s...)", init, card["sha256"][:12])
+    return {"model": init, "sha256": card["sha256"], "conv_layers": f"{copied} of {total}"}
 
 
 def _option_name(field_name: str) -> str:
@@ -215,6 +288,7 @@ def _load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) ->
         num,
         rng,
         per_image=cfg.seeds_per_image,
+        scales=cfg.seed_scales,
         patch_size=cfg.patch_size,
         context=cfg.context,
         total=total,
@@ -261,6 +335,7 @@ class TrainState:
         session_start, session_first_samples: when and where this session began (samples/s).
         last_checkpoint: time.time() of the last checkpoint written in this session.
         loss_avg, acc_avg: running means of the training loss and surrogate accuracy (rank 0's batches).
+        init: the ``--init`` record (:func:`init_trunk`), None for a run from random weights.
     """
 
     model: ExemplarClassifier
@@ -279,6 +354,7 @@ class TrainState:
     last_checkpoint: float = field(default_factory=time.time)
     loss_avg: float | None = None
     acc_avg: float | None = None
+    init: dict | None = None
 
     @property
     def elapsed(self) -> float:
@@ -341,6 +417,7 @@ def save_checkpoint(path: Path, state: TrainState, cfg: TrainConfig, final: bool
         "config": _config_record(cfg),
         "generator_device": state.generator.device.type,
         "device_name": state.trained_on,
+        "init": state.init,
     }
     save_torch(path, record)
 
@@ -362,10 +439,12 @@ def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> dict:
         raise OptionError(
             "--resume", str(path), "not a readable training checkpoint (truncated, corrupt or another kind of file); delete it to start again"
         ) from None
-    old, new = checkpoint["config"], _config_record(cfg)
+    # A setting newer than the checkpoint was at its default there.
+    old, new = {**_config_record(TrainConfig()), **checkpoint["config"]}, _config_record(cfg)
     changed = [f"{_option_name(key)} {old.get(key)!r} -> {value!r}" for key, value in new.items() if key != "transforms" and old.get(key) != value]
-    old_t = old.get("transforms", {})
-    changed += [f"{_option_name(key)} {old_t.get(key)!r} -> {value!r}" for key, value in new["transforms"].items() if old_t.get(key) != value]
+    # A family newer than the checkpoint was at its default there (the identity).
+    old_t = {**TransformConfig().to_dict(), **old.get("transforms", {})}
+    changed += [f"{_option_name(key)} {old_t[key]!r} -> {value!r}" for key, value in new["transforms"].items() if old_t[key] != value]
     if changed:
         raise OptionError("--resume", str(path), f"made with other options: {'; '.join(changed)}; give the old values or another --workdir")
     return checkpoint
@@ -403,6 +482,7 @@ def restore_state(state: TrainState, checkpoint: dict, log_path: Path, restore_g
     # Checkpoints from before distributed training counted steps of one process only.
     state.samples = checkpoint.get("samples", state.step * state.global_batch)
     state.trained_on = checkpoint.get("device_name", state.trained_on)
+    state.init = checkpoint.get("init")
     state.log = json.loads(log_path.read_text()) if log_path.is_file() else []
 
 
@@ -463,14 +543,16 @@ def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, 
         dist.broadcast_(contexts)
     sampler = SurrogateSampler(contexts, cfg.transforms, cfg.patch_size, device)
 
-    model = ExemplarClassifier(arch, cfg.num_classes, patch_size=cfg.patch_size).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    model = ExemplarClassifier(arch, cfg.num_classes, patch_size=cfg.patch_size)
+    # A resumed run takes its weights from the checkpoint, never again from --init.
+    init = init_trunk(model, cfg.init) if cfg.init is not None and checkpoint is None else None
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     network = model
     if dist is not None:
         network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    state = TrainState(model, network, optimizer, gen, world * cfg.batch_size, trained_on=_device_description(device, world))
+    state = TrainState(model, network, optimizer, gen, world * cfg.batch_size, trained_on=_device_description(device, world), init=init)
     if checkpoint is not None:
         restore_state(state, checkpoint, log_path, restore_generators=main_rank)
         logger.info("resumed from %s at step %d (%d samples)", ckpt_path, state.step, state.samples)
@@ -504,6 +586,7 @@ def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, 
         "wall_time_s": state.elapsed,
         "seed_time_s": state.session_start - started,
         "log": state.log,
+        "init": state.init,
     }
 
 
@@ -628,7 +711,7 @@ def _config_record(cfg: TrainConfig) -> dict:
     ignored = ("transforms", "device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
                "head_power", "whiten", "pca_patches", "magnification")
     record = {k: v for k, v in vars(cfg).items() if k not in ignored}
-    record["images"] = list(record["images"])
+    record["images"], record["seed_scales"] = list(record["images"]), list(record["seed_scales"])
     record["transforms"] = cfg.transforms.to_dict()
     return json.loads(json.dumps(record))
 

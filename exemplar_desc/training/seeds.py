@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "sample_seeds", "STL10_IMAGE_BYTES"]
+__all__ = ["iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "sample_seeds", "STL10_IMAGE_BYTES", "PAPER_SEED_SCALES"]
 
 STL10_IMAGE_BYTES = 96 * 96 * 3
+#: Image scales the paper takes seeds at (0.8^k).
+PAPER_SEED_SCALES = (1.0, 0.8, 0.64, 0.512)
 
 
 def iter_rgb_images(paths: Sequence[Path], max_side: int) -> Iterator[np.ndarray]:
@@ -98,7 +100,7 @@ def sample_seeds(
     per_image: int,
     patch_size: int = 32,
     context: int = 80,
-    scales: Sequence[float] = (1.0, 0.8, 0.64, 0.512),
+    scales: Sequence[float] = PAPER_SEED_SCALES,
     total: int | None = None,
 ) -> torch.Tensor:
     """Sample seed patches and return their context crops.
@@ -110,7 +112,8 @@ def sample_seeds(
         per_image: candidates taken from each image, spread over the scales.
         patch_size: seed side in pixels at its scale; seeds keep patch_size/2 from the border.
         context: side of the stored crop (reflect-padded where it leaves the image).
-        scales: image scale factors at which seeds are taken.
+        scales: image scale factors at which seeds are taken (the candidates are split evenly
+            among them); a seed at scale s covers patch_size / s pixels of the image.
         total: number of images, for the progress bar only.
 
     Returns:

@@ -8,6 +8,7 @@ import skimage.data
 import torch
 
 from exemplar_desc import train as train_module
+from exemplar_desc.training import loop
 from exemplar_desc.training.loop import TrainConfig, lr_at, train
 from exemplar_desc.training.seeds import load_stl10_unlabeled, sample_seeds
 
@@ -34,6 +35,21 @@ def test_seeds_follow_gradient_energy_and_avoid_duplicates():
     assert torch.all((centre_rows > 0) & (centre_rows < 255))  # every seed patch touches the edge
     with pytest.raises(ValueError, match="usable seed patches"):
         sample_seeds([image], 50, np.random.default_rng(0), per_image=60, scales=(1.0,))
+
+
+def test_seed_scales_set_the_image_area_a_seed_covers(tmp_path):
+    # One dark vertical bar, 20 px wide: a seed at scale s shows it 20 * s px wide.
+    image = np.full((400, 400, 3), 255, np.uint8)
+    image[:, 190:210] = 0
+    cv2.imwrite(str(tmp_path / "bar.png"), image)
+    for scales, width in (((1.0,), 20), ((0.5,), 10)):
+        cfg = TrainConfig(images=(str(tmp_path),), num_classes=4, seeds_per_image=4, seed_scales=scales, device="cpu")
+        contexts = loop._load_seed_contexts(cfg, 4, np.random.default_rng(0))
+        dark = (contexts[:, 0, 40] < 128).sum(dim=1)  # dark pixels along each crop's middle row
+        assert torch.all((dark - width).abs() <= 1), (scales, dark)
+    both = TrainConfig(images=(str(tmp_path),), num_classes=4, seeds_per_image=4, seed_scales=(1.0, 0.5), device="cpu")
+    dark = (loop._load_seed_contexts(both, 4, np.random.default_rng(0))[:, 0, 40] < 128).sum(dim=1)
+    assert sorted(set(dark.tolist())) == [10, 20]  # seeds taken at both scales
 
 
 def test_stl10_reader(tmp_path):
