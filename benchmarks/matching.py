@@ -41,6 +41,7 @@ from exemplar_desc.cli import (
     check_output_file,
     report,
 )
+from exemplar_desc.descriptor import PRECISIONS
 from exemplar_desc.model_io import resolve_card_path
 
 from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
@@ -383,6 +384,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--num-features", type=int, default=2000, help="keypoints per image, >= 1 (default 2000)")
     p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px, > 0) for a correct match in mAP and matching score (default 3)")
     p.add_argument("--device", default="cpu", help="torch device of the network descriptors: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="the Exemplar models' convolutions in float32 or bfloat16 (default fp32)")
     p.add_argument("--magnification", type=float,
                    help="patch side / KeyPoint.size (> 0) for the Exemplar models (default: each model card's)")
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
@@ -464,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         names, cache = _check_args(args)
     except OptionError as err:
         return report(err)
-    descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification)
+    descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification,
+                                             precision=args.precision)
     if not descriptors:
         for name, reason in skipped.items():
             print(f"skipped {name}: {reason}", file=sys.stderr)
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
                      "detector": args.detector, "num_features": args.num_features,
-                     "exemplar_magnification": args.magnification,
+                     "exemplar_magnification": args.magnification, "exemplar_precision": args.precision,
                      "pixel_threshold": args.threshold, "overlap_threshold": 0.5,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS)},
         "skipped_descriptors": skipped,

@@ -56,6 +56,7 @@ CASES = [
     (["--device", "gpu"], "--device"),
     (["--device", "cuda:99"], "--device"),
     (["--detector", "harris"], "--detector"),
+    (["--precision", "fp16"], "--precision"),
     (["--no-data", "--cache", "{root}/afile"], "--cache"),
     (["--validation", "{root}/train"], "--validation"),  # with the default --data
     (["--no-data", "--download", "oxford", "--validation", "{root}/train"], "--validation"),
