@@ -239,7 +239,8 @@ def ensure_validation_dataset(train_root: str | Path, cache: str | Path, photos:
         unknown = sorted(set(photos) - set(every))
         if unknown:
             raise ValueError(f"not held-out photos of {train_root}: {', '.join(unknown)}")
-        plan = [(name, kind) for name, kind in plan if name in set(photos)]
+        wanted = set(photos)
+        plan = [(name, kind) for name, kind in plan if name in wanted]
     data, digest = {}, hashlib.sha1(_VERSION.encode())
     for name, _ in plan:
         data[name], sha1 = read_image_bytes(Path(train_root) / name)
