@@ -14,7 +14,7 @@ strength, the kinds taken in turn over the sorted photo list (7 photos per kind)
   (0.9..1.1);
 * ``zoom+rotation``: zoom 1.2..2.5 about the centre and rotation 10..60 degrees, one random
   direction per sequence;
-* ``light``: exposure (-0.5..-2.5 or +0.3..+1.5 stops), gamma (up to x/÷ 1.5), colour
+* ``light``: exposure (-0.5..-2.5 stops, or +0.3..+1.5 with probability 0.4), gamma (up to x/÷ 1.5), colour
   temperature (red/blue gain ratio up to e^+-0.6), smooth shading (a random quadratic plus
   a Gaussian blob, up to e^+-0.7) and 1..3 soft-edged polygonal cast shadows darkening by
   30-70%, in linear light;
