@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".ppm", ".pgm", ".png", ".jpg")
-KINDS = ("viewpoint", "blur", "zoom+rotation", "light", "JPEG", "other")
+KINDS = ("viewpoint", "blur", "zoom+rotation", "light", "JPEG", "noise", "other")
 # The eight Oxford sequences and the transformation each one shows.
 OXFORD_KINDS = {
     "graf": "viewpoint",
@@ -94,7 +94,7 @@ def sequence_kind(name: str) -> str:
 
     Oxford names map to their kind; HPatches ``v_*`` is viewpoint and ``i_*`` light; other
     names are searched for a kind word (``viewpoint``, ``blur``, ``zoom``, ``rotation``,
-    ``light``, ``jpeg``), else ``"other"``.
+    ``light``, ``jpeg``, ``noise``), else ``"other"``.
     """
     lower = name.lower()
     if lower in OXFORD_KINDS:
@@ -104,7 +104,7 @@ def sequence_kind(name: str) -> str:
     if lower.startswith("i_"):
         return "light"
     for word, kind in (("viewpoint", "viewpoint"), ("blur", "blur"), ("zoom", "zoom+rotation"),
-                       ("rotation", "zoom+rotation"), ("light", "light"), ("jpeg", "JPEG")):
+                       ("rotation", "zoom+rotation"), ("light", "light"), ("jpeg", "JPEG"), ("noise", "noise")):
         if word in lower:
             return kind
     return "other"

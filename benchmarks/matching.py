@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks.matching                      # synthetic sequences from skimage photos
     python -m benchmarks.matching --data ../shared/data/oxford --out runs/oxford
     python -m benchmarks.matching --download oxford    # the eight Oxford sequences
+    python -m benchmarks.matching --validation ../shared/data/train  # held-out validation sequences
     python -m benchmarks.matching --list               # descriptor names
 
 Every descriptor describes the same keypoints (OpenCV SIFT detections, or MSER ellipses),
@@ -40,11 +41,13 @@ from exemplar_desc.cli import (
     check_output_file,
     report,
 )
+from exemplar_desc.descriptor import PRECISIONS
 from exemplar_desc.model_io import resolve_card_path
 
 from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
 from .descriptors import as_float, build_descriptors, catalogue
 from .metrics import HOMOGRAPHY_THRESHOLDS, MMA_THRESHOLDS, evaluate_pair
+from .validation import HELD_OUT_FOLDERS, ensure_validation_dataset, held_out_photos
 
 logger = logging.getLogger(__name__)
 
@@ -371,6 +374,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--data", type=Path, help="folder of sequences (Oxford or HPatches layout), or one sequence folder; "
                    "default: synthetic sequences generated from scikit-image photos")
     p.add_argument("--download", choices=["oxford"], help="download the eight Oxford sequences into the cache and run on them")
+    p.add_argument("--validation", type=Path, metavar="TRAIN_ROOT",
+                   help=f"run on the held-out validation sequences, generated into the cache from the "
+                        f"{' and '.join(HELD_OUT_FOLDERS)} folders of this training-photo root (see docs/benchmark.md)")
     p.add_argument("--cache", type=Path, default=None, help="cache folder (default $EXEMPLAR_DESC_CACHE or ~/.cache/exemplar_desc)")
     p.add_argument("--descriptors", help="comma-separated names (default: all; see --list)")
     p.add_argument("--list", action="store_true", help="list descriptor names and exit")
@@ -378,6 +384,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--num-features", type=int, default=2000, help="keypoints per image, >= 1 (default 2000)")
     p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px, > 0) for a correct match in mAP and matching score (default 3)")
     p.add_argument("--device", default="cpu", help="torch device of the network descriptors: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="the Exemplar models' convolutions in float32 or bfloat16 (default fp32)")
     p.add_argument("--magnification", type=float,
                    help="patch side / KeyPoint.size (> 0) for the Exemplar models (default: each model card's)")
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
@@ -422,6 +430,13 @@ def _check_args(args) -> tuple[list[str] | None, Path]:
     check_device("--device", args.device)
     names = _check_descriptor_names(args.descriptors)
     cache = args.cache or default_cache_dir()
+    if args.validation is not None:
+        for option, value in (("--data", args.data), ("--download", args.download)):
+            check(value is None, "--validation", str(args.validation), f"cannot be combined with {option}")
+        try:
+            held_out_photos(args.validation)
+        except (FileNotFoundError, ValueError) as err:
+            raise OptionError("--validation", str(args.validation), str(err)) from None
     if args.data is not None:
         check(args.download is None, "--download", args.download, "cannot be combined with --data")
         check(args.data.is_dir(), "--data", str(args.data),
@@ -452,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         names, cache = _check_args(args)
     except OptionError as err:
         return report(err)
-    descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification)
+    descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification,
+                                             precision=args.precision)
     if not descriptors:
         for name, reason in skipped.items():
             print(f"skipped {name}: {reason}", file=sys.stderr)
@@ -466,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"download of {name} failed: {err}", file=sys.stderr)
     elif args.data:
         data = args.data
+    elif args.validation:
+        data = ensure_validation_dataset(args.validation, cache)
     else:
         from .synthetic import ensure_synthetic_dataset
 
@@ -481,8 +499,9 @@ def main(argv: list[str] | None = None) -> int:
           + ("ellipse overlap >= 0.5" if args.detector == "mser" else f"symmetric reprojection error <= {args.threshold:g} px"))
     results = run_benchmark(sequences, descriptors, args.detector, args.num_features, args.threshold, not args.no_progress)
     results = {
-        "protocol": {"data": str(data), "detector": args.detector, "num_features": args.num_features,
-                     "exemplar_magnification": args.magnification,
+        "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
+                     "detector": args.detector, "num_features": args.num_features,
+                     "exemplar_magnification": args.magnification, "exemplar_precision": args.precision,
                      "pixel_threshold": args.threshold, "overlap_threshold": 0.5,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS)},
         "skipped_descriptors": skipped,

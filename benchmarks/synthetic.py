@@ -70,12 +70,20 @@ def _similarity(scale: float, degrees: float, tx: float = 0.0, ty: float = 0.0) 
     return np.array([[scale * np.cos(a), -scale * np.sin(a), tx], [scale * np.sin(a), scale * np.cos(a), ty], [0, 0, 1]])
 
 
-def _viewpoint(shape: tuple[int, int], degrees: float) -> np.ndarray:
-    """Homography of the image plane rotated about its vertical axis, seen by a pinhole camera."""
+def _viewpoint(shape: tuple[int, int], degrees: float, axis_degrees: float = 0.0) -> np.ndarray:
+    """Homography of the image plane rotated by ``degrees`` about an in-plane axis through its
+    centre, seen by a pinhole camera (focal length = image width), shrunk to fit the frame.
+
+    ``axis_degrees`` is the axis' angle from the image's vertical (0: about the vertical axis).
+    """
     h, w = shape[:2]
     f, t = float(w), np.deg2rad(degrees)
-    # Centred coordinates (X, Y) on the plane -> (f X cos t / Z, f Y / Z) with Z = f + X sin t.
+    # Centred coordinates (X, Y) on the plane -> (f X cos t / Z, f Y / Z) with Z = f + X sin t,
+    # in axes turned by axis_degrees so the tilt axis is their vertical.
     P = np.array([[f * np.cos(t), 0, 0], [0, f, 0], [np.sin(t), 0, f]])
+    if axis_degrees:
+        R = _similarity(1.0, axis_degrees)
+        P = R @ P @ R.T
     corners = np.array([[-(w - 1) / 2, -(h - 1) / 2], [(w - 1) / 2, (h - 1) / 2], [-(w - 1) / 2, (h - 1) / 2],
                         [(w - 1) / 2, -(h - 1) / 2]])
     q = np.c_[corners, np.ones(4)] @ P.T
@@ -83,6 +91,19 @@ def _viewpoint(shape: tuple[int, int], degrees: float) -> np.ndarray:
     fit = min(1.0, (w - 1) / np.ptp(q[:, 0]), (h - 1) / np.ptp(q[:, 1]))
     shift = -fit * (q.min(axis=0) + q.max(axis=0)) / 2  # centre the projected quadrilateral in the frame
     return _about_centre(np.array([[fit, 0, shift[0]], [0, fit, shift[1]], [0, 0, 1]]) @ P / f, shape)
+
+
+def _camera_shake(shape: tuple[int, int], k: int) -> np.ndarray:
+    """The small camera motion of image ``k`` (2..6) of the photometric kinds: rotation of k-1
+    degrees about the centre and a shift of (2k, -k) pixels, as a (3, 3) float64 homography."""
+    return _about_centre(_similarity(1.0, float(k - 1), 2.0 * k, -1.0 * k), shape)
+
+
+def _warp(image: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """``image`` (H, W[, C]) moved by the (3, 3) homography ``H`` into a frame of its own size,
+    bilinear, zero outside (pixel centres at integer coordinates); keeps the dtype."""
+    return cv2.warpPerspective(image, H, (image.shape[1], image.shape[0]), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def make_sequence(image: np.ndarray, kind: str, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -108,11 +129,10 @@ def make_sequence(image: np.ndarray, kind: str, seed: int = 0) -> tuple[list[np.
         elif kind == "zoom+rotation":
             H = _about_centre(_similarity([1.2, 1.45, 1.75, 2.1, 2.5][step], 10.0 * (step + 1)), shape)
         elif kind in ("blur", "light", "JPEG"):
-            H = _about_centre(_similarity(1.0, float(k - 1), 2.0 * k, -1.0 * k), shape)
+            H = _camera_shake(shape, k)
         else:
             raise ValueError(f"unknown synthetic kind {kind!r}")
-        warped = cv2.warpPerspective(image, H, (shape[1], shape[0]), flags=cv2.INTER_LINEAR,
-                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(np.float32)
+        warped = _warp(image, H).astype(np.float32)
         if kind == "blur":
             warped = cv2.GaussianBlur(warped, (0, 0), [1.0, 1.8, 2.6, 3.6, 4.8][step])
         elif kind == "light":

@@ -1,7 +1,7 @@
 """Finding and reading image files: one lister for training, extraction and SfM.
 
 Images are named by their path relative to the image folder, with ``/`` separators
-(hloc's and COLMAP's convention). They are read as 8-bit grey arrays without applying the
+(hloc's and COLMAP's convention). They are read as 8-bit grey (or BGR) arrays without applying the
 EXIF orientation, so pixel coordinates refer to the stored raster, as COLMAP's cameras do.
 """
 
@@ -16,7 +16,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "list_images", "read_image_bytes", "decode_gray", "resize_to_max"]
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "list_images", "read_image_bytes", "decode_gray", "decode_bgr",
+           "resize_to_max"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -66,6 +67,18 @@ def _is_truncated_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
+def _decode(data: bytes, name: str, flags: int) -> np.ndarray:
+    if _is_truncated_jpeg(data):
+        raise UnreadableImageError(f"{name}: truncated JPEG (no end-of-image marker)")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION) if buf.size else None
+    if image is None or image.size == 0:
+        raise UnreadableImageError(f"{name}: not a readable image (empty, corrupt or truncated)")
+    if image.dtype != np.uint8:  # 16-bit PNG/TIFF
+        image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)
+    return image
+
+
 def decode_gray(data: bytes, name: str = "image") -> np.ndarray:
     """Decode an encoded image file to grey, ignoring its EXIF orientation.
 
@@ -79,15 +92,20 @@ def decode_gray(data: bytes, name: str = "image") -> np.ndarray:
     Raises:
         UnreadableImageError: not decodable by OpenCV, or a JPEG without its end marker.
     """
-    if _is_truncated_jpeg(data):
-        raise UnreadableImageError(f"{name}: truncated JPEG (no end-of-image marker)")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION) if buf.size else None
-    if image is None or image.size == 0:
-        raise UnreadableImageError(f"{name}: not a readable image (empty, corrupt or truncated)")
-    if image.dtype != np.uint8:  # 16-bit PNG/TIFF
-        image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)
-    return image
+    return _decode(data, name, cv2.IMREAD_GRAYSCALE)
+
+
+def decode_bgr(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode an encoded image file to colour, ignoring its EXIF orientation (grey files are
+    repeated into the three channels).
+
+    Returns:
+        (H, W, 3) uint8 array, BGR (OpenCV's channel order).
+
+    Raises:
+        UnreadableImageError: as :func:`decode_gray`.
+    """
+    return _decode(data, name, cv2.IMREAD_COLOR)
 
 
 def resize_to_max(image: np.ndarray, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -3,6 +3,7 @@ option, exit status 2, no traceback, no work started and nothing written."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -23,6 +24,9 @@ def root(tmp_path_factory):
     (root / "afile").write_text("a file, not a folder")
     (root / "blocked" / "results.json").mkdir(parents=True)
     (root / "cache").mkdir()
+    for folder in ("kodak24", "mcmaster"):  # a training-photo root with the held-out folders
+        (root / "train" / folder).mkdir(parents=True)
+        cv2.imwrite(str(root / "train" / folder / "a.png"), rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
     return root
 
 
@@ -52,7 +56,12 @@ CASES = [
     (["--device", "gpu"], "--device"),
     (["--device", "cuda:99"], "--device"),
     (["--detector", "harris"], "--detector"),
+    (["--precision", "fp16"], "--precision"),
     (["--no-data", "--cache", "{root}/afile"], "--cache"),
+    (["--validation", "{root}/train"], "--validation"),  # with the default --data
+    (["--no-data", "--download", "oxford", "--validation", "{root}/train"], "--validation"),
+    (["--no-data", "--validation", "{root}/data"], "--validation"),  # no kodak24/mcmaster folders
+    (["--no-data", "--validation", "{root}/missing"], "--validation"),
 ]
 
 

@@ -113,6 +113,26 @@ def test_end_to_end_sift_rootsift(tiny_data, tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_precision_reaches_the_exemplar_descriptors_and_the_protocol(tiny_data, tmp_path, random_model, monkeypatch):
+    import benchmarks.matching as bench
+
+    built = {}
+
+    def spy(*args, **kwargs):
+        descriptors, skipped = build_descriptors(*args, **kwargs)
+        built.update(descriptors)
+        return descriptors, skipped
+
+    monkeypatch.setattr(bench, "build_descriptors", spy)
+    name = f"exemplar:{random_model}"
+    assert main(["--data", str(tiny_data), "--descriptors", f"{name},sift", "--precision", "bf16",
+                 "--num-features", "100", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert built[name].precision == "bf16"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["protocol"]["exemplar_precision"] == "bf16"
+    assert results["descriptors"][name]["summary"]["num_pairs"] == 4
+
+
 def test_cli_errors(tiny_data, capsys):
     assert main(["--data", str(tiny_data), "--descriptors", "siftt"]) == 2
     assert "available:" in capsys.readouterr().err
