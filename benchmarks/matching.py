@@ -41,7 +41,7 @@ from exemplar_desc.cli import (
     check_output_file,
     report,
 )
-from exemplar_desc.descriptor import PRECISIONS
+from exemplar_desc.descriptor import PRECISIONS, resolve_precision
 from exemplar_desc.model_io import resolve_card_path
 
 from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
@@ -384,8 +384,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--num-features", type=int, default=2000, help="keypoints per image, >= 1 (default 2000)")
     p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px, > 0) for a correct match in mAP and matching score (default 3)")
     p.add_argument("--device", default="cpu", help="torch device of the network descriptors: cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                   help="the Exemplar models' convolutions in float32 or bfloat16 (default fp32)")
+    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+                   help="the Exemplar models' convolutions in float32 or bfloat16; auto: bfloat16 where the device "
+                        "has it in hardware (default auto)")
     p.add_argument("--magnification", type=float,
                    help="patch side / KeyPoint.size (> 0) for the Exemplar models (default: each model card's)")
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
                      "detector": args.detector, "num_features": args.num_features,
-                     "exemplar_magnification": args.magnification, "exemplar_precision": args.precision,
+                     "exemplar_magnification": args.magnification, "exemplar_precision": resolve_precision(args.precision, args.device),
                      "pixel_threshold": args.threshold, "overlap_threshold": 0.5,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS)},
         "skipped_descriptors": skipped,
