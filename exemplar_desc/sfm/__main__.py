@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ..cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check_number, report
+from ..descriptor import PRECISIONS
 from ..distributed import DEFAULT_TIMEOUT_MINUTES, DistributedError, close_distributed, init_distributed, rank_from_env
 from .features import OutputConflictError
 from .pipeline import SfmError, SfmSettings, expand_compare, run_sfm
@@ -58,6 +59,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--magnification", type=_magnification, default=defaults.magnification, metavar="M",
                    help="patch side / KeyPoint.size of Exemplar descriptors, or 'card' for the model card's "
                         "(default: %(default)s, for precisely placed matches)")
+    p.add_argument("--precision", default=defaults.precision, choices=["auto", *PRECISIONS],
+                   help="Exemplar convolutions in float32 or bfloat16; auto: bfloat16 where the device has it in "
+                        "hardware (default: %(default)s)")
     p.add_argument("--device", default=defaults.device,
                    help="torch device for descriptors and matching, cpu or cuda; under torchrun each rank uses "
                         "cuda:LOCAL_RANK with cuda (default: %(default)s)")
@@ -146,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             export_colmap=args.export_colmap,
             focal_length=args.focal_length,
             magnification=args.magnification,
+            precision=args.precision,
         )
         check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
         dist = init_distributed(settings.device, args.dist_timeout)

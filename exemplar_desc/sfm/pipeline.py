@@ -46,6 +46,7 @@ from ..atomic import atomic_write
 from ..baselines import check_descriptor_name, create_descriptor
 from ..cli import OptionError, check, check_device, check_number, check_output_dir
 from ..distributed import Distributed
+from ..descriptor import PRECISIONS
 from ..images import list_images
 from .export import export_colmap_text
 from .features import ExtractionResult, check_feature_file, extract_features, extract_features_across_ranks
@@ -104,6 +105,8 @@ class SfmSettings:
             patch matches better under blur, but a reconstruction needs precisely placed
             matches. Smaller patches trade 3D points for a lower reprojection error (docs/sfm.md,
             "Why magnification 5 in SfM").
+        precision: convolutions of the Exemplar descriptors, ``"auto"``, ``"fp32"`` or ``"bf16"``
+            (see :class:`exemplar_desc.ExemplarDescriptor`).
     """
 
     pairs: str = "exhaustive"
@@ -116,6 +119,7 @@ class SfmSettings:
     export_colmap: bool = False
     focal_length: float | None = None
     magnification: float | None = SFM_MAGNIFICATION
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         self.check()
@@ -134,6 +138,7 @@ class SfmSettings:
             check_number("--focal-length", self.focal_length, low=0, low_open=True)
         if self.magnification is not None:
             check_number("--magnification", self.magnification, low=0, low_open=True)
+        check(self.precision in ("auto", *PRECISIONS), "--precision", self.precision, f"must be auto, {', '.join(PRECISIONS)}")
         if not isinstance(self.mapper, MapperSettings):
             raise TypeError(f"mapper must be a MapperSettings, got {type(self.mapper).__name__}")
         self.mapper.check()
@@ -144,7 +149,8 @@ def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device
     for i, name in enumerate(descriptors):
         try:
             if name == "exemplar" or name.startswith("exemplar:"):
-                extractors[name] = create_descriptor(name, device=device, magnification=settings.magnification)
+                extractors[name] = create_descriptor(name, device=device, magnification=settings.magnification,
+                                                    precision=settings.precision)
             else:
                 extractors[name] = create_descriptor(name, device=device)
         except (ImportError, FileNotFoundError) as err:  # a missing dependency or weights file

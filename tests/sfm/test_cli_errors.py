@@ -55,6 +55,7 @@ CASES = [
     (["--magnification", "-2"], "--magnification"),
     (["--magnification", "nan"], "--magnification"),
     (["--magnification", "inf"], "--magnification"),
+    (["--precision", "fp16"], "--precision"),
     (["--num-threads", "0"], "--num-threads"),
     (["--num-threads", "-2"], "--num-threads"),
     (["--min-model-size", "0"], "--min-model-size"),
@@ -85,6 +86,7 @@ def test_bad_option_is_one_error_line_exit_2_nothing_written(root, extra, option
     ({"ratio": 1.5}, ValueError, "--ratio 1.5: must be a finite number > 0 and <= 1"),
     ({"pairs": "sequential:0"}, ValueError, "--pairs 'sequential:0'"),
     ({"mapper": "fast"}, TypeError, "mapper must be a MapperSettings"),
+    ({"precision": "int8"}, ValueError, "--precision 'int8': must be auto, fp32, bf16"),
 ])
 def test_settings_refuse_bad_values_on_creation(kwargs, error, message):
     with pytest.raises(error) as info:
@@ -110,3 +112,10 @@ def test_output_folder_with_a_folder_for_features_h5_is_one_error_line(root, tmp
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "features.h5 exists but is not an HDF5 file" in lines[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["features.h5"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_reaches_the_exemplar_descriptor(random_model, precision):
+    name = f"exemplar:{random_model}"
+    extractors = pipeline._create_extractors([name, "sift"], pipeline.SfmSettings(precision=precision), "cpu")
+    assert extractors[name].precision == precision
