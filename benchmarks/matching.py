@@ -41,7 +41,7 @@ from exemplar_desc.cli import (
     check_output_file,
     report,
 )
-from exemplar_desc.descriptor import PRECISIONS, resolve_precision
+from exemplar_desc.descriptor import PRECISION_CHOICES, resolve_precision
 from exemplar_desc.model_io import resolve_card_path
 
 from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
@@ -384,7 +384,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--num-features", type=int, default=2000, help="keypoints per image, >= 1 (default 2000)")
     p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px, > 0) for a correct match in mAP and matching score (default 3)")
     p.add_argument("--device", default="cpu", help="torch device of the network descriptors: cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=["auto", *PRECISIONS], default="auto",
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="the Exemplar models' convolutions in float32 or bfloat16; auto: bfloat16 where the device "
                         "has it in hardware (default auto)")
     p.add_argument("--magnification", type=float,

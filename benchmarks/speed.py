@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from exemplar_desc import ExemplarDescriptor
+from exemplar_desc.descriptor import PRECISION_CHOICES
 from exemplar_desc.cli import ArgumentParser, OptionError, check, check_device, check_number, report
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each descriptor (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device of a network descriptor: cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="Exemplar convolutions; auto: bf16 where the device has it in hardware (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="Exemplar patches per network batch (default: 1024, 8192 on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

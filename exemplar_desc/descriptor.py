@@ -27,10 +27,13 @@ from .patches import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExemplarDescriptor", "PRECISIONS", "describe_frames", "describe_images", "native_bf16", "resolve_precision"]
+__all__ = ["ExemplarDescriptor", "PRECISIONS", "PRECISION_CHOICES", "describe_frames", "describe_images", "native_bf16",
+           "resolve_precision"]
 
 #: Arithmetic of the convolutions: name -> torch dtype (``"auto"`` resolves to one of them).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: What the ``precision`` argument and every ``--precision`` option accept.
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 def native_bf16(device: str | torch.device) -> bool:
@@ -53,7 +56,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     return precision
 
 

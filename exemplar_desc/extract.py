@@ -25,6 +25,7 @@ from typing import Sequence
 
 from .baselines import create_descriptor
 from .cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
+from .descriptor import PRECISION_CHOICES
 from .images import list_images
 from .distributed import DEFAULT_TIMEOUT_MINUTES, DistributedError, close_distributed, init_distributed, rank_from_env
 from .sfm.features import OutputConflictError, check_feature_file, extract_features, extract_features_across_ranks
@@ -49,7 +50,7 @@ def _parser() -> ArgumentParser:
                    help="processes that read, decode and detect, 0 for none (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patches per network batch, shared across images (default: 1024 on the CPU, 8192 on CUDA)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                    help="Exemplar convolutions in float32 or bfloat16; auto: bfloat16 where the device has it in hardware "
                         "(default: %(default)s)")
     p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",

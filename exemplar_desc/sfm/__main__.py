@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ..cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check_number, report
-from ..descriptor import PRECISIONS
+from ..descriptor import PRECISION_CHOICES
 from ..distributed import DEFAULT_TIMEOUT_MINUTES, DistributedError, close_distributed, init_distributed, rank_from_env
 from .features import OutputConflictError
 from .pipeline import SfmError, SfmSettings, expand_compare, run_sfm
@@ -59,7 +59,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--magnification", type=_magnification, default=defaults.magnification, metavar="M",
                    help="patch side / KeyPoint.size of Exemplar descriptors, or 'card' for the model card's "
                         "(default: %(default)s, for precisely placed matches)")
-    p.add_argument("--precision", default=defaults.precision, choices=["auto", *PRECISIONS],
+    p.add_argument("--precision", default=defaults.precision, choices=PRECISION_CHOICES,
                    help="Exemplar convolutions in float32 or bfloat16; auto: bfloat16 where the device has it in "
                         "hardware (default: %(default)s)")
     p.add_argument("--device", default=defaults.device,

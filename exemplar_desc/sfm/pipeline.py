@@ -46,7 +46,7 @@ from ..atomic import atomic_write
 from ..baselines import check_descriptor_name, create_descriptor
 from ..cli import OptionError, check, check_device, check_number, check_output_dir
 from ..distributed import Distributed
-from ..descriptor import PRECISIONS
+from ..descriptor import PRECISION_CHOICES
 from ..images import list_images
 from .export import export_colmap_text
 from .features import ExtractionResult, check_feature_file, extract_features, extract_features_across_ranks
@@ -138,7 +138,7 @@ class SfmSettings:
             check_number("--focal-length", self.focal_length, low=0, low_open=True)
         if self.magnification is not None:
             check_number("--magnification", self.magnification, low=0, low_open=True)
-        check(self.precision in ("auto", *PRECISIONS), "--precision", self.precision, f"must be auto, {', '.join(PRECISIONS)}")
+        check(self.precision in PRECISION_CHOICES, "--precision", self.precision, f"must be {', '.join(PRECISION_CHOICES)}")
         if not isinstance(self.mapper, MapperSettings):
             raise TypeError(f"mapper must be a MapperSettings, got {type(self.mapper).__name__}")
         self.mapper.check()
