@@ -125,17 +125,23 @@ def _source_indices(kps_in: list[cv2.KeyPoint], kps_out: list[cv2.KeyPoint]) -> 
     return ids
 
 
+def _nanmean(values: list[float]) -> float:
+    values = np.array(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def _aggregate(pairs: list[dict]) -> dict:
-    """Mean of per-pair metrics (mAP ignores pairs without any correct correspondence)."""
+    """Mean of per-pair metrics (mAP and the inlier error ignore pairs where they are undefined)."""
     if not pairs:
         return {"num_pairs": 0}
-    maps = np.array([p["mAP"] for p in pairs], dtype=np.float64)
     out = {
-        "mAP": float(np.nanmean(maps)) if np.isfinite(maps).any() else float("nan"),
+        "mAP": _nanmean([p["mAP"] for p in pairs]),
         "matching_score": float(np.mean([p["matching_score"] for p in pairs])),
         "MMA": np.mean([p["MMA"] for p in pairs], axis=0).tolist(),
         "homography_error_median": float(np.median([p["homography_error"] for p in pairs])),
         **{k: float(np.mean([p[k] for p in pairs])) for k in _H_KEYS},
+        "correct_matches": float(np.mean([p["num_correct_matches"] for p in pairs])),
+        "inlier_error": _nanmean([p["inlier_error"] for p in pairs]),
         "num_pairs": len(pairs),
     }
     return out
@@ -148,6 +154,7 @@ def run_benchmark(
     num_features: int = 2000,
     pixel_threshold: float = 3.0,
     progress: bool = True,
+    ratio: float | None = None,
 ) -> dict:
     """Describe the shared keypoints of every image with every descriptor and evaluate all pairs 1-k.
 
@@ -161,6 +168,8 @@ def run_benchmark(
         num_features: the most keypoints per image (>= 1).
         pixel_threshold: symmetric reprojection error in pixels (> 0) of a correct match.
         progress: show a progress bar on stderr.
+        ratio: Lowe ratio in (0, 1] on the mutual matches of MMA, homography and the
+            correct-match statistics (None: off); see :func:`benchmarks.metrics.evaluate_pair`.
 
     Returns:
         ``{"descriptors": {name: {"time_per_keypoint_ms", "sequences": {seq: {"kind",
@@ -177,6 +186,8 @@ def run_benchmark(
     check(detector in DETECTORS, "--detector", detector, f"must be one of {', '.join(DETECTORS)}")
     check_number("--num-features", num_features, low=1, integer=True)
     check_number("--threshold", pixel_threshold, low=0, low_open=True)
+    if ratio is not None:
+        check_number("--ratio", ratio, low=0, low_open=True, high=1)
 
     detections = {s.name: [detect(img, detector, num_features) for img in s.images] for s in sequences}
     results: dict = {"descriptors": {}, "errors": {}}
@@ -206,7 +217,7 @@ def run_benchmark(
                     xyk, dk, ek = described[k]
                     pairs[seq.pairs[k - 1]] = evaluate_pair(
                         xy1, xyk, d1, dk, seq.homographies[k], seq.images[0].shape, seq.images[k].shape,
-                        pixel_threshold=pixel_threshold, ellipses1=e1, ellipses2=ek,
+                        pixel_threshold=pixel_threshold, ellipses1=e1, ellipses2=ek, ratio=ratio,
                     )
                 per_seq[seq.name] = {"kind": seq.kind, "pairs": pairs}
             except Exception as err:  # one failing descriptor/sequence must not stop the run
@@ -243,9 +254,10 @@ def _fmt(value: float, percent: bool = True) -> str:
 
 
 def format_table(results: dict) -> str:
-    """Console table: mAP per kind and overall, matching score, MMA@3px, homography accuracy (%), ms per keypoint."""
+    """Console table: mAP per kind and overall, matching score, MMA@3px, homography accuracy (%), correct
+    matches per pair and their mean error (px), ms per keypoint."""
     kinds = [k for k in KINDS if any(k in e.get("per_kind", {}) for e in results["descriptors"].values())]
-    header = ["descriptor", *[f"mAP {k}" for k in kinds], "mAP", "MS", "MMA@3", *_H_KEYS, "ms/kp"]
+    header = ["descriptor", *[f"mAP {k}" for k in kinds], "mAP", "MS", "MMA@3", *_H_KEYS, "correct", "err px", "ms/kp"]
     rows = [header]
     for name, entry in results["descriptors"].items():
         s = entry.get("summary", {})
@@ -255,6 +267,8 @@ def format_table(results: dict) -> str:
             *[_fmt(entry["per_kind"].get(k, {}).get("mAP", float("nan"))) for k in kinds],
             _fmt(s.get("mAP", float("nan"))), _fmt(s.get("matching_score", float("nan"))), _fmt(mma3),
             *[_fmt(s.get(k, float("nan"))) for k in _H_KEYS],
+            f"{s['correct_matches']:.0f}" if "correct_matches" in s else "-",
+            _fmt(s.get("inlier_error", float("nan")), percent=False),
             _fmt(entry["time_per_keypoint_ms"], percent=False),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -277,12 +291,14 @@ def _json_safe(value):
 
 def _csv_rows(results: dict) -> list[list]:
     header = ["descriptor", "scope", "kind", "sequence", "pair", "mAP", "matching_score",
-              *[f"MMA@{t}px" for t in MMA_THRESHOLDS], *_H_KEYS, "homography_error", "time_per_keypoint_ms"]
+              *[f"MMA@{t}px" for t in MMA_THRESHOLDS], *_H_KEYS, "homography_error", "correct_matches", "inlier_error",
+              "time_per_keypoint_ms"]
     rows = [header]
 
     def row(name, scope, kind, seq, pair, m, err_key, ms):
         rows.append([name, scope, kind, seq, pair, m.get("mAP"), m.get("matching_score"), *m.get("MMA", [None] * 10),
-                     *[m.get(k) for k in _H_KEYS], m.get(err_key), ms])
+                     *[m.get(k) for k in _H_KEYS], m.get(err_key), m.get("correct_matches", m.get("num_correct_matches")),
+                     m.get("inlier_error"), ms])
 
     for name, e in results["descriptors"].items():
         ms = e["time_per_keypoint_ms"]
@@ -383,6 +399,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--detector", choices=DETECTORS, default="sift", help="shared keypoints (default sift)")
     p.add_argument("--num-features", type=int, default=2000, help="keypoints per image, >= 1 (default 2000)")
     p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px, > 0) for a correct match in mAP and matching score (default 3)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="Lowe ratio in (0, 1] on the mutual matches of MMA, homography and correct-match statistics (default: off)")
     p.add_argument("--device", default="cpu", help="torch device of the network descriptors: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="the Exemplar models' convolutions in float32 or bfloat16; auto: bfloat16 where the device "
@@ -426,6 +444,8 @@ def _check_args(args) -> tuple[list[str] | None, Path]:
     """
     check_number("--num-features", args.num_features, low=1, integer=True)
     check_number("--threshold", args.threshold, low=0, low_open=True)
+    if args.ratio is not None:
+        check_number("--ratio", args.ratio, low=0, low_open=True, high=1)
     if args.magnification is not None:
         check_number("--magnification", args.magnification, low=0, low_open=True)
     check_device("--device", args.device)
@@ -498,12 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data} ({len(sequences)} sequences: {', '.join(s.name for s in sequences)})")
     print(f"keypoints: {args.detector}, up to {args.num_features} per image; correct match: "
           + ("ellipse overlap >= 0.5" if args.detector == "mser" else f"symmetric reprojection error <= {args.threshold:g} px"))
-    results = run_benchmark(sequences, descriptors, args.detector, args.num_features, args.threshold, not args.no_progress)
+    results = run_benchmark(sequences, descriptors, args.detector, args.num_features, args.threshold, not args.no_progress,
+                            args.ratio)
     results = {
         "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
                      "detector": args.detector, "num_features": args.num_features,
                      "exemplar_magnification": args.magnification, "exemplar_precision": resolve_precision(args.precision, args.device),
-                     "pixel_threshold": args.threshold, "overlap_threshold": 0.5,
+                     "pixel_threshold": args.threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS)},
         "skipped_descriptors": skipped,
         "failed_sequences": bad,

@@ -176,6 +176,7 @@ def evaluate_pair(
     ellipses1: np.ndarray | None = None,
     ellipses2: np.ndarray | None = None,
     overlap_threshold: float = 0.5,
+    ratio: float | None = None,
 ) -> dict:
     """All metrics of one image pair.
 
@@ -189,11 +190,16 @@ def evaluate_pair(
         ellipses1, ellipses2: (N, 5) regions; when given, a match is correct for mAP and
             matching score if the overlap (IoU) of the projected region 1 with region 2 is
             at least ``overlap_threshold`` instead.
+        ratio: Lowe ratio in (0, 1] applied to the mutual matches of MMA, homography and
+            the correct-match statistics (None: mutual nearest neighbours only; mAP and
+            matching score never use it).
 
     Returns:
         ``{"mAP", "matching_score", "MMA": [10 floats for 1..10 px], "homography_error"
         (px, inf if not estimated), "H@1px", "H@3px", "H@5px" (0/1), "num_keypoints":
-        [N1, N2], "num_covisible": [...], "num_positives", "num_mutual_matches"}``.
+        [N1, N2], "num_covisible": [...], "num_positives", "num_mutual_matches",
+        "num_correct_matches" (matches with a one-way error <= ``pixel_threshold``),
+        "inlier_error" (their mean one-way error in pixels, NaN if none)}``.
     """
     xy1, xy2 = np.asarray(xy1, np.float64).reshape(-1, 2), np.asarray(xy2, np.float64).reshape(-1, 2)
     desc1, desc2 = np.asarray(desc1, np.float32), np.asarray(desc2, np.float32)
@@ -213,9 +219,11 @@ def evaluate_pair(
     denominator = min(len(vis1), len(vis2))
     matching_score = n_correct / denominator if denominator else 0.0
     # MMA and homography: mutual nearest neighbours over all keypoints, one-way error in image 2.
-    matches, _ = mutual_nearest_neighbours(desc1, desc2)
+    matches, _ = mutual_nearest_neighbours(desc1, desc2, ratio=ratio)
     errors = np.linalg.norm(project(H, xy1[matches[:, 0]]) - xy2[matches[:, 1]], axis=1) if len(matches) else np.zeros(0)
     mma = mean_matching_accuracy(errors)
+    # How precisely the correct matches are placed: what a reconstruction's reprojection error sees.
+    inliers = errors[errors <= pixel_threshold]
     H_est = None
     if len(matches) >= 4:
         cv2.setRNGSeed(0)
@@ -233,5 +241,7 @@ def evaluate_pair(
         "num_covisible": [len(vis1), len(vis2)],
         "num_positives": num_positives,
         "num_mutual_matches": len(matches),
+        "num_correct_matches": len(inliers),
+        "inlier_error": float(inliers.mean()) if len(inliers) else float("nan"),
     }
     return result

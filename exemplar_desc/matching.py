@@ -99,14 +99,21 @@ def nearest_neighbours(desc1: np.ndarray, desc2: np.ndarray) -> tuple[np.ndarray
     return matches.numpy(), dist.numpy()
 
 
-def mutual_nearest_neighbours(desc1: np.ndarray, desc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mutual_nearest_neighbours(
+    desc1: np.ndarray, desc2: np.ndarray, ratio: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j) where j is i's nearest neighbour and i is j's, in float64.
+
+    Args:
+        desc1, desc2: (N1, D), (N2, D) descriptors.
+        ratio: also apply Lowe's ratio test from ``desc1``'s side (see
+            :func:`match_descriptors`); None: mutual nearest neighbours only.
 
     Returns:
         (M, 2) int index pairs and (M,) float64 distances.
     """
     if len(desc1) == 0 or len(desc2) == 0:
         return np.zeros((0, 2), dtype=int), np.zeros(0)
-    matches, dist = match_descriptors(_as_tensor(desc1), _as_tensor(desc2))
+    matches, dist = match_descriptors(_as_tensor(desc1), _as_tensor(desc2), ratio=ratio)
     i = np.nonzero(matches.numpy() >= 0)[0]
     return np.stack([i, matches.numpy()[i]], axis=1), dist.numpy()[i]

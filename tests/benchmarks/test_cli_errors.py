@@ -41,6 +41,8 @@ CASES = [
     (["--threshold", "-1"], "--threshold"),
     (["--threshold", "0"], "--threshold"),
     (["--threshold", "nan"], "--threshold"),
+    (["--ratio", "0"], "--ratio"),
+    (["--ratio", "1.2"], "--ratio"),
     (["--descriptors", ""], "--descriptors"),
     (["--descriptors", " , "], "--descriptors"),
     (["--descriptors", "siftt"], "--descriptors"),
@@ -83,6 +85,7 @@ def test_bad_option_is_one_error_line_exit_2_nothing_written(root, extra, option
 @pytest.mark.parametrize("kwargs, message", [
     ({"num_features": 0}, "--num-features 0: must be a whole number >= 1"),
     ({"pixel_threshold": -1.0}, "--threshold -1.0: must be a finite number > 0"),
+    ({"ratio": 0.0}, "--ratio 0.0: must be a finite number > 0 and <= 1"),
     ({"detector": "harris"}, "--detector 'harris': must be one of sift, mser"),
     ({"descriptors": {}}, "--descriptors {}: no descriptor to run"),
 ])

@@ -85,6 +85,38 @@ def test_perfect_descriptors_score_one():
     assert r["homography_error"] < 0.1 and r["H@1px"] == 1.0
 
 
+def test_inlier_error_is_the_mean_error_of_the_correct_matches():
+    xy1, xy2, d1, d2 = _scene()
+    offsets = np.zeros_like(xy2)
+    offsets[:50, 0] = 1.0  # a third of the matches 1 px off, a third 5 px off (not correct at 3 px)
+    offsets[50:100, 1] = 5.0
+    r = evaluate_pair(xy1, xy2 + offsets, d1, d2, H, SHAPE, SHAPE)
+    assert r["num_correct_matches"] == 100
+    assert r["inlier_error"] == pytest.approx(0.5)
+    assert r["MMA"][0] == pytest.approx(100 / 150) and r["MMA"][5] == pytest.approx(1.0)
+
+
+def test_ratio_drops_ambiguous_matches_from_mma_but_not_from_map():
+    xy1, xy2, d1, d2 = _scene()
+    # Fifty distractors in image 2, 40 px from the true points, that look like image 1's first fifty keypoints.
+    rng = np.random.default_rng(2)
+    xy2 = np.concatenate([xy2, project(H, xy1[:50]) + [40.0, 0.0]])
+    d2 = np.concatenate([d2, d1[:50] + 0.01 * rng.normal(size=(50, d1.shape[1])).astype(np.float32)])
+    loose = evaluate_pair(xy1, xy2, d1, d2, H, SHAPE, SHAPE)
+    strict = evaluate_pair(xy1, xy2, d1, d2, H, SHAPE, SHAPE, ratio=0.5)
+    assert loose["num_mutual_matches"] == 150 and loose["MMA"][2] < 0.9
+    assert strict["num_mutual_matches"] == 100 and strict["MMA"][2] == pytest.approx(1.0)
+    assert strict["mAP"] == loose["mAP"]
+    with pytest.raises(ValueError, match="ratio"):
+        evaluate_pair(xy1, xy2, d1, d2, H, SHAPE, SHAPE, ratio=1.5)
+
+
+def test_no_correct_match_has_no_inlier_error():
+    xy1, xy2, d1, d2 = _scene()
+    r = evaluate_pair(xy1, xy2 + 10.0, d1, d2, H, SHAPE, SHAPE)
+    assert r["num_correct_matches"] == 0 and np.isnan(r["inlier_error"])
+
+
 def test_shuffled_descriptors_score_near_zero():
     xy1, xy2, d1, d2 = _scene()
     d2 = d2[np.random.default_rng(1).permutation(len(d2))]
