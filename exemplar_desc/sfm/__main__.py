@@ -40,6 +40,16 @@ def _magnification(text: str) -> float | None:
     return value
 
 
+def _ratio(text: str) -> float | str | None:
+    # Range and finiteness are checked by SfmSettings, so the error names --ratio like the others.
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    try:
+        return float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], 'auto' or 'off', got {text!r}") from err
+
+
 def _parser() -> ArgumentParser:
     defaults, mapper = SfmSettings(), MapperSettings()
     p = ArgumentParser(prog="python -m exemplar_desc.sfm", description=__doc__.split("\n\n")[0])
@@ -53,7 +63,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--max-size", type=int, default=None, metavar="PX",
                    help="downscale so the longer side is at most PX for extraction (keypoints are stored at full resolution)")
     p.add_argument("--max-keypoints", type=int, default=defaults.max_keypoints, help="per image (default: %(default)s)")
-    p.add_argument("--ratio", type=float, default=None, help="Lowe ratio test on top of mutual nearest neighbours (default: off)")
+    p.add_argument("--ratio", type=_ratio, default=defaults.ratio, metavar="R",
+                   help="Lowe ratio test on top of mutual nearest neighbours for every descriptor, a number in (0, 1] "
+                        "or 'off'; auto: 0.95 for Exemplar descriptors, off for SIFT and RootSIFT (default: %(default)s)")
     p.add_argument("--focal-length", type=float, default=None, metavar="PX",
                    help="focal length prior in pixels of the original images for every camera (default: EXIF)")
     p.add_argument("--magnification", type=_magnification, default=defaults.magnification, metavar="M",

@@ -71,6 +71,8 @@ T = TypeVar("T")
 
 #: Default patch magnification of the Exemplar descriptors in SfM (see :class:`SfmSettings`).
 SFM_MAGNIFICATION = 5.0
+#: Lowe ratio the Exemplar descriptors match with in SfM under ``ratio="auto"`` (see :class:`SfmSettings`).
+SFM_EXEMPLAR_RATIO = 0.95
 #: The file that names the entries of the finished set in an output folder, written last.
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "exemplar_desc.sfm.outputs/1"
@@ -93,7 +95,11 @@ class SfmSettings:
         pairs: ``"exhaustive"`` or ``"sequential:K"`` (K >= 1).
         max_size: longer side in pixels (>= 1) for feature extraction (None: full resolution).
         max_keypoints: detector limit per image (>= 1).
-        ratio: Lowe ratio in (0, 1] for matching (None: mutual nearest neighbours only).
+        ratio: Lowe ratio in (0, 1] on top of mutual nearest neighbours, for every descriptor;
+            None: mutual nearest neighbours only; ``"auto"`` (default): 0.95 for the Exemplar
+            descriptors, whose shift invariance otherwise lets less precisely placed matches
+            through, and none for SIFT and RootSIFT; chosen on the validation set (docs/sfm.md,
+            "Why ratio 0.95 for the Exemplar descriptors"). :meth:`ratio_for` resolves it.
         device: torch device for descriptors and matching (``cpu``, ``cuda``, ``cuda:N``).
         mapper: incremental mapper options.
         overwrite: replace outputs of another descriptor or program instead of refusing.
@@ -112,7 +118,7 @@ class SfmSettings:
     pairs: str = "exhaustive"
     max_size: int | None = None
     max_keypoints: int = 8192
-    ratio: float | None = None
+    ratio: float | str | None = "auto"
     device: str = "cpu"
     mapper: MapperSettings = field(default_factory=MapperSettings)
     overwrite: bool = False
@@ -131,7 +137,7 @@ class SfmSettings:
         if self.max_size is not None:
             check_number("--max-size", self.max_size, low=1, integer=True)
         check_number("--max-keypoints", self.max_keypoints, low=1, integer=True)
-        if self.ratio is not None:
+        if self.ratio is not None and self.ratio != "auto":
             check_number("--ratio", self.ratio, low=0, low_open=True, high=1)
         check_device("--device", self.device)
         if self.focal_length is not None:
@@ -143,12 +149,24 @@ class SfmSettings:
             raise TypeError(f"mapper must be a MapperSettings, got {type(self.mapper).__name__}")
         self.mapper.check()
 
+    def ratio_for(self, descriptor: str) -> float | None:
+        """The Lowe ratio ``descriptor`` (a name such as ``"sift"`` or ``"exemplar:NAME"``) matches
+        with; None for mutual nearest neighbours only."""
+        if self.ratio == "auto":
+            return SFM_EXEMPLAR_RATIO if is_exemplar(descriptor) else None
+        return self.ratio
+
+
+def is_exemplar(descriptor: str) -> bool:
+    """Whether a descriptor name (``"exemplar"`` or ``"exemplar:<model>"``) is an Exemplar model."""
+    return descriptor == "exemplar" or descriptor.startswith("exemplar:")
+
 
 def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device: str) -> dict[str, Any]:
     extractors = {}
     for i, name in enumerate(descriptors):
         try:
-            if name == "exemplar" or name.startswith("exemplar:"):
+            if is_exemplar(name):
                 extractors[name] = create_descriptor(name, device=device, magnification=settings.magnification,
                                                     precision=settings.precision)
             else:
@@ -387,8 +405,8 @@ def _extract(job: _Job) -> ExtractionResult:
     )
 
 
-def _match(job: _Job, sub: str, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    """Matches of ``pairs`` into ``staging/<sub>/matches.h5`` (the descriptors of its ``features.h5``).
+def _match(job: _Job, descriptor: str, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Matches of ``pairs`` into ``staging/<sub>/matches.h5`` (``descriptor``'s features in its ``features.h5``).
 
     In a distributed run each rank matches its share of the pairs into a part file and rank 0
     merges the parts (the other ranks do not wait for that).
@@ -396,7 +414,8 @@ def _match(job: _Job, sub: str, pairs: list[tuple[str, str]]) -> dict[tuple[str,
     Returns:
         (name0, name1) -> number of matches, in the order of ``pairs``, on every rank.
     """
-    dist, folder, ratio, device = job.dist, job.staging / sub, job.settings.ratio, _device(job.settings, job.dist)
+    sub, ratio = job.subfolders[descriptor], job.settings.ratio_for(descriptor)
+    dist, folder, device = job.dist, job.staging / sub, _device(job.settings, job.dist)
     if dist is None:
         return match_pairs(folder / "features.h5", pairs, folder / "matches.h5", ratio=ratio, device=device)
     parts = [job.part_path(rank, sub, "matches.h5") for rank in range(dist.world_size)]
@@ -430,9 +449,9 @@ def _run(job: _Job) -> dict[str, dict[str, Any]]:
     pairs = make_pairs(readable, settings.pairs)
 
     matched = {}
-    for dname, sub in subfolders.items():
+    for dname in subfolders:
         start = time.perf_counter()
-        counts = _match(job, sub, pairs)
+        counts = _match(job, dname, pairs)
         matched[dname] = counts, time.perf_counter() - start
         if not any(counts.values()):
             raise SfmError(f"no matches between any two of the {len(readable)} images in {image_dir} ({dname})")
@@ -457,7 +476,7 @@ def _run(job: _Job) -> dict[str, dict[str, Any]]:
             "settings": {**asdict(settings), "descriptors": descriptors},
         }
         write_pairs(folder / "pairs.txt", pairs)
-        summary.update(pairs=len(pairs), pairs_with_matches=sum(c > 0 for c in counts.values()),
+        summary.update(pairs=len(pairs), ratio=settings.ratio_for(dname), pairs_with_matches=sum(c > 0 for c in counts.values()),
                        mean_matches_per_pair=float(np.mean(list(counts.values()))))
 
         start = time.perf_counter()

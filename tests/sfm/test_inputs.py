@@ -17,7 +17,7 @@ from exemplar_desc.baselines import create_descriptor
 from exemplar_desc.model_io import load_model, save_model
 from exemplar_desc.sfm.__main__ import main
 from exemplar_desc.sfm.features import OutputConflictError, extract_features
-from exemplar_desc.sfm.pipeline import SfmError, SfmSettings, run_sfm
+from exemplar_desc.sfm.pipeline import SFM_EXEMPLAR_RATIO, SfmError, SfmSettings, run_sfm
 
 from .synth import texture, write_views
 
@@ -178,6 +178,33 @@ def test_cli_magnification_card_uses_the_model_card(tmp_path, random_model):
     card = json.loads(random_model.read_text())
     with h5py.File(out / "features.h5", "r") as f:
         assert f"magnification {card['magnification']:g}," in f["a.png"].attrs["descriptor_identity"]
+
+
+def test_ratio_auto_applies_the_exemplar_ratio_to_exemplar_descriptors_only():
+    auto = SfmSettings()
+    assert auto.ratio == "auto"
+    assert auto.ratio_for("exemplar") == auto.ratio_for("exemplar:exemplar-fast") == SFM_EXEMPLAR_RATIO
+    assert auto.ratio_for("sift") is None and auto.ratio_for("rootsift") is None
+    assert SfmSettings(ratio=None).ratio_for("exemplar") is None
+    assert SfmSettings(ratio=0.8).ratio_for("sift") == SfmSettings(ratio=0.8).ratio_for("exemplar") == 0.8
+
+
+@pytest.mark.parametrize("option, expected", [([], SFM_EXEMPLAR_RATIO), (["--ratio", "off"], 0.0), (["--ratio", "0.7"], 0.7)])
+def test_cli_ratio_reaches_the_exemplar_matches(tmp_path, random_model, option, expected):
+    images = tmp_path / "images"
+    write_views(images, NAMES3)
+    out = tmp_path / "out"
+    main(["--images", str(images), "--out", str(out), "--descriptor", f"exemplar:{random_model}",
+          "--max-size", "200", "--max-keypoints", "100", *option])
+    with h5py.File(out / "matches.h5", "r") as f:
+        assert f.attrs["ratio"] == pytest.approx(expected)
+    assert json.loads((out / "summary.json").read_text())["ratio"] == (pytest.approx(expected) if expected else None)
+
+
+def test_cli_refuses_a_ratio_that_is_not_a_number(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--ratio", "strict"])
+    assert "'auto' or 'off'" in capsys.readouterr().err
 
 
 class _Interrupt(Exception):
