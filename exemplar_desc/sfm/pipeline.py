@@ -97,9 +97,9 @@ class SfmSettings:
         max_keypoints: detector limit per image (>= 1).
         ratio: Lowe ratio in (0, 1] on top of mutual nearest neighbours, for every descriptor;
             None: mutual nearest neighbours only; ``"auto"`` (default): 0.95 for the Exemplar
-            descriptors, whose shift invariance otherwise lets less precisely placed matches
-            through, and none for SIFT and RootSIFT; chosen on the validation set (docs/sfm.md,
-            "Why ratio 0.95 for the Exemplar descriptors"). :meth:`ratio_for` resolves it.
+            descriptors, so their matches are placed as precisely as SIFT's, and none for SIFT
+            and RootSIFT; chosen on the validation set (docs/sfm.md, "SfM settings chosen on
+            the validation set"). :meth:`ratio_for` resolves it.
         device: torch device for descriptors and matching (``cpu``, ``cuda``, ``cuda:N``).
         mapper: incremental mapper options.
         overwrite: replace outputs of another descriptor or program instead of refusing.
