@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 
-from exemplar_desc.baselines import Float128Descriptor, create_descriptor
+from exemplar_desc.baselines import Float128Descriptor, create_descriptor, is_exemplar
 from exemplar_desc.model_io import list_models
 from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, to_gray_float
 
@@ -102,7 +102,7 @@ def catalogue() -> tuple[list[str], dict[str, str]]:
 
 
 def _build(name: str, device: str, magnification: float | None, **exemplar_options):
-    if name == "exemplar" or name.startswith("exemplar:"):
+    if is_exemplar(name):
         return create_descriptor(name, device=device, magnification=magnification, **exemplar_options)
     if name in ("sift", "rootsift"):
         return create_descriptor(name, device=device)
@@ -139,7 +139,7 @@ def build_descriptors(
     """
     known, skipped = catalogue()
     wanted = list(known) if names is None else list(dict.fromkeys(names))
-    unknown = [n for n in wanted if n not in known and not n.startswith("exemplar:") and n != "exemplar"]
+    unknown = [n for n in wanted if n not in known and not is_exemplar(n)]
     if unknown:
         raise ValueError(f"unknown descriptor(s) {', '.join(unknown)}; available: {', '.join(known)}")
     built, reasons = {}, {}

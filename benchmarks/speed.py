@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from exemplar_desc import ExemplarDescriptor
+from exemplar_desc.baselines import is_exemplar
 from exemplar_desc.descriptor import PRECISION_CHOICES
 from exemplar_desc.cli import ArgumentParser, OptionError, check, check_device, check_number, report
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             image = cv2.resize(cv2.cvtColor(sample_photo("astronaut"), cv2.COLOR_BGR2GRAY), IMAGE_SIZE,
                                interpolation=cv2.INTER_CUBIC)
         name, note = (args.descriptor, None) if args.descriptor else _default_descriptor()
-        exemplar = name == "exemplar" or name.startswith("exemplar:")
+        exemplar = is_exemplar(name)
         options = {"precision": args.precision, "batch_size": args.batch_size or (8192 if device.type == "cuda" else 1024)}
         built, skipped = build_descriptors([name], device=str(device), **(options if exemplar else {}))
     except ValueError as err:

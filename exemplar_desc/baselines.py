@@ -16,7 +16,7 @@ from .cli import OptionError, check
 from .descriptor import ExemplarDescriptor
 from .model_io import resolve_card_path
 
-__all__ = ["Float128Descriptor", "RootSIFT", "create_descriptor", "check_descriptor_name", "DESCRIPTOR_NAMES"]
+__all__ = ["Float128Descriptor", "RootSIFT", "create_descriptor", "check_descriptor_name", "is_exemplar", "DESCRIPTOR_NAMES"]
 
 DESCRIPTOR_NAMES = ("exemplar", "sift", "rootsift")
 
@@ -78,10 +78,15 @@ def create_descriptor(name: str, device: str = "cpu", **kwargs):
         return cv2.SIFT_create(**kwargs)
     if name == "rootsift":
         return RootSIFT(**kwargs)
-    if name == "exemplar" or name.startswith("exemplar:"):
+    if is_exemplar(name):
         model = name.split(":", 1)[1] if ":" in name else None
         return ExemplarDescriptor(model=model, device=device, **kwargs)
     raise ValueError(f"unknown descriptor {name!r}; available: {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>")
+
+
+def is_exemplar(name: str) -> bool:
+    """Whether a descriptor name of :func:`create_descriptor` is an Exemplar model (``exemplar`` or ``exemplar:<model>``)."""
+    return name == "exemplar" or name.startswith("exemplar:")
 
 
 def check_descriptor_name(option: str, name: str) -> None:

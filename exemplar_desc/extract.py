@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .baselines import create_descriptor
+from .baselines import create_descriptor, is_exemplar
 from .cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
 from .descriptor import PRECISION_CHOICES
 from .images import list_images
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     main_rank = rank_from_env() == 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    exemplar = args.descriptor == "exemplar" or args.descriptor.startswith("exemplar:")
+    exemplar = is_exemplar(args.descriptor)
     try:
         try:
             if args.max_size is not None:

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from ..atomic import atomic_write
-from ..baselines import check_descriptor_name, create_descriptor
+from ..baselines import check_descriptor_name, create_descriptor, is_exemplar
 from ..cli import OptionError, check, check_device, check_number, check_output_dir
 from ..distributed import Distributed
 from ..descriptor import PRECISION_CHOICES
@@ -155,11 +155,6 @@ class SfmSettings:
         if self.ratio == "auto":
             return SFM_EXEMPLAR_RATIO if is_exemplar(descriptor) else None
         return self.ratio
-
-
-def is_exemplar(descriptor: str) -> bool:
-    """Whether a descriptor name (``"exemplar"`` or ``"exemplar:<model>"``) is an Exemplar model."""
-    return descriptor == "exemplar" or descriptor.startswith("exemplar:")
 
 
 def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device: str) -> dict[str, Any]:
