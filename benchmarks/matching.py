@@ -140,7 +140,7 @@ def _aggregate(pairs: list[dict]) -> dict:
         "MMA": np.mean([p["MMA"] for p in pairs], axis=0).tolist(),
         "homography_error_median": float(np.median([p["homography_error"] for p in pairs])),
         **{k: float(np.mean([p[k] for p in pairs])) for k in _H_KEYS},
-        "correct_matches": float(np.mean([p["num_correct_matches"] for p in pairs])),
+        "num_correct_matches": float(np.mean([p["num_correct_matches"] for p in pairs])),
         "inlier_error": _nanmean([p["inlier_error"] for p in pairs]),
         "num_pairs": len(pairs),
     }
@@ -267,7 +267,7 @@ def format_table(results: dict) -> str:
             *[_fmt(entry["per_kind"].get(k, {}).get("mAP", float("nan"))) for k in kinds],
             _fmt(s.get("mAP", float("nan"))), _fmt(s.get("matching_score", float("nan"))), _fmt(mma3),
             *[_fmt(s.get(k, float("nan"))) for k in _H_KEYS],
-            f"{s['correct_matches']:.0f}" if "correct_matches" in s else "-",
+            f"{s['num_correct_matches']:.0f}" if "num_correct_matches" in s else "-",
             _fmt(s.get("inlier_error", float("nan")), percent=False),
             _fmt(entry["time_per_keypoint_ms"], percent=False),
         ])
@@ -291,13 +291,13 @@ def _json_safe(value):
 
 def _csv_rows(results: dict) -> list[list]:
     header = ["descriptor", "scope", "kind", "sequence", "pair", "mAP", "matching_score",
-              *[f"MMA@{t}px" for t in MMA_THRESHOLDS], *_H_KEYS, "homography_error", "correct_matches", "inlier_error",
+              *[f"MMA@{t}px" for t in MMA_THRESHOLDS], *_H_KEYS, "homography_error", "num_correct_matches", "inlier_error",
               "time_per_keypoint_ms"]
     rows = [header]
 
     def row(name, scope, kind, seq, pair, m, err_key, ms):
         rows.append([name, scope, kind, seq, pair, m.get("mAP"), m.get("matching_score"), *m.get("MMA", [None] * 10),
-                     *[m.get(k) for k in _H_KEYS], m.get(err_key), m.get("correct_matches", m.get("num_correct_matches")),
+                     *[m.get(k) for k in _H_KEYS], m.get(err_key), m.get("num_correct_matches"),
                      m.get("inlier_error"), ms])
 
     for name, e in results["descriptors"].items():
