@@ -157,7 +157,7 @@ class ExemplarDescriptor:
         magnification: patch side in units of ``KeyPoint.size``; ``None`` uses the model card's.
         batch_size: keypoints per network batch; bounds memory for any number of keypoints.
         detector: ``cv2.Feature2D`` used by :meth:`detect`; default ``cv2.SIFT_create()``.
-        output_dtype: ``np.float32`` (default) or ``np.uint8`` (128 bytes with a constant norm,
+        output_dtype: ``np.float32`` (default) or ``np.uint8`` (one byte per dimension, constant norm,
             so COLMAP's dot-product matching ranks like L2; see :mod:`exemplar_desc.quantization`).
         precision: ``"auto"`` (default), ``"fp32"`` or ``"bf16"``. ``"bf16"`` runs the
             convolutions in bfloat16 (the head stays float32): on CPUs with AVX512-BF16/AMX
@@ -207,7 +207,7 @@ class ExemplarDescriptor:
     # --- Feature2D interface -------------------------------------------------------------
 
     def descriptorSize(self) -> int:
-        """Descriptor length (128 for the shipped models)."""
+        """Descriptor length (128 for the default model, 256 for ``exemplar-fast-t005-d256``)."""
         return int(self.card["head"]["dim"])
 
     def descriptorType(self) -> int:

@@ -62,7 +62,7 @@ class ExemplarPatchDescriptor(nn.Module):
 
     @property
     def descriptor_size(self) -> int:
-        """Descriptor length D (128 for the shipped models)."""
+        """Descriptor length D (128 for the default model, 256 for ``exemplar-fast-t005-d256``)."""
         return int(self.card["head"]["dim"])
 
     def extra_repr(self) -> str:

@@ -168,6 +168,9 @@ def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device
                 extractors[name] = create_descriptor(name, device=device)
         except (ImportError, FileNotFoundError) as err:  # a missing dependency or weights file
             raise OptionError("--descriptor" if i == 0 else "--compare", name, f"cannot be loaded here ({err})") from err
+        size = extractors[name].descriptorSize()
+        if settings.export_colmap and size != 128:  # refused now, not after the reconstruction
+            raise OptionError("--export-colmap", name, f"COLMAP's feature files hold 128-D descriptors; this one is {size}-D")
     return extractors
 
 

@@ -201,6 +201,16 @@ def test_cli_ratio_reaches_the_exemplar_matches(tmp_path, random_model, option, 
     assert json.loads((out / "summary.json").read_text())["ratio"] == (pytest.approx(expected) if expected else None)
 
 
+def test_cli_refuses_colmap_export_of_a_descriptor_that_is_not_128_d(tmp_path, capsys):
+    images = tmp_path / "images"
+    write_views(images, NAMES3)
+    out = tmp_path / "out"
+    argv = ["--images", str(images), "--out", str(out), "--descriptor", "exemplar:exemplar-fast-t005-d256", "--export-colmap"]
+    assert main(argv) == 2
+    assert "--export-colmap 'exemplar:exemplar-fast-t005-d256': COLMAP's feature files hold 128-D" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_cli_refuses_a_ratio_that_is_not_a_number(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--ratio", "strict"])
