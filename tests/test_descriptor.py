@@ -24,6 +24,14 @@ def test_feature2d_interface(descriptor):
     assert descriptor.getDefaultName() == "Feature2D.ExemplarDescriptor"
 
 
+def test_the_256_d_model_gives_256_d_unit_descriptors(photo_bgr, keypoints):
+    wide = ExemplarDescriptor("exemplar-fast-t005-d256")
+    assert wide.descriptorSize() == 256
+    _, desc = wide.compute(photo_bgr, keypoints[:50])
+    assert desc.shape == (50, 256) and desc.dtype == np.float32
+    assert np.allclose(np.linalg.norm(desc, axis=1), 1, atol=1e-5)
+
+
 def test_compute_returns_every_keypoint_in_order(descriptor, photo_bgr, keypoints):
     border = [cv2.KeyPoint(0.0, 0.0, 10.0), cv2.KeyPoint(600.0, -20.0, 30.0, 45.0)]  # on and beyond the border
     kps = list(keypoints) + border
