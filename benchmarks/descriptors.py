@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from exemplar_desc.baselines import Float128Descriptor, create_descriptor, is_exemplar
-from exemplar_desc.model_io import list_models
+from exemplar_desc.model_io import DEFAULT_MODEL, list_models
 from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, to_gray_float
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,9 @@ class KorniaPatchDescriptor(Float128Descriptor):
 
 
 def _exemplar_models() -> tuple[list[str], str | None]:
-    """Shipped Exemplar model names, or the reason there are none."""
+    """Shipped Exemplar model names, the default model first, or the reason there are none."""
     try:
-        models = list(list_models())
+        models = sorted(list_models(), key=lambda m: m != DEFAULT_MODEL)
     except Exception as err:  # a broken weights folder must not stop the other descriptors
         return [], f"no shipped model found (list_models failed: {type(err).__name__}: {err})"
     return models, None if models else "no shipped model found in weights/"

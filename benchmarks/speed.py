@@ -135,7 +135,7 @@ def _parse_counts(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status (0 ok, 1 descriptor unavailable, 2 bad arguments)."""
     p = ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--descriptor", help="descriptor name (default: the first shipped Exemplar model); see "
+    p.add_argument("--descriptor", help="descriptor name (default: the default shipped model); see "
                    "python -m benchmarks.matching --list")
     p.add_argument("--image", help="image file (e.g. graf img1.ppm); default: skimage's astronaut resized to 800x640")
     p.add_argument("--counts", default="2000,8000,32000", help="keypoints per image to time (default: %(default)s)")

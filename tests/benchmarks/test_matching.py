@@ -163,6 +163,15 @@ def test_regions_follow_keypoints_that_lost_their_class_id():
     assert _source_indices(kps, fresh).tolist() == [4, 0]
 
 
+def test_the_default_model_is_listed_first():
+    from exemplar_desc.model_io import DEFAULT_MODEL, list_models
+
+    names, _ = catalogue()
+    exemplar = [n for n in names if n.startswith("exemplar:")]
+    assert exemplar[0] == f"exemplar:{DEFAULT_MODEL}"
+    assert sorted(exemplar) == sorted(f"exemplar:{m}" for m in list_models())
+
+
 def test_every_shipped_exemplar_model_is_benchmarked(monkeypatch, random_model):
     """Each model in the weights folder gets a name and is built as an ExemplarDescriptor."""
     import exemplar_desc.model_io as model_io
