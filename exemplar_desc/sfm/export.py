@@ -24,7 +24,9 @@ from ..quantization import quantize_uint8
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["colmap_descriptors", "to_colmap_keypoints", "export_colmap_text"]
+__all__ = ["COLMAP_DESCRIPTOR_DIM", "colmap_descriptors", "to_colmap_keypoints", "export_colmap_text"]
+
+COLMAP_DESCRIPTOR_DIM = 128  # COLMAP's feature files and SIFT matchers take 128 bytes per keypoint
 
 
 def colmap_descriptors(desc: np.ndarray, descriptor_name: str) -> np.ndarray:
@@ -56,8 +58,8 @@ def to_colmap_keypoints(keypoints: np.ndarray, scales: np.ndarray | None = None,
 
 def _write_import_file(path: str, rows: np.ndarray) -> None:
     with open(path, "w") as fh:
-        fh.write(f"{len(rows)} 128\n")
-        np.savetxt(fh, rows, fmt=["%.4f"] * 4 + ["%d"] * 128, delimiter=" ")
+        fh.write(f"{len(rows)} {COLMAP_DESCRIPTOR_DIM}\n")
+        np.savetxt(fh, rows, fmt=["%.4f"] * 4 + ["%d"] * COLMAP_DESCRIPTOR_DIM, delimiter=" ")
 
 
 def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Sequence[str] | None = None) -> list[Path]:
@@ -82,8 +84,8 @@ def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Se
         for name in names:
             group = f[name]
             desc = group["descriptors"][()].T
-            if desc.shape[1] != 128:
-                raise ValueError(f"COLMAP's importer needs 128-D descriptors; {name} has {desc.shape[1]}")
+            if desc.shape[1] != COLMAP_DESCRIPTOR_DIM:
+                raise ValueError(f"COLMAP's importer needs {COLMAP_DESCRIPTOR_DIM}-D descriptors; {name} has {desc.shape[1]}")
             kps = to_colmap_keypoints(
                 group["keypoints"][()],
                 group["scales"][()] if "scales" in group else None,

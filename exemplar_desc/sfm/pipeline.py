@@ -48,7 +48,7 @@ from ..cli import OptionError, check, check_device, check_number, check_output_d
 from ..distributed import Distributed
 from ..descriptor import PRECISION_CHOICES
 from ..images import list_images
-from .export import export_colmap_text
+from .export import COLMAP_DESCRIPTOR_DIM, export_colmap_text
 from .features import ExtractionResult, check_feature_file, extract_features, extract_features_across_ranks
 from .matching import match_pairs, pair_key
 from .pairs import check_image_names, make_pairs, parse_pairs_spec, write_pairs
@@ -169,8 +169,9 @@ def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device
         except (ImportError, FileNotFoundError) as err:  # a missing dependency or weights file
             raise OptionError("--descriptor" if i == 0 else "--compare", name, f"cannot be loaded here ({err})") from err
         size = extractors[name].descriptorSize()
-        if settings.export_colmap and size != 128:  # refused now, not after the reconstruction
-            raise OptionError("--export-colmap", name, f"COLMAP's feature files hold 128-D descriptors; this one is {size}-D")
+        if settings.export_colmap and size != COLMAP_DESCRIPTOR_DIM:  # refused now, not after the reconstruction
+            raise OptionError("--export-colmap", name,
+                              f"COLMAP's feature files hold {COLMAP_DESCRIPTOR_DIM}-D descriptors; this one is {size}-D")
     return extractors
 
 
