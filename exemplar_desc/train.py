@@ -18,6 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -25,9 +26,9 @@ from .cli import ArgumentParser, check, check_number, check_output_dir, report
 from .images import list_images
 from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
-from .training.head import fit_head
+from .training.head import fit_head, fit_head_on_keypoints
 from .distributed import DEFAULT_TIMEOUT_MINUTES, close_distributed, init_distributed, rank_from_env, world_size_from_env
-from .training.loop import TrainConfig, TrainingInterrupted, architecture_option, load_init_model, train
+from .training.loop import PCA_SOURCES, TrainConfig, TrainingInterrupted, architecture_option, load_init_model, train
 from .training.magnification import tune_magnification
 from .training.seeds import load_stl10_unlabeled
 from .training.transforms import FAMILIES, TransformConfig
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-power", type=float, default=d.head_power, help="exponent in (0, 1] on the pooled features before the PCA (0.5: square root, 1: none)")
     p.add_argument("--whiten", type=float, default=d.whiten, help="PCA whitening exponent in [0, 1]: component k divided by sqrt(eigenvalue_k)^W (0: none, 1: full)")
     p.add_argument("--pca-patches", type=int, default=d.pca_patches, help="fresh patches the PCA is fitted on")
+    p.add_argument("--pca-source", default=d.pca_source, choices=PCA_SOURCES,
+                   help="fit the PCA on surrogate samples, or on patches at SIFT keypoints of the training images, "
+                        "cut at the chosen magnification (default: %(default)s)")
     p.add_argument("--magnification", type=float, help="patch side / KeyPoint.size; default: tuned on synthetic warps of the training images")
     g = p.add_argument_group("transformations (paper ranges by default; see TransformConfig)")
     g.add_argument("--translation", type=float, default=t.translation, help="max shift, fraction of the patch side")
@@ -208,6 +212,7 @@ def build_card(
             "power": cfg.head_power,
             "whiten": cfg.whiten,
             "pca_patches": cfg.pca_patches,
+            "pca_source": cfg.pca_source,
             "explained_variance": round(explained, 4),
         },
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
@@ -240,14 +245,19 @@ def build_card(
     }
 
 
+def _training_images(cfg: TrainConfig) -> tuple[list[Path] | np.ndarray, str]:
+    """The image folders' photos, or STL-10's when there are none, and what they are."""
+    images = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
+    if images:
+        return images, "image folders"
+    return load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images), "STL-10 (96x96)"
+
+
 def _magnification(cfg: TrainConfig, net: DescriptorNet) -> tuple[float, dict | None]:
-    """--magnification, or the one tuned on the image folders' photos (STL-10's when there are none)."""
+    """--magnification, or the one tuned on the training photos (:func:`_training_images`)."""
     if cfg.magnification is not None:
         return cfg.magnification, None
-    images = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
-    source = "image folders"
-    if not images:
-        images, source = load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images), "STL-10 (96x96)"
+    images, source = _training_images(cfg)
     magnification, tuning = tune_magnification(net, images, seed=cfg.seed)
     return magnification, {**tuning, "images": source}
 
@@ -292,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
     magnification, tuning = _magnification(cfg, net)
+    if cfg.pca_source == "keypoints":  # the magnification was tuned with the surrogate fit
+        try:
+            explained = fit_head_on_keypoints(net, _training_images(cfg)[0], magnification, cfg)
+        except ValueError as err:
+            return report(err)
     card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning)
     last = result["log"][-1] if result["log"] else {}
     card_path = save_model(net, card, out_dir, args.name or cfg.arch)

@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+import math
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
 import torch
 
 from ..networks import DescriptorNet, ExemplarClassifier
+from ..patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches
 from .loop import TrainConfig
+from .magnification import read_gray
 from .transforms import SurrogateSampler, sample_patches
 
-__all__ = ["fit_head"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["fit_head", "fit_head_on_keypoints", "keypoint_patches"]
+
+
+@torch.no_grad()
+def _pooled(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """(M, F * grid * grid) pooled features of (B, 1, P, P) standardised patch batches, on the CPU."""
+    pooled = [net.head.pool(net.features(batch)).cpu() for batch in batches]
+    return torch.cat(pooled) if pooled else torch.empty(0)
 
 
 def fit_head(
     classifier: ExemplarClassifier, sampler: SurrogateSampler, cfg: TrainConfig, device: torch.device, gen: torch.Generator
 ) -> tuple[DescriptorNet, float]:
-    """Build the descriptor network from a trained classifier and fit its PCA on fresh samples.
+    """Build the descriptor network from a trained classifier and fit its PCA on fresh surrogate samples.
 
     Returns:
         (descriptor network on the CPU in eval mode, fraction of variance the kept components explain).
@@ -23,11 +41,70 @@ def fit_head(
     net = DescriptorNet(arch, cfg.head_layer, cfg.head_grid, cfg.head_dim, cfg.head_power)
     net.trunk.load_state_dict(classifier.trunk.state_dict(), strict=False)
     net = net.to(device).eval()
-    pooled = []
-    with torch.no_grad():
+
+    def batches() -> Iterator[torch.Tensor]:
         for start in range(0, cfg.pca_patches, 1024):
             count = min(1024, cfg.pca_patches - start)
             ids = torch.randint(sampler.num_classes, (count,), generator=gen, device=gen.device)
-            pooled.append(net.head.pool(net.features(sample_patches(sampler, ids, gen))).cpu())
-    ratio = net.head.fit(torch.cat(pooled), whiten=cfg.whiten)
+            yield sample_patches(sampler, ids, gen)
+
+    ratio = net.head.fit(_pooled(net, batches()), whiten=cfg.whiten)
     return net.cpu(), float(ratio.sum())
+
+
+def keypoint_patches(
+    images: Sequence[Path | np.ndarray], count: int, magnification: float, patch_size: int = 32, seed: int = 0
+) -> Iterator[torch.Tensor]:
+    """Patches at SIFT keypoints of the images, cut as :class:`exemplar_desc.ExemplarDescriptor` cuts them.
+
+    Each image gives ``ceil(count / len(images))`` of its keypoints (OpenCV's SIFT detector
+    with its defaults), drawn at random with ``seed``, or all it has if fewer; the patches
+    are oriented by the keypoints' angles, ``magnification x KeyPoint.size`` pixels wide.
+
+    Args:
+        images: paths (unreadable ones are skipped) or (H, W, 3) RGB / (H, W) grey uint8 arrays.
+        count: patches wanted in all; fewer come when the images have too few keypoints.
+
+    Yields:
+        (B, 1, P, P) float32 patches, each standardised to zero mean and unit variance, one batch per image.
+    """
+    rng = np.random.default_rng(seed)
+    sift = cv2.SIFT_create()
+    per_image = math.ceil(count / max(1, len(images)))
+    left = count
+    for image in images:
+        if left <= 0:
+            return
+        gray = read_gray(image)
+        if gray is None:
+            continue
+        kps = sift.detect(gray, None)
+        if not kps:
+            continue
+        chosen = rng.choice(len(kps), min(per_image, left, len(kps)), replace=False)
+        xy, size, angle = keypoints_to_arrays([kps[i] for i in chosen])
+        pyramid = build_pyramid(gray.astype(np.float32) / 255)
+        yield normalize_patches(extract_patches(pyramid, xy, keypoint_frames(size, angle, magnification), patch_size))
+        left -= len(chosen)
+
+
+def fit_head_on_keypoints(
+    net: DescriptorNet, images: Sequence[Path | np.ndarray], magnification: float, cfg: TrainConfig
+) -> float:
+    """Refit ``net``'s PCA (in place) on ``cfg.pca_patches`` patches at SIFT keypoints of the
+    images (:func:`keypoint_patches`), the patches the descriptor sees, rather than on
+    surrogate samples.
+
+    Returns:
+        Fraction of variance the kept components explain.
+
+    Raises:
+        ValueError: the images have fewer keypoints than the head has dimensions.
+    """
+    pooled = _pooled(net.eval(), keypoint_patches(images, cfg.pca_patches, magnification, cfg.patch_size, cfg.seed))
+    dim = net.head.projection.shape[1]
+    if len(pooled) <= dim:
+        raise ValueError(f"--pca-source keypoints: the training images gave {len(pooled)} SIFT keypoints, "
+                         f"the {dim}-D head needs more than {dim}")
+    logger.info("fitting the head's PCA on %d patches at SIFT keypoints of the training images", len(pooled))
+    return float(net.head.fit(pooled, whiten=cfg.whiten).sum())

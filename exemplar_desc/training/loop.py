@@ -36,8 +36,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TrainConfig", "TrainState", "TrainingInterrupted", "train", "train_step", "save_checkpoint", "load_checkpoint", "restore_state", "lr_at",
-    "load_init_model", "architecture_option", "init_trunk",
+    "load_init_model", "architecture_option", "init_trunk", "PCA_SOURCES",
 ]
+
+#: What the descriptor head's PCA is fitted on: fresh surrogate samples (transformed seed
+#: patches), or patches at SIFT keypoints of the training images (exemplar_desc.training.head).
+PCA_SOURCES = ("surrogate", "keypoints")
 
 #: The official schedule, relative to the run's length: lr x1 for 1.2M of 1.56M iterations,
 #: then x0.4, x0.1, x0.04, x0.01 in equal parts.
@@ -81,6 +85,7 @@ class TrainConfig:
     head_power: float = 0.5
     whiten: float = 0.25
     pca_patches: int = 20000
+    pca_source: str = "surrogate"
     magnification: float | None = None
     init: str | None = None
     transforms: TransformConfig = TransformConfig()
@@ -145,6 +150,7 @@ class TrainConfig:
         check_number("--head-dim", self.head_dim, low=1, high=pooled, integer=True)
         check_number("--head-power", self.head_power, low=0, low_open=True, high=1)
         check_number("--whiten", self.whiten, low=0, high=1)
+        check(self.pca_source in PCA_SOURCES, "--pca-source", self.pca_source, f"expected one of {', '.join(PCA_SOURCES)}")
         if self.magnification is not None:
             check_number("--magnification", self.magnification, low=0, low_open=True)
         t = self.transforms
@@ -709,7 +715,7 @@ def _config_record(cfg: TrainConfig) -> dict:
     # The head and the magnification are fitted after training: a finished run can be
     # resumed to refit them with other options.
     ignored = ("transforms", "device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
-               "head_power", "whiten", "pca_patches", "magnification")
+               "head_power", "whiten", "pca_patches", "pca_source", "magnification")
     record = {k: v for k, v in vars(cfg).items() if k not in ignored}
     record["images"], record["seed_scales"] = list(record["images"]), list(record["seed_scales"])
     record["transforms"] = cfg.transforms.to_dict()

@@ -23,7 +23,7 @@ from ..patches import build_pyramid, keypoint_frames, keypoints_to_arrays
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["random_homography", "tune_magnification", "CANDIDATES"]
+__all__ = ["random_homography", "read_gray", "tune_magnification", "CANDIDATES"]
 
 CANDIDATES = (6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0)
 
@@ -48,7 +48,7 @@ def _project(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return cv2.perspectiveTransform(xy.reshape(-1, 1, 2).astype(np.float64), h).reshape(-1, 2)
 
 
-def _gray(image: Path | np.ndarray) -> np.ndarray | None:
+def read_gray(image: Path | np.ndarray) -> np.ndarray | None:
     """(H, W) uint8 grey image of a path (None when unreadable) or of an RGB / grey uint8 array."""
     if isinstance(image, np.ndarray):
         return np.ascontiguousarray(image if image.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY))
@@ -88,7 +88,7 @@ def tune_magnification(
     for index in rng.permutation(len(images)):
         if len(pairs) == num_pairs:
             break
-        gray = _gray(images[index])
+        gray = read_gray(images[index])
         if gray is None:
             continue
         factor = min(1.0, max_side / max(gray.shape))

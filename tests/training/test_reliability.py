@@ -169,6 +169,7 @@ BAD_OPTIONS = [
     ("batch-size", ["--batch-size", "0"], "--batch-size"),
     ("samples-per-class", ["--samples-per-class", "-5"], "--samples-per-class"),
     ("pca-patches", ["--pca-patches", "0"], "--pca-patches"),
+    ("pca-source", ["--pca-source", "sift"], "--pca-source"),
     ("lr", ["--lr", "0"], "--lr"),
     ("seed", ["--seed", "-1"], "--seed"),
     ("checkpoint-minutes", ["--checkpoint-minutes", "0"], "--checkpoint-minutes"),
