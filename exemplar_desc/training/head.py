@@ -25,7 +25,8 @@ __all__ = ["fit_head", "fit_head_on_keypoints", "keypoint_patches"]
 @torch.no_grad()
 def _pooled(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """(M, F * grid * grid) pooled features of (B, 1, P, P) standardised patch batches, on the CPU."""
-    pooled = [net.head.pool(net.features(batch)).cpu() for batch in batches]
+    device = net.head.mean.device
+    pooled = [net.head.pool(net.features(batch.to(device))).cpu() for batch in batches]
     return torch.cat(pooled) if pooled else torch.empty(0)
 
 
@@ -94,6 +95,12 @@ def fit_head_on_keypoints(
     """Refit ``net``'s PCA (in place) on ``cfg.pca_patches`` patches at SIFT keypoints of the
     images (:func:`keypoint_patches`), the patches the descriptor sees, rather than on
     surrogate samples.
+
+    Args:
+        net: descriptor network from :func:`fit_head`, on any device.
+        images: as for :func:`keypoint_patches`.
+        magnification: patch side in units of ``KeyPoint.size``, the model's.
+        cfg: gives ``pca_patches``, ``patch_size``, ``seed`` and ``whiten``.
 
     Returns:
         Fraction of variance the kept components explain.
