@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..networks import DescriptorNet, ExemplarClassifier
 from ..patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches
@@ -73,7 +74,7 @@ def keypoint_patches(
     sift = cv2.SIFT_create()
     per_image = math.ceil(count / max(1, len(images)))
     left = count
-    for image in images:
+    for image in tqdm(images, desc="PCA keypoint patches", unit="img", leave=False):
         if left <= 0:
             return
         gray = read_gray(image)
