@@ -247,7 +247,8 @@ def _stop_on_signals(stop: dict):
     def handler(signum, _frame):
         if stop.get("signum") is not None:
             raise KeyboardInterrupt
-        logger.warning("%s received: stopping after this step and writing a checkpoint", signal.Signals(signum).name)
+        logger.warning("%s received: stopping after this step (in a distributed run, the next step the ranks agree on) "
+                       "and writing a checkpoint", signal.Signals(signum).name)
         stop["signum"] = signum
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -605,7 +606,7 @@ def _checkpoint_or_error(path: Path, cfg: TrainConfig) -> dict | OptionError:
 
 
 #: In a distributed run the ranks agree every this many steps on whether the time budget is
-#: spent (one all-reduce; the steps in between need no agreement).
+#: spent and whether to stop on a signal (one all-reduce; the steps in between need no agreement).
 SYNC_EVERY = 10
 
 
@@ -630,19 +631,28 @@ def _run_steps(
     total_samples = epoch_samples * cfg.epochs
     budget_s = None if cfg.time_budget_minutes is None else cfg.time_budget_minutes * 60
 
-    def update_time_progress() -> None:
-        # Every rank must take the same lr and stop at the same step: in a distributed run
-        # the ranks agree on the time used (rank 0's clock rules) every SYNC_EVERY steps.
+    def sync() -> int | None:
+        """Update the time used; return the signal to stop on (None: go on).
+
+        Every rank must take the same lr and stop at the same step, so in a distributed run
+        the ranks agree on both: rank 0's clock rules, and a signal any rank has received
+        stops them all (torchrun passes a signal on to every rank, but each gets it at its
+        own step, and a rank that stopped alone would leave the others waiting for it).
+        """
+        used = state.elapsed / budget_s if budget_s is not None and main_rank else 0.0
+        signum = float(stop.get("signum") or 0)
+        if dist is not None:
+            used, signum = dist.max([used, signum])
         if budget_s is not None:
-            used = state.elapsed / budget_s if main_rank else 0.0
-            state.time_progress = dist.max([used])[0] if dist is not None else used
+            state.time_progress = used
+        return int(signum) or None
 
     def progress_of() -> float:
         """Fraction of the run done: by samples, or by wall time when a time budget is set."""
         return min(max(state.samples / total_samples, state.time_progress), 1.0)
 
     state.start_session()
-    update_time_progress()
+    stopping = sync()
     finished = progress_of() >= 1.0
     if trunk_only and not finished:
         raise ValueError(f"--resume: {ckpt_path} holds a finished run (trunk only); it cannot continue training")
@@ -655,7 +665,7 @@ def _run_steps(
         epoch_before = state.samples // epoch_samples
         loss, logits, ids = train_step(state, sampler, cfg.batch_size, lr_at(progress_of(), cfg.lr), amp)
         if dist is None or state.step % SYNC_EVERY == 0:
-            update_time_progress()
+            stopping = sync()
         finished = progress_of() >= 1.0
         bar.update(1)
         end_of_epoch = state.samples // epoch_samples > epoch_before or finished
@@ -670,12 +680,12 @@ def _run_steps(
             _end_epoch(state, *validation, amp, state.samples / epoch_samples, log_path)
             save_checkpoint(ckpt_path, state, cfg, final=finished)
             state.last_checkpoint = time.time()
-        elif main_rank and (stop.get("signum") is not None or time.time() - state.last_checkpoint > cfg.checkpoint_minutes * 60):
+        elif main_rank and (stopping is not None or time.time() - state.last_checkpoint > cfg.checkpoint_minutes * 60):
             save_checkpoint(ckpt_path, state, cfg)
             state.last_checkpoint = time.time()
-        if stop.get("signum") is not None and not finished:
+        if stopping is not None and not finished:
             bar.close()
-            raise TrainingInterrupted(stop["signum"], ckpt_path, state.step)
+            raise TrainingInterrupted(stopping, ckpt_path, state.step)
     bar.close()
 
 
