@@ -108,6 +108,36 @@ def test_interrupted_two_process_run_resumes_in_one(folder, tmp_path):
     assert card["training"]["samples_seen"] >= 3 * 8 * 60 > card["training"]["samples_seen"] - 32
 
 
+def _rank_pid(work: Path, rank: int) -> int:
+    """The process id of the training rank ``rank`` whose command line names ``work``."""
+    pids = [
+        int(p.name) for p in Path("/proc").iterdir()
+        if p.name.isdigit() and str(work).encode() in _read(p / "cmdline") and f"\0RANK={rank}\0".encode() in b"\0" + _read(p / "environ")
+    ]
+    assert len(pids) == 1
+    return pids[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(folder, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = [str(folder), *TINY, "--samples-per-class", "2000", "--checkpoint-minutes", "0.002",
+            "--workdir", str(work), "--out-dir", str(out)]
+    job = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node", "2") + args, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while not (work / "checkpoint.pt").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(_rank_pid(work, 1), signal.SIGTERM)  # rank 0 gets no signal: it learns of it from rank 1
+    output = job.communicate(timeout=60)[0]
+    assert job.returncode != 0
+    assert "interrupted by SIGTERM at step" in output, output[-3000:]  # printed by rank 0
+    assert "error: rank" not in output, output[-3000:]  # no rank lost its peer
+    step = int(output.split("interrupted by SIGTERM at step ")[1].split(":")[0])
+    assert step % 10 == 0  # the step the ranks agreed on
+    assert torch.load(work / "checkpoint.pt", weights_only=True)["step"] == step
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
 def test_a_rank_that_dies_ends_the_job(folder, tmp_path):
     work = tmp_path / "work"
@@ -117,12 +147,7 @@ def test_a_rank_that_dies_ends_the_job(folder, tmp_path):
     deadline = time.time() + 90
     while not (work / "checkpoint.pt").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    rank1 = [
-        int(p.name) for p in Path("/proc").iterdir()
-        if p.name.isdigit() and str(work).encode() in _read(p / "cmdline") and b"\0RANK=1\0" in b"\0" + _read(p / "environ")
-    ]
-    assert len(rank1) == 1
-    os.kill(rank1[0], signal.SIGKILL)
+    os.kill(_rank_pid(work, 1), signal.SIGKILL)
     killed = time.time()
     output = job.communicate(timeout=60)[0]
     assert time.time() - killed < 30  # no hang until the collective timeout
