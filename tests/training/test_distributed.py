@@ -84,15 +84,21 @@ def test_two_nodes_over_loopback(folder, tmp_path):
     _check_run(work, out, 2)
 
 
-def test_interrupted_two_process_run_resumes_in_one(folder, tmp_path):
-    work, out = tmp_path / "work", tmp_path / "out"
-    args = [str(folder), *TINY, "--samples-per-class", "60", "--epochs", "3", "--checkpoint-minutes", "0.002",
-            "--workdir", str(work), "--out-dir", str(out)]
+def _two_ranks_until_checkpoint(args: list[str], work: Path) -> subprocess.Popen:
+    """Start a two-process run and wait (at most 90 s) until it has written its first checkpoint."""
     job = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node", "2") + args, env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 90
     while not (work / "checkpoint.pt").exists() and job.poll() is None and time.time() < deadline:
         time.sleep(0.1)
+    return job
+
+
+def test_interrupted_two_process_run_resumes_in_one(folder, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = [str(folder), *TINY, "--samples-per-class", "60", "--epochs", "3", "--checkpoint-minutes", "0.002",
+            "--workdir", str(work), "--out-dir", str(out)]
+    job = _two_ranks_until_checkpoint(args, work)
     job.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
     output = job.communicate(timeout=60)[0]
     assert job.returncode != 0, output[-3000:]
@@ -123,11 +129,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(folder, tmp_path
     work, out = tmp_path / "work", tmp_path / "out"
     args = [str(folder), *TINY, "--samples-per-class", "2000", "--checkpoint-minutes", "0.002",
             "--workdir", str(work), "--out-dir", str(out)]
-    job = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node", "2") + args, env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 90
-    while not (work / "checkpoint.pt").exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+    job = _two_ranks_until_checkpoint(args, work)
     os.kill(_rank_pid(work, 1), signal.SIGTERM)  # rank 0 gets no signal: it learns of it from rank 1
     output = job.communicate(timeout=60)[0]
     assert job.returncode != 0
@@ -142,11 +144,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(folder, tmp_path
 def test_a_rank_that_dies_ends_the_job(folder, tmp_path):
     work = tmp_path / "work"
     args = [str(folder), *TINY, "--samples-per-class", "2000", "--checkpoint-minutes", "0.002", "--workdir", str(work), "--out-dir", str(tmp_path / "out")]
-    job = subprocess.Popen(_torchrun("--standalone", "--nproc_per_node", "2") + args, env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 90
-    while not (work / "checkpoint.pt").exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+    job = _two_ranks_until_checkpoint(args, work)
     os.kill(_rank_pid(work, 1), signal.SIGKILL)
     killed = time.time()
     output = job.communicate(timeout=60)[0]
