@@ -253,11 +253,12 @@ def _training_images(cfg: TrainConfig) -> tuple[list[Path] | np.ndarray, str]:
     return load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images), "STL-10 (96x96)"
 
 
-def _magnification(cfg: TrainConfig, net: DescriptorNet) -> tuple[float, dict | None]:
-    """--magnification, or the one tuned on the training photos (:func:`_training_images`)."""
+def _magnification(
+    cfg: TrainConfig, net: DescriptorNet, images: list[Path] | np.ndarray | None, source: str | None
+) -> tuple[float, dict | None]:
+    """--magnification, or the one tuned on the training photos (from :func:`_training_images`)."""
     if cfg.magnification is not None:
         return cfg.magnification, None
-    images, source = _training_images(cfg)
     magnification, tuning = tune_magnification(net, images, seed=cfg.seed)
     return magnification, {**tuning, "images": source}
 
@@ -301,10 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     if not main_rank:
         return 0
     net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
-    magnification, tuning = _magnification(cfg, net)
+    # Read once: STL-10's file may hold 100,000 images.
+    needs_images = cfg.magnification is None or cfg.pca_source == "keypoints"
+    images, source = _training_images(cfg) if needs_images else (None, None)
+    magnification, tuning = _magnification(cfg, net, images, source)
     if cfg.pca_source == "keypoints":  # the magnification was tuned with the surrogate fit
         try:
-            explained = fit_head_on_keypoints(net, _training_images(cfg)[0], magnification, cfg)
+            explained = fit_head_on_keypoints(net, images, magnification, cfg)
         except ValueError as err:
             return report(err)
     card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning)
