@@ -109,17 +109,19 @@ def _print_summary(summaries: dict[str, dict[str, Any]]) -> None:
           f"{len(first['images_skipped'])} skipped, {first['images_reused']} with reused features")
     for name, why in first["images_skipped"].items():
         print(f"  skipped {name}: {why}")
-    header = f"{'descriptor':<12} {'registered':>10} {'points3D':>9} {'track len':>9} {'reproj px':>9} {'models':>6} {'verified':>8} {'seconds':>8}"
+    header = f"{'descriptor':<12} {'registered':>10} {'points3D':>9} {'track len':>9} {'reproj px':>9} {'sigma px':>8} {'models':>6} {'verified':>8} {'seconds':>8}"
     print(header)
     for name, s in summaries.items():
         print(f"{name:<12} {s['images_registered']:>6}/{s['images_readable']:<3} {s['points3D']:>9} "
               f"{_fmt(s['mean_track_length'], '.2f'):>9} {_fmt(s['mean_reprojection_error'], '.3f'):>9} "
+              f"{_fmt(s['observation_sigma'], '.3f'):>8} "
               f"{s['num_models']:>6} {s['verified_pairs']:>4}/{s['pairs']:<3} {s['seconds']['total']:>8.1f}")
     for name, s in summaries.items():
         print(f"{name}: seconds " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()))
         for m in s["models"]:
             print(f"  model {m['index']}: {m['images_registered']} images, {m['points3D']} points, "
-                  f"track {m['mean_track_length']:.2f}, reproj {m['mean_reprojection_error']:.3f} px -> {m['path']}")
+                  f"track {m['mean_track_length']:.2f}, reproj {m['mean_reprojection_error']:.3f} px, "
+                  f"sigma {_fmt(m['observation_sigma'], '.3f')} px -> {m['path']}")
         if s["images_not_registered"]:
             print(f"  not registered: {' '.join(s['images_not_registered'])}")
         if "message" in s:

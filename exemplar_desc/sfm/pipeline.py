@@ -278,8 +278,9 @@ def run_sfm(
         Descriptor name -> summary (also written to each folder's ``summary.json``): image
         counts and skipped files, matching and verification counts, ``models`` (statistics of
         every model, largest first, see ``model_statistics``), the largest model's
-        ``images_registered``, ``points3D``, ``mean_track_length`` and
-        ``mean_reprojection_error`` (pixels; None without a model), and ``seconds`` per stage
+        ``images_registered``, ``points3D``, ``mean_track_length``,
+        ``mean_reprojection_error`` and ``observation_sigma`` (pixels; None without a model),
+        and ``seconds`` per stage
         (``features`` covers detection and every descriptor of the run). An empty dict on
         the ranks other than 0 of a distributed run, which end after matching.
 
@@ -505,6 +506,7 @@ def _run(job: _Job) -> dict[str, dict[str, Any]]:
             points3D=best.get("points3D", 0),
             mean_track_length=best.get("mean_track_length"),
             mean_reprojection_error=best.get("mean_reprojection_error"),
+            observation_sigma=best.get("observation_sigma"),
             images_not_registered=[n for n in readable if n not in registered],
             seconds=seconds,
         )

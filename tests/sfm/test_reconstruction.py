@@ -11,6 +11,7 @@ import pycolmap
 import pytest
 
 from exemplar_desc.sfm.__main__ import main
+from exemplar_desc.sfm.reconstruction import observation_sigma
 
 from ..conftest import SHARED_DATA
 
@@ -53,6 +54,31 @@ def test_registers_all_images(run, capsys):
     # (two passes: 3027 px here; at --max-size 640 the four images gave 3053 px, +5.1 %).
     focal = [cam.focal_length for cam in rec.cameras.values()]
     assert len(focal) == 1 and abs(focal[0] - 2905.88) / 2905.88 < 0.05
+
+
+def test_observation_sigma_recovers_the_keypoint_noise(run):
+    # Observations moved to their exact projections plus Gaussian noise of a known sigma,
+    # then bundle-adjusted: the residuals' plain RMS per coordinate understates the noise
+    # (BA absorbs part of it into the points and poses), the estimate recovers it.
+    _, out, _, _ = run
+    rec = pycolmap.Reconstruction(out / "sparse" / "0")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["observation_sigma"] == pytest.approx(observation_sigma(rec), rel=1e-6)
+    assert summary["models"][0]["observation_sigma"] == summary["observation_sigma"]
+    sigma, rng = 0.7, np.random.default_rng(0)
+    for image_id in rec.reg_image_ids():
+        image, camera = rec.images[image_id], rec.cameras[rec.images[image_id].camera_id]
+        for point in image.points2D:
+            if point.has_point3D():
+                exact = camera.img_from_cam(image.cam_from_world() * rec.points3D[point.point3D_id].xyz)
+                point.xy = exact + rng.normal(0.0, sigma, 2)
+    pycolmap.bundle_adjustment(rec)
+    squares = [np.sum((camera.img_from_cam(image.cam_from_world() * rec.points3D[p.point3D_id].xyz) - p.xy) ** 2)
+               for image in (rec.images[i] for i in rec.reg_image_ids())
+               for camera in [rec.cameras[image.camera_id]]
+               for p in image.points2D if p.has_point3D()]
+    assert np.sqrt(np.mean(squares) / 2) < 0.85 * sigma
+    assert observation_sigma(rec) == pytest.approx(sigma, rel=0.03)
 
 
 def test_database_uses_colmap_pixel_convention(run):
