@@ -28,7 +28,7 @@ setup(
         "console_scripts": [
             "exemplar-train = exemplar_desc.train:main",
             "exemplar-sfm = exemplar_desc.sfm.__main__:main",
-            "exemplar-match = exemplar_desc.match:main",
+            "exemplar-match = exemplar_desc.viewer:main",
             "exemplar-extract = exemplar_desc.extract:main",
         ]
     },

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from exemplar_desc import ExemplarDescriptor
-from exemplar_desc.cli import ArgumentParser, check, check_number, report
+from exemplar_desc.cli import ArgumentParser, report
+from exemplar_desc.checks import check, check_number
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
 __all__ = ["main"]

@@ -30,17 +30,9 @@ import cv2
 import numpy as np
 
 from exemplar_desc.atomic import atomic_write
-from exemplar_desc.baselines import check_descriptor_name
-from exemplar_desc.cli import (
-    ArgumentParser,
-    OptionError,
-    check,
-    check_device,
-    check_number,
-    check_output_dir,
-    check_output_file,
-    report,
-)
+from exemplar_desc.registry import check_descriptor_name
+from exemplar_desc.cli import ArgumentParser, report
+from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir, check_output_file
 from exemplar_desc.descriptor import PRECISION_CHOICES, resolve_precision
 from exemplar_desc.model_io import resolve_card_path
 

@@ -17,7 +17,8 @@ import sys
 import cv2
 import numpy as np
 
-from exemplar_desc.cli import ArgumentParser, check_number, report
+from exemplar_desc.cli import ArgumentParser, report
+from exemplar_desc.checks import check_number
 
 __all__ = ["rss_mib", "main"]
 

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from exemplar_desc import ExemplarDescriptor
-from exemplar_desc.baselines import is_exemplar
+from exemplar_desc.registry import is_exemplar
 from exemplar_desc.descriptor import PRECISION_CHOICES
-from exemplar_desc.cli import ArgumentParser, OptionError, check, check_device, check_number, report
+from exemplar_desc.cli import ArgumentParser, report
+from exemplar_desc.checks import OptionError, check, check_device, check_number
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
 from .descriptors import build_descriptors, catalogue

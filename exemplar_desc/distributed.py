@@ -22,7 +22,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .cli import OptionError
+from .checks import OptionError
 
 logger = logging.getLogger(__name__)
 

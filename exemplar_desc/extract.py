@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .baselines import create_descriptor, is_exemplar
-from .cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
+from .registry import create_descriptor, is_exemplar
+from .cli import EXIT_BAD_OPTION, ArgumentParser, report
+from .checks import OptionError, check, check_device, check_number, check_output_file
 from .descriptor import PRECISION_CHOICES
 from .images import list_images
 from .distributed import DEFAULT_TIMEOUT_MINUTES, DistributedError, close_distributed, init_distributed, rank_from_env

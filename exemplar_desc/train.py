@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .cli import ArgumentParser, check, check_number, check_output_dir, report
+from .cli import ArgumentParser, report
+from .checks import check, check_number, check_output_dir
 from .images import list_images
 from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops

@@ -2,7 +2,8 @@
 
 import pytest
 
-from exemplar_desc.cli import ArgumentParser, OptionError, check_device, check_number, check_output_dir, check_output_file
+from exemplar_desc.cli import ArgumentParser
+from exemplar_desc.checks import OptionError, check_device, check_number, check_output_dir, check_output_file
 
 
 @pytest.mark.parametrize(

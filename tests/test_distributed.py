@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from exemplar_desc.cli import OptionError
+from exemplar_desc.checks import OptionError
 from exemplar_desc.distributed import Distributed, close_distributed, init_distributed
 
 

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ..cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check_number, report
+from ..cli import EXIT_BAD_OPTION, ArgumentParser, report
+from ..checks import OptionError, check_number
 from ..descriptor import PRECISION_CHOICES
 from ..distributed import DEFAULT_TIMEOUT_MINUTES, DistributedError, close_distributed, init_distributed, rank_from_env
 from .features import OutputConflictError

@@ -9,7 +9,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import OptionError
+from ..checks import OptionError
 from .matching import pair_key
 
 __all__ = ["parse_pairs_spec", "check_image_names", "make_pairs", "write_pairs"]

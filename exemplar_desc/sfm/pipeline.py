@@ -43,12 +43,12 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from ..atomic import atomic_write
-from ..baselines import check_descriptor_name, create_descriptor, is_exemplar
-from ..cli import OptionError, check, check_device, check_number, check_output_dir
+from ..registry import check_descriptor_name, create_descriptor, is_exemplar
+from ..checks import OptionError, check, check_device, check_number, check_output_dir
 from ..distributed import Distributed
 from ..descriptor import PRECISION_CHOICES
 from ..images import list_images
-from .export import COLMAP_DESCRIPTOR_DIM, export_colmap_text
+from ..formats.colmap import COLMAP_DESCRIPTOR_DIM, export_colmap_text
 from .features import ExtractionResult, check_feature_file, extract_features, extract_features_across_ranks
 from .matching import match_pairs, pair_key
 from .pairs import check_image_names, make_pairs, parse_pairs_spec, write_pairs

@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 import pycolmap
 
-from ..cli import check, check_number
-from .export import colmap_descriptors, to_colmap_keypoints
+from ..checks import check, check_number
+from ..formats.colmap import colmap_descriptors, to_colmap_keypoints
 from .matching import pair_key
 
 logger = logging.getLogger(__name__)

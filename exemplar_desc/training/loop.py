@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..atomic import atomic_write
-from ..cli import OptionError, check, check_device, check_number
+from ..checks import OptionError, check, check_device, check_number
 from ..images import list_images
 from ..model_io import load_model, save_torch
 from ..networks import ARCHITECTURES, Architecture, DescriptorNet, ExemplarClassifier, architecture_from_dict, resolve_architecture

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from exemplar_desc.baselines import create_descriptor
+from exemplar_desc.registry import create_descriptor
 from exemplar_desc.quantization import quantize_uint8
-from exemplar_desc.sfm.export import colmap_descriptors, export_colmap_text, to_colmap_keypoints
+from exemplar_desc.formats.colmap import colmap_descriptors, export_colmap_text, to_colmap_keypoints
 from exemplar_desc.sfm.features import extract_features
 from exemplar_desc.sfm.matching import match_pairs, pair_key
 from exemplar_desc.sfm.pairs import make_pairs, parse_pairs_spec

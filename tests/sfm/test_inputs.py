@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from exemplar_desc.sfm import features as sfm_features
-from exemplar_desc.baselines import create_descriptor
+from exemplar_desc.registry import create_descriptor
 from exemplar_desc.model_io import load_model, save_model
 from exemplar_desc.sfm.__main__ import main
 from exemplar_desc.sfm.features import OutputConflictError, extract_features

@@ -1,6 +1,6 @@
 """Match viewer: match two images with one or more descriptors and draw the RANSAC inliers.
 
-    python -m exemplar_desc.match IMG1 IMG2 [--descriptor NAME] [--compare NAME ...]
+    python -m exemplar_desc.viewer IMG1 IMG2 [--descriptor NAME] [--compare NAME ...]
         [--geometry homography|fundamental] [--threshold PX] [--out matches.png]
 
 Keypoints are OpenCV SIFT (DoG) keypoints, detected once per image; every descriptor
@@ -25,8 +25,9 @@ import cv2
 import numpy as np
 
 from .atomic import atomic_write
-from .baselines import check_descriptor_name, create_descriptor
-from .cli import ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
+from .registry import check_descriptor_name, create_descriptor
+from .cli import ArgumentParser, report
+from .checks import OptionError, check, check_device, check_number, check_output_file
 from .images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
 from .matching import mutual_nearest_neighbours
 
@@ -265,7 +266,7 @@ def _read_gray(option: str, path: str) -> np.ndarray:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m exemplar_desc.match", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m exemplar_desc.viewer", description=__doc__.split("\n\n")[0])
     p.add_argument("image1", metavar="IMG1", help="first image")
     p.add_argument("image2", metavar="IMG2", help="second image")
     p.add_argument("--descriptor", default="exemplar", metavar="NAME",
