@@ -22,7 +22,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "scikit-image>=0.21",
-        "pycolmap>=3.10",
+        "pycolmap>=4.2",  # the Rig/Frame database API; 4.2.1 is the tested version
     ],
     entry_points={
         "console_scripts": [
