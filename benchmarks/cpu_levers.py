@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8", action="store_true", help="also time int8 post-training quantisation")
     args = p.parse_args(argv)
     try:
-        check_number("--num-features", args.num_features, low=1, integer=True)
-        check_number("--repeats", args.repeats, low=1, integer=True)
+        check_number("num_features", args.num_features, low=1, integer=True)
+        check_number("repeats", args.repeats, low=1, integer=True)
         image = cv2.imread(args.image, cv2.IMREAD_GRAYSCALE)
-        check(image is not None, "--image", args.image, "cannot be read as an image")
+        check(image is not None, "image", args.image, "cannot be read as an image")
     except ValueError as err:
-        return report(err)
+        return report(err, p)
     keypoints = cv2.SIFT_create(nfeatures=args.num_features).detect(image, None)
     sift = cv2.SIFT_create()
     fp32, bf16 = ExemplarDescriptor(precision="fp32"), ExemplarDescriptor(precision="bf16")
