@@ -14,7 +14,9 @@ import torch
 
 from exemplar_desc import train as train_module
 from exemplar_desc.training import loop
-from exemplar_desc.training.loop import TrainConfig, TrainingInterrupted, train
+from exemplar_desc.training.config import TrainConfig
+from exemplar_desc.training.loop import train
+from exemplar_desc.training.signals import TrainingInterrupted
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 #: A run of 8 classes, 8 steps per epoch, a 16-D head; --magnification skips the tuning.
