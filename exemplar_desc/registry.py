@@ -50,8 +50,13 @@ def check_descriptor_name(option: str, name: str) -> None:
     ``rootsift``, ``exemplar`` or ``exemplar:<model>`` with a shipped model name or a
     card/weights path that exists.
 
+    Args:
+        option: the argument or field the name came from (e.g. ``"compare"``), named by the
+            error; a command line gives its flag.
+        name: the descriptor name.
+
     Raises:
-        OptionError: naming ``option`` (e.g. ``"--compare"``), the name and what is allowed.
+        OptionError: naming ``option``, the name and what is allowed.
     """
     allowed = f"must be {', '.join(DESCRIPTOR_NAMES)} or exemplar:<model>"
     check(isinstance(name, str) and bool(name), option, name, allowed)

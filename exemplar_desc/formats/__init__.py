@@ -1,1 +1,6 @@
-"""The files the package writes for other programs: hloc's HDF5 layout and COLMAP's import format."""
+"""The files the package writes for other programs, shared by ``extract`` and ``sfm``.
+
+:mod:`.hloc`: hloc's ``features.h5`` and ``matches.h5`` (layout, writing, reading, merging
+the part files of several processes). :mod:`.colmap`: COLMAP's uint8 descriptors, keypoint
+convention and feature-import text files.
+"""
