@@ -22,7 +22,7 @@ import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -90,10 +90,20 @@ def _shown(value: Any) -> str:
     return text.replace("%", "%%") or "none"  # argparse formats help texts with %
 
 
-def _value_type(hint: Any) -> type:
-    """int, float or str from a field's type hint (``X | None`` gives X)."""
-    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-    return options[0]
+def _value_type(hint: Any) -> Callable[[str], Any]:
+    """The parser of a field's value from its type hint: int, float or str; ``X | None`` also takes ``none``.
+
+    ``none`` unsets a setting a preset gives (``--init none`` starts from random weights).
+    """
+    if type(None) not in typing.get_args(hint):
+        return hint
+    value_type = next(t for t in typing.get_args(hint) if t is not type(None))
+
+    def parse(text: str) -> Any:
+        return None if text == "none" else value_type(text)
+
+    parse.__name__ = value_type.__name__  # argparse names it in its errors ("invalid float value")
+    return parse
 
 
 def _defaults(preset: str | None) -> dict[str, Any]:
@@ -121,12 +131,12 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: dict[str, Any
         default = defaults[f.name]
         unset = spelling.pop("unset", f.metadata["unset"])
         keywords = {"default": default, "help": f"{f.metadata['help']} (default: {unset if default is None else _shown(default)})"}
-        if f.name in SHARED:
-            add_shared_options(parser, flag, **{f.name: {**keywords, **spelling}})
-        elif flag.startswith("--"):
-            parser.add_argument(flag, dest=f.name, **{"type": _value_type(hints[f.name]), **keywords, **spelling})
-        else:
+        if not flag.startswith("--"):
             parser.add_argument(f.name, **keywords, **spelling)
+        elif f.name in SHARED:
+            add_shared_options(parser, flag, **{f.name: {"type": _value_type(hints[f.name]), **keywords, **spelling}})
+        else:
+            parser.add_argument(flag, dest=f.name, **{"type": _value_type(hints[f.name]), **keywords, **spelling})
 
 
 def _add_family_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -152,10 +162,11 @@ def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.A
     )
     p.add_argument(
         "--preset", choices=PRESETS, default=preset,
-        help="start from a named recipe; the options given override its settings: "
+        help="start from a named recipe; the options given override its settings (none unsets one, e.g. --init none): "
              + "; ".join(f"{name}: {value.summary}" for name, value in PRESETS.items()) + " (default: none, the paper's settings)",
     )
-    _add_config_options(p, _defaults(preset))
+    defaults = _defaults(preset)
+    _add_config_options(p, defaults)
     run = p.add_argument_group("run and output")
     run.add_argument("--workdir", default="runs/train", help="checkpoint and log folder (default: %(default)s)")
     run.add_argument(
@@ -166,7 +177,7 @@ def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.A
     add_shared_options(run, "--dist-timeout")
     run.add_argument("--out-dir", default="models", help="folder the model and its card are written to (default: %(default)s)")
     run.add_argument("--name", help="model name (default: the architecture's name)")
-    _add_family_options(p, _defaults(preset))
+    _add_family_options(p, defaults)
     return p
 
 

@@ -21,7 +21,7 @@ class Preset:
     """A named recipe.
 
     Attributes:
-        name: what ``--preset`` takes.
+        name: the recipe's name (the command line's ``--preset``).
         summary: one line for the command line's help.
         notes: where the recipe comes from and what it reproduces.
         settings: TrainConfig fields and transformation families (by name) and their values.
@@ -63,7 +63,7 @@ FAST_T005 = Preset(
     ``training.data``: BSDS300, Urban100 and T91) one command repeats it. The earlier
     stages' commands are in their own cards. The time budget sets the run's length, so the
     number of steps depends on the machine: the shipped run made 13,495 steps of 256
-    samples on one CPU thread (``--threads 1``, not part of the preset).""",
+    samples on one CPU thread (``num_threads`` 1, a machine setting the preset leaves alone).""",
     MappingProxyType({
         "init": "exemplar-fast-t01",
         "num_classes": 2000,
