@@ -186,7 +186,8 @@ def test_train_your_own(tmp_path):
     card = json.loads((tmp_path / "models" / "tiny.json").read_text())
     training = card["training"]
     # The preset's recipe, as the page states it; the page's variables win over it.
-    assert training["init"]["model"] == "exemplar-fast-t01" and training["num_classes"] == 100
+    assert training["preset"] == "exemplar-fast-t005" and training["init"]["model"] == "exemplar-fast-t01"
+    assert training["num_classes"] == 100
     assert training["transforms"]["translation"] == 0.05 and card["head"]["whiten"] == 0.5
     assert card["magnification"] == 10 and training["time_budget_minutes"] == 0.05
 
@@ -199,6 +200,6 @@ def test_train_your_own(tmp_path):
     rows = [line.split() for line in out.splitlines() if line.startswith("exemplar")]
     assert [row[0] for row in rows] == [f"exemplar:{tmp_path / 'models' / 'tiny.json'}", "exemplar"], out
     # Three seconds of fine-tuning barely move exemplar-fast-t01's convolutions, so the model
-    # must stay near the shipped one (0.94 of its inliers measured); a broken head or card
-    # (wrong magnification, PCA, normalisation) falls far below half.
-    assert int(rows[0][3]) >= 0.5 * int(rows[1][3]), out
+    # stays near the shipped one (382 inliers against 381 measured); a network with random
+    # weights and a fitted PCA reaches 236 (0.62 of the shipped model's).
+    assert int(rows[0][3]) >= 0.85 * int(rows[1][3]), out
