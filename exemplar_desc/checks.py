@@ -24,6 +24,10 @@ class OptionError(ValueError):
         super().__init__(f"{option} {value!r}: {allowed}")
         self.option, self.value, self.allowed = option, value, allowed
 
+    def __reduce__(self):
+        # Distributed runs send a rank's error to the others by pickling it.
+        return type(self), (self.option, self.value, self.allowed)
+
 
 def check(condition: bool, option: str, value: Any, allowed: str) -> None:
     """Raise :class:`OptionError` unless ``condition`` holds."""
