@@ -13,6 +13,7 @@ Options that several commands take (``--device``, ``--precision``, ``--magnifica
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, NoReturn
 
@@ -20,7 +21,7 @@ from .checks import OptionError
 from .descriptor import PRECISION_CHOICES
 from .distributed import DEFAULT_TIMEOUT_MINUTES
 
-__all__ = ["ArgumentParser", "EXIT_BAD_OPTION", "SHARED_OPTIONS", "add_shared_options", "flag_names", "report"]
+__all__ = ["ArgumentParser", "EXIT_BAD_OPTION", "SHARED_OPTIONS", "add_shared_options", "flag_names", "report", "settings_from_args"]
 
 EXIT_BAD_OPTION = 2
 
@@ -78,6 +79,16 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
         else:
             names[action.dest] = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
     return names
+
+
+def settings_from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """The dataclass ``cls`` from ``given`` and, for its other fields, the parsed options of the same destination.
+
+    Fields without an option keep their defaults, so a command maps its flags to settings
+    by their destinations alone.
+    """
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **given})
 
 
 def report(err: Exception, parser: argparse.ArgumentParser | None = None) -> int:

@@ -29,7 +29,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .checks import check, check_number, check_output_dir
-from .cli import ArgumentParser, add_shared_options, flag_names, report
+from .cli import ArgumentParser, add_shared_options, flag_names, report, settings_from_args
 from .distributed import close_distributed, init_distributed, rank_from_env, world_size_from_env
 from .images import list_images
 from .model_io import save_model
@@ -199,10 +199,9 @@ def config_from_args(args: argparse.Namespace, data: bool = True) -> TrainConfig
     Raises:
         OptionError: the first bad option, named by its field.
     """
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name not in NOT_OPTIONS}
-    values.update(images=tuple(args.images), seed_scales=tuple(args.seed_scales), arch=_arch_option(args))
-    transforms = TransformConfig(**{name: getattr(args, name) for name in FAMILIES}).without(*args.without)
-    cfg = TrainConfig(**values, transforms=transforms)
+    transforms = settings_from_args(TransformConfig, args).without(*args.without)
+    cfg = settings_from_args(TrainConfig, args, images=tuple(args.images), seed_scales=tuple(args.seed_scales),
+                             arch=_arch_option(args), transforms=transforms)
     cfg.check(data=data)
     return cfg
 

@@ -11,7 +11,6 @@ See :mod:`exemplar_desc.sfm.pipeline` for the outputs, docs/sfm.md and docs/dist
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from typing import Any, Sequence
@@ -19,7 +18,7 @@ from typing import Any, Sequence
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ..checks import OptionError, check_number
-from ..cli import EXIT_BAD_OPTION, ArgumentParser, add_shared_options, flag_names, report
+from ..cli import EXIT_BAD_OPTION, ArgumentParser, add_shared_options, flag_names, report, settings_from_args
 from ..distributed import DistributedError, close_distributed, init_distributed, rank_from_env
 from ..extraction import DEFAULT_MAGNIFICATION, SFM_MAGNIFICATION, resolve_magnification
 from ..formats.hloc import OutputConflictError
@@ -88,15 +87,9 @@ def _parser() -> ArgumentParser:
     return p
 
 
-def _fields(cls: type, args: argparse.Namespace, **given: Any) -> Any:
-    """``cls`` (a dataclass) from ``given`` and, for its other fields, the options of the same destination."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return cls(**{**values, **given})
-
-
 def _settings(args: argparse.Namespace) -> SfmSettings:
     """The settings the options give, a named magnification resolved to its value."""
-    return _fields(SfmSettings, args, mapper=_fields(MapperSettings, args),
+    return settings_from_args(SfmSettings, args, mapper=settings_from_args(MapperSettings, args),
                    magnification=resolve_magnification(args.magnification))
 
 
