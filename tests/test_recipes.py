@@ -49,7 +49,9 @@ def run_block(language: str, code: str, timeout: float = 120, **variables: str |
     env.update({name: str(value) for name, value in variables.items()})
     argv = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{language} block failed ({proc.returncode}):\n{code}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"{language} block failed ({proc.returncode}):\n{code}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    )
     return proc.stdout
 
 
@@ -193,8 +195,8 @@ def test_train_your_own(tmp_path):
 
     # The viewer block on half-size copies of graf 1 and 3, to keep the test short.
     for name in ("img1.ppm", "img3.ppm"):
-        image = cv2.imread(str(graf / name))
-        assert cv2.imwrite(str(tmp_path / f"{name}.png"), cv2.resize(image, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA))
+        half = cv2.resize(cv2.imread(str(graf / name)), None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        assert cv2.imwrite(str(tmp_path / f"{name}.png"), half)
     images = {"IMG1": tmp_path / "img1.ppm.png", "IMG2": tmp_path / "img3.ppm.png", "OUT": tmp_path / "m.png"}
     out = run_block(view_lang, view_code, NAME=names["NAME"], MODELS=names["MODELS"], **images)
     rows = [line.split() for line in out.splitlines() if line.startswith("exemplar")]
