@@ -62,8 +62,8 @@ __all__ = [
 DETECTOR = "opencv-sift-dog"
 
 #: Patch magnification (patch side / ``KeyPoint.size``) of the Exemplar descriptors for
-#: structure from motion, chosen on the validation set (docs/sfm.md, "Why magnification 5 in
-#: SfM"): well under the shipped cards' (10 for the default model), whose larger patches match
+#: structure from motion, chosen on the validation set (docs/model-development.md, "SfM
+#: settings: magnification 5 and ratio 0.95"): well under the shipped cards' (10 for the default model), whose larger patches match
 #: better under blur, because a reconstruction needs precisely placed matches.
 SFM_MAGNIFICATION = 5.0
 #: The magnifications both command lines accept by name: ``sfm`` (:data:`SFM_MAGNIFICATION`)

@@ -96,8 +96,8 @@ class SfmSettings:
         ratio: Lowe ratio in (0, 1] on top of mutual nearest neighbours, for every descriptor;
             None: mutual nearest neighbours only; ``"auto"`` (default): 0.95 for the Exemplar
             descriptors, so their matches are placed as precisely as SIFT's, and none for SIFT
-            and RootSIFT; chosen on the validation set (docs/sfm.md, "SfM settings chosen on
-            the validation set"). :meth:`ratio_for` resolves it.
+            and RootSIFT; chosen on the validation set (docs/model-development.md, "SfM
+            settings: magnification 5 and ratio 0.95"). :meth:`ratio_for` resolves it.
         device: torch device for descriptors and matching (``cpu``, ``cuda``, ``cuda:N``).
         mapper: incremental mapper options.
         overwrite: replace outputs of another descriptor or program instead of refusing.
@@ -107,8 +107,8 @@ class SfmSettings:
         magnification: patch side / ``KeyPoint.size`` (> 0) of the Exemplar descriptors (None:
             the model card's); the default is :data:`exemplar_desc.extraction.SFM_MAGNIFICATION`,
             5, which ``python -m exemplar_desc.extract`` describes with too. Smaller patches
-            trade 3D points for a lower reprojection error (docs/sfm.md, "Why magnification 5 in
-            SfM").
+            trade 3D points for a lower reprojection error (docs/model-development.md, "SfM
+            settings: magnification 5 and ratio 0.95").
         precision: convolutions of the Exemplar descriptors, ``"auto"``, ``"fp32"`` or ``"bf16"``
             (see :class:`exemplar_desc.ExemplarDescriptor`).
     """

@@ -60,10 +60,8 @@ class MapperSettings:
         two_pass: map first with the radial distortion held at its prior (0), then continue
             the largest model with it refined [False: refined from the first image pair on].
             In a model of a few images the distortion is barely constrained and can run
-            away: on Lund, single passes stalled with some seeds, in models of 2 to 13 of 29
-            images with k between 1 and 124; with two passes the largest model held 27 to 29
-            images for every descriptor and seed tried (docs/sfm.md). The second pass recovers a
-            real distortion (Sceaux: k = -0.16, as in a single pass).
+            away and stall the reconstruction; the second pass still recovers a real distortion
+            (docs/sfm.md, "Two-pass mapping").
         seed: random seed of COLMAP's RANSAC and mapper (-1: not seeded).
         num_threads: -1 for all cores. Bundle adjustment sums in thread order, so only a single
             thread makes a seeded run exactly repeatable (on Lund, SIFT's models differed between
