@@ -22,13 +22,13 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "scikit-image>=0.21",
-        "pycolmap>=3.10",
+        "pycolmap>=4.2",  # the Rig/Frame database API; 4.2.1 is the tested version
     ],
     entry_points={
         "console_scripts": [
             "exemplar-train = exemplar_desc.train:main",
             "exemplar-sfm = exemplar_desc.sfm.__main__:main",
-            "exemplar-match = exemplar_desc.match:main",
+            "exemplar-match = exemplar_desc.viewer:main",
             "exemplar-extract = exemplar_desc.extract:main",
         ]
     },

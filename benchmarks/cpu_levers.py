@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from exemplar_desc import ExemplarDescriptor
-from exemplar_desc.cli import ArgumentParser, check, check_number, report
+from exemplar_desc.cli import ArgumentParser, report
+from exemplar_desc.checks import check, check_number
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
 __all__ = ["main"]
@@ -70,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8", action="store_true", help="also time int8 post-training quantisation")
     args = p.parse_args(argv)
     try:
-        check_number("--num-features", args.num_features, low=1, integer=True)
-        check_number("--repeats", args.repeats, low=1, integer=True)
+        check_number("num_features", args.num_features, low=1, integer=True)
+        check_number("repeats", args.repeats, low=1, integer=True)
         image = cv2.imread(args.image, cv2.IMREAD_GRAYSCALE)
-        check(image is not None, "--image", args.image, "cannot be read as an image")
+        check(image is not None, "image", args.image, "cannot be read as an image")
     except ValueError as err:
-        return report(err)
+        return report(err, p)
     keypoints = cv2.SIFT_create(nfeatures=args.num_features).detect(image, None)
     sift = cv2.SIFT_create()
     fp32, bf16 = ExemplarDescriptor(precision="fp32"), ExemplarDescriptor(precision="bf16")

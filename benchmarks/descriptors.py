@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 import torch
 
-from exemplar_desc.baselines import Float128Descriptor, create_descriptor, is_exemplar
+from exemplar_desc.baselines import Float128Descriptor
+from exemplar_desc.registry import create_descriptor, is_exemplar
 from exemplar_desc.model_io import DEFAULT_MODEL, list_models
 from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, to_gray_float
 

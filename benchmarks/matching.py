@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,19 +29,10 @@ import cv2
 import numpy as np
 
 from exemplar_desc.atomic import atomic_write
-from exemplar_desc.baselines import check_descriptor_name
-from exemplar_desc.cli import (
-    ArgumentParser,
-    OptionError,
-    check,
-    check_device,
-    check_number,
-    check_output_dir,
-    check_output_file,
-    report,
-)
-from exemplar_desc.descriptor import PRECISION_CHOICES, resolve_precision
-from exemplar_desc.model_io import resolve_card_path
+from exemplar_desc.registry import check_descriptor_name
+from exemplar_desc.cli import ArgumentParser, add_shared_options, report
+from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir, check_output_file
+from exemplar_desc.descriptor import resolve_precision
 
 from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
 from .descriptors import as_float, build_descriptors, catalogue
@@ -102,13 +92,13 @@ def detect(image: np.ndarray, detector: str = "sift", num_features: int = 2000) 
         OptionError (a ValueError): an unknown detector, ``num_features`` < 1 (OpenCV would
             read 0 as no limit).
     """
-    check_number("--num-features", num_features, low=1, integer=True)
+    check_number("num_features", num_features, low=1, integer=True)
     if detector == "sift":
         kps, ellipses = list(cv2.SIFT_create(nfeatures=num_features).detect(image, None)), None
     elif detector == "mser":
         kps, ellipses = _mser_regions(image, num_features)
     else:
-        raise OptionError("--detector", detector, f"must be one of {', '.join(DETECTORS)}")
+        raise OptionError("detector", detector, f"must be one of {', '.join(DETECTORS)}")
     for i, kp in enumerate(kps):
         kp.class_id = i  # survives compute(), which may drop or reorder keypoints
     return kps, ellipses
@@ -147,6 +137,58 @@ def _aggregate(pairs: list[dict]) -> dict:
     return out
 
 
+def _check_protocol(detector: str, num_features: int, pixel_threshold: float, ratio: float | None) -> None:
+    """Check the keypoints and the correct-match criterion of a run (see :func:`run_benchmark`)."""
+    check(detector in DETECTORS, "detector", detector, f"must be one of {', '.join(DETECTORS)}")
+    check_number("num_features", num_features, low=1, integer=True)
+    check_number("pixel_threshold", pixel_threshold, low=0, low_open=True)
+    if ratio is not None:
+        check_number("ratio", ratio, low=0, low_open=True, high=1)
+
+
+def _evaluate_sequence(seq: ImageSequence, described: list, pixel_threshold: float, ratio: float | None) -> dict:
+    """Metrics of the pairs 1-k of one sequence from each image's (xy, descriptors, MSER regions or None)."""
+    xy1, d1, e1 = described[0]
+    pairs = {}
+    for k in range(1, len(seq.images)):
+        xyk, dk, ek = described[k]
+        pairs[seq.pairs[k - 1]] = evaluate_pair(
+            xy1, xyk, d1, dk, seq.homographies[k], seq.images[0].shape, seq.images[k].shape,
+            pixel_threshold=pixel_threshold, ellipses1=e1, ellipses2=ek, ratio=ratio,
+        )
+    return {"kind": seq.kind, "pairs": pairs}
+
+
+def _run_descriptor(name: str, descriptor, sequences: list[ImageSequence], detections: dict, pixel_threshold: float,
+                    ratio: float | None, errors: dict, bar) -> dict:
+    """One descriptor on every sequence: ``{"time_per_keypoint_ms", "sequences"}``; a failing
+    sequence is logged and recorded in ``errors`` under ``name/sequence``."""
+    seconds, count, per_seq = 0.0, 0, {}
+    norm = descriptor.defaultNorm() if hasattr(descriptor, "defaultNorm") else cv2.NORM_L2
+    try:  # untimed warm-up, so one-off start-up costs (lazy init, allocation) are not timed
+        descriptor.compute(sequences[0].images[0], detections[sequences[0].name][0][0])
+    except Exception:  # noqa: BLE001 - the same call fails again below, where it is reported per sequence
+        logger.debug("warm-up of %s failed", name, exc_info=True)
+    for seq in sequences:
+        bar.set_postfix_str(f"{name} / {seq.name}")
+        try:
+            described = []
+            for image, (kps, ellipses) in zip(seq.images, detections[seq.name]):
+                start = time.perf_counter()
+                kps_out, desc = descriptor.compute(image, kps)
+                seconds += time.perf_counter() - start  # also counted when a later image fails
+                count += len(kps_out)
+                xy = np.array([kp.pt for kp in kps_out], dtype=np.float64).reshape(-1, 2)
+                regions = None if ellipses is None else ellipses[_source_indices(kps, kps_out)]
+                described.append((xy, as_float(desc, norm, len(kps_out)), regions))
+            per_seq[seq.name] = _evaluate_sequence(seq, described, pixel_threshold, ratio)
+        except Exception as err:  # one failing descriptor/sequence must not stop the run
+            logger.exception("%s on %s failed", name, seq.name)
+            errors[f"{name}/{seq.name}"] = f"{type(err).__name__}: {err}"
+        bar.update(1)
+    return {"time_per_keypoint_ms": 1000.0 * seconds / count if count else float("nan"), "sequences": per_seq}
+
+
 def run_benchmark(
     sequences: list[ImageSequence],
     descriptors: dict[str, object],
@@ -176,58 +218,20 @@ def run_benchmark(
         "pairs": {"1-k": metrics}}}}}, "errors": {...}}``; :func:`summarise` adds the summaries.
 
     Raises:
-        OptionError (a ValueError): a bad argument, named by its command-line option; checked
-            before any work.
+        OptionError (a ValueError): a bad argument, named as above; checked before any work.
     """
     from tqdm import tqdm
 
-    check(len(sequences) > 0, "--data", sequences, "no sequence to run on")
-    check(len(descriptors) > 0, "--descriptors", descriptors, "no descriptor to run")
-    check(detector in DETECTORS, "--detector", detector, f"must be one of {', '.join(DETECTORS)}")
-    check_number("--num-features", num_features, low=1, integer=True)
-    check_number("--threshold", pixel_threshold, low=0, low_open=True)
-    if ratio is not None:
-        check_number("--ratio", ratio, low=0, low_open=True, high=1)
+    check(len(sequences) > 0, "sequences", sequences, "no sequence to run on")
+    check(len(descriptors) > 0, "descriptors", descriptors, "no descriptor to run")
+    _check_protocol(detector, num_features, pixel_threshold, ratio)
 
     detections = {s.name: [detect(img, detector, num_features) for img in s.images] for s in sequences}
     results: dict = {"descriptors": {}, "errors": {}}
     bar = tqdm(total=len(descriptors) * len(sequences), desc="matching", unit="seq", disable=not progress, file=sys.stderr)
     for name, descriptor in descriptors.items():
-        seconds, count, per_seq = 0.0, 0, {}
-        norm = descriptor.defaultNorm() if hasattr(descriptor, "defaultNorm") else cv2.NORM_L2
-        try:  # untimed warm-up, so one-off start-up costs (lazy init, allocation) are not timed
-            descriptor.compute(sequences[0].images[0], detections[sequences[0].name][0][0])
-        except Exception:  # noqa: BLE001 - the same call fails again below, where it is reported per sequence
-            logger.debug("warm-up of %s failed", name, exc_info=True)
-        for seq in sequences:
-            bar.set_postfix_str(f"{name} / {seq.name}")
-            try:
-                described = []
-                for image, (kps, ellipses) in zip(seq.images, detections[seq.name]):
-                    start = time.perf_counter()
-                    kps_out, desc = descriptor.compute(image, kps)
-                    seconds += time.perf_counter() - start
-                    count += len(kps_out)
-                    xy = np.array([kp.pt for kp in kps_out], dtype=np.float64).reshape(-1, 2)
-                    regions = None if ellipses is None else ellipses[_source_indices(kps, kps_out)]
-                    described.append((xy, as_float(desc, norm, len(kps_out)), regions))
-                xy1, d1, e1 = described[0]
-                pairs = {}
-                for k in range(1, len(seq.images)):
-                    xyk, dk, ek = described[k]
-                    pairs[seq.pairs[k - 1]] = evaluate_pair(
-                        xy1, xyk, d1, dk, seq.homographies[k], seq.images[0].shape, seq.images[k].shape,
-                        pixel_threshold=pixel_threshold, ellipses1=e1, ellipses2=ek, ratio=ratio,
-                    )
-                per_seq[seq.name] = {"kind": seq.kind, "pairs": pairs}
-            except Exception as err:  # one failing descriptor/sequence must not stop the run
-                logger.exception("%s on %s failed", name, seq.name)
-                results["errors"][f"{name}/{seq.name}"] = f"{type(err).__name__}: {err}"
-            bar.update(1)
-        results["descriptors"][name] = {
-            "time_per_keypoint_ms": 1000.0 * seconds / count if count else float("nan"),
-            "sequences": per_seq,
-        }
+        results["descriptors"][name] = _run_descriptor(name, descriptor, sequences, detections, pixel_threshold, ratio,
+                                                       results["errors"], bar)
     bar.close()
     return results
 
@@ -398,19 +402,13 @@ def _parser() -> ArgumentParser:
     p.add_argument("--list", action="store_true", help="list descriptor names and exit")
     p.add_argument("--detector", choices=DETECTORS, default="sift", help="shared keypoints (default sift)")
     p.add_argument("--num-features", type=int, default=2000, help="keypoints per image, >= 1 (default 2000)")
-    p.add_argument("--threshold", type=float, default=3.0, help="symmetric reprojection error (px, > 0) for a correct match in mAP and matching score (default 3)")
+    p.add_argument("--threshold", dest="pixel_threshold", metavar="THRESHOLD", type=float, default=3.0,
+                   help="symmetric reprojection error (px, > 0) for a correct match in mAP and matching score (default 3)")
     p.add_argument("--ratio", type=float, default=None,
                    help="Lowe ratio in (0, 1] on the mutual matches of MMA, homography and correct-match statistics (default: off)")
-    p.add_argument("--device", default="cpu", help="torch device of the network descriptors: cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
-                   help="the Exemplar models' convolutions in float32 or bfloat16; auto: bfloat16 where the device "
-                        "has it in hardware (default auto)")
-    p.add_argument("--magnification", type=float,
-                   help="patch side / KeyPoint.size (> 0) for the Exemplar models (default: each model card's)")
+    add_shared_options(p, "--device", "--precision", "--magnification", magnification={
+        "help": "patch side / KeyPoint.size (> 0) for the Exemplar models (default: each model card's)"})
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
-    p.add_argument("--record-in-card", action="store_true",
-                   help="store the summary (with this command and the other descriptors' numbers) in the model card "
-                        "of every shipped Exemplar model benchmarked")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -424,12 +422,12 @@ def _check_descriptor_names(text: str | None) -> list[str] | None:
     known, _ = catalogue()
     available = f"available: {', '.join(known)} or exemplar:<model or card path>"
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    check(len(names) > 0, "--descriptors", text, f"name at least one descriptor; {available}")
+    check(len(names) > 0, "descriptors", text, f"name at least one descriptor; {available}")
     for name in names:
         if name.startswith("exemplar:"):
-            check_descriptor_name("--descriptors", name)
+            check_descriptor_name("descriptors", name)
         else:
-            check(name in known or name == "exemplar", "--descriptors", text, f"unknown descriptor {name!r}; {available}")
+            check(name in known or name == "exemplar", "descriptors", text, f"unknown descriptor {name!r}; {available}")
     return names
 
 
@@ -440,44 +438,38 @@ def _check_args(args) -> tuple[list[str] | None, Path]:
         The descriptor names (None: all) and the cache folder.
 
     Raises:
-        OptionError: naming the first bad option, its value and what is allowed.
+        OptionError: naming the destination of the first bad option, its value and what is allowed.
     """
-    check_number("--num-features", args.num_features, low=1, integer=True)
-    check_number("--threshold", args.threshold, low=0, low_open=True)
-    if args.ratio is not None:
-        check_number("--ratio", args.ratio, low=0, low_open=True, high=1)
+    _check_protocol(args.detector, args.num_features, args.pixel_threshold, args.ratio)
     if args.magnification is not None:
-        check_number("--magnification", args.magnification, low=0, low_open=True)
-    check_device("--device", args.device)
+        check_number("magnification", args.magnification, low=0, low_open=True)
+    check_device("device", args.device)
     names = _check_descriptor_names(args.descriptors)
     cache = args.cache or default_cache_dir()
     if args.validation is not None:
         for option, value in (("--data", args.data), ("--download", args.download)):
-            check(value is None, "--validation", str(args.validation), f"cannot be combined with {option}")
+            check(value is None, "validation", str(args.validation), f"cannot be combined with {option}")
         try:
             held_out_photos(args.validation)
         except (FileNotFoundError, ValueError) as err:
-            raise OptionError("--validation", str(args.validation), str(err)) from None
+            raise OptionError("validation", str(args.validation), str(err)) from None
     if args.data is not None:
-        check(args.download is None, "--download", args.download, "cannot be combined with --data")
-        check(args.data.is_dir(), "--data", str(args.data),
+        check(args.download is None, "download", args.download, "cannot be combined with --data")
+        check(args.data.is_dir(), "data", str(args.data),
               "exists but is not a folder" if args.data.exists() else "no such folder")
     else:  # the downloaded or generated sequences are written there
-        check_output_dir("--cache", cache)
+        check_output_dir("cache", cache)
     if args.out is not None:
         for name in OUTPUT_FILES:
-            check_output_file("--out", check_output_dir("--out", args.out) / name)
-    if args.record_in_card:
-        for name in names if names is not None else catalogue()[0]:
-            if name.startswith("exemplar:"):
-                check_output_file("--record-in-card", resolve_card_path(name.split(":", 1)[1]))
+            check_output_file("out", check_output_dir("out", args.out) / name)
     return names, cache
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status: 0 ok, 1 nothing to run (no usable
     sequence, no descriptor could be built), 2 a bad option or path (reported before any work)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.list:
         names, unavailable = catalogue()
@@ -487,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names, cache = _check_args(args)
     except OptionError as err:
-        return report(err)
+        return report(err, parser)
     descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification,
                                              precision=args.precision)
     if not descriptors:
@@ -516,15 +508,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no usable sequence in {data}", file=sys.stderr)
         return 1
     print(f"data: {data} ({len(sequences)} sequences: {', '.join(s.name for s in sequences)})")
-    print(f"keypoints: {args.detector}, up to {args.num_features} per image; correct match: "
-          + ("ellipse overlap >= 0.5" if args.detector == "mser" else f"symmetric reprojection error <= {args.threshold:g} px"))
-    results = run_benchmark(sequences, descriptors, args.detector, args.num_features, args.threshold, not args.no_progress,
-                            args.ratio)
+    criterion = "ellipse overlap >= 0.5" if args.detector == "mser" else \
+        f"symmetric reprojection error <= {args.pixel_threshold:g} px"
+    print(f"keypoints: {args.detector}, up to {args.num_features} per image; correct match: {criterion}")
+    results = run_benchmark(sequences, descriptors, args.detector, args.num_features, args.pixel_threshold,
+                            not args.no_progress, args.ratio)
     results = {
         "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
                      "detector": args.detector, "num_features": args.num_features,
                      "exemplar_magnification": args.magnification, "exemplar_precision": resolve_precision(args.precision, args.device),
-                     "pixel_threshold": args.threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
+                     "pixel_threshold": args.pixel_threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS)},
         "skipped_descriptors": skipped,
         "failed_sequences": bad,
@@ -538,42 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         for path in write_outputs(results, args.out):
             print(f"wrote {path}")
-    if args.record_in_card:
-        argv = sys.argv[1:] if argv is None else argv
-        for path in record_in_cards(results, "python -m benchmarks.matching " + " ".join(shlex.quote(a) for a in argv)):
-            print(f"recorded the results in {path}")
     return 0
-
-
-def record_in_cards(results: dict, command: str) -> list[Path]:
-    """Write a compact summary of ``results`` into the card of each shipped ``exemplar:<model>`` benchmarked.
-
-    The entry is keyed by the data folder's name; it holds the command, the protocol and, for
-    every descriptor of the run, mAP, matching score, MMA@3px and homography accuracy per
-    kind and overall (fractions). Returns the cards written.
-    """
-    mma3 = MMA_THRESHOLDS.index(3)
-
-    def compact(summary: dict) -> dict:
-        if "mAP" not in summary:
-            return {}
-        return {"mAP": summary["mAP"], "matching_score": summary["matching_score"], "MMA@3px": summary["MMA"][mma3],
-                **{key: summary[key] for key in _H_KEYS}}
-
-    table = {name: {"overall": compact(entry.get("summary", {})),
-                    **{kind: compact(v) for kind, v in entry.get("per_kind", {}).items()}}
-             for name, entry in results["descriptors"].items()}
-    entry = _json_safe({"command": command, "protocol": results["protocol"], "results": table})
-    written = []
-    for name in results["descriptors"]:
-        if not name.startswith("exemplar:"):
-            continue
-        card_path = resolve_card_path(name.split(":", 1)[1])
-        card = json.loads(card_path.read_text())
-        card.setdefault("benchmark", {})[Path(results["protocol"]["data"]).name] = entry
-        atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2) + "\n"))
-        written.append(card_path)
-    return written
 
 
 if __name__ == "__main__":

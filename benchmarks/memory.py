@@ -17,7 +17,8 @@ import sys
 import cv2
 import numpy as np
 
-from exemplar_desc.cli import ArgumentParser, check_number, report
+from exemplar_desc.cli import ArgumentParser, report
+from exemplar_desc.checks import check_number
 
 __all__ = ["rss_mib", "main"]
 
@@ -45,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         for option in ("width", "height", "keypoints", "batch_size"):
-            check_number(f"--{option.replace('_', '-')}", getattr(args, option), low=16 if option != "keypoints" else 1, integer=True)
+            check_number(option, getattr(args, option), low=16 if option != "keypoints" else 1, integer=True)
     except ValueError as err:
-        return report(err)
+        return report(err, p)
     import torch
 
     from exemplar_desc import ExemplarDescriptor

@@ -164,6 +164,16 @@ def corner_error(H_est: np.ndarray | None, H_gt: np.ndarray, shape: tuple[int, i
     return float(np.linalg.norm(project(H_est, corners) - project(H_gt, corners), axis=1).mean())
 
 
+def _ransac_homography(pts1: np.ndarray, pts2: np.ndarray) -> np.ndarray | None:
+    """OpenCV's RANSAC homography (3 px, seeded) from (M, 2) matched points of images 1 and 2;
+    None with fewer than 4 matches or when RANSAC finds none."""
+    if len(pts1) < 4:
+        return None
+    cv2.setRNGSeed(0)
+    H_est, _ = cv2.findHomography(pts1.astype(np.float32), pts2.astype(np.float32), cv2.RANSAC, 3.0)
+    return H_est
+
+
 def evaluate_pair(
     xy1: np.ndarray,
     xy2: np.ndarray,
@@ -224,14 +234,8 @@ def evaluate_pair(
     mma = mean_matching_accuracy(errors)
     # How precisely the correct matches are placed: what a reconstruction's reprojection error sees.
     inliers = errors[errors <= pixel_threshold]
-    H_est = None
-    if len(matches) >= 4:
-        cv2.setRNGSeed(0)
-        H_est, _ = cv2.findHomography(
-            xy1[matches[:, 0]].astype(np.float32), xy2[matches[:, 1]].astype(np.float32), cv2.RANSAC, 3.0
-        )
-    h_err = corner_error(H_est, H, shape1)
-    result = {
+    h_err = corner_error(_ransac_homography(xy1[matches[:, 0]], xy2[matches[:, 1]]), H, shape1)
+    return {
         "mAP": ap,
         "matching_score": matching_score,
         "MMA": mma.tolist(),
@@ -244,4 +248,3 @@ def evaluate_pair(
         "num_correct_matches": len(inliers),
         "inlier_error": float(inliers.mean()) if len(inliers) else float("nan"),
     }
-    return result

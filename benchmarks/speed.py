@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from exemplar_desc import ExemplarDescriptor
-from exemplar_desc.baselines import is_exemplar
-from exemplar_desc.descriptor import PRECISION_CHOICES
-from exemplar_desc.cli import ArgumentParser, OptionError, check, check_device, check_number, report
+from exemplar_desc.registry import is_exemplar
+from exemplar_desc.cli import ArgumentParser, add_shared_options, report
+from exemplar_desc.checks import OptionError, check, check_device, check_number
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
 from .descriptors import build_descriptors, catalogue
@@ -126,14 +126,13 @@ def _parse_counts(text: str) -> list[int]:
     try:
         counts = [int(c) for c in text.split(",")]
     except ValueError:
-        raise OptionError("--counts", text, "must be comma-separated whole numbers, e.g. 2000,8000,32000") from None
+        raise OptionError("counts", text, "must be comma-separated whole numbers, e.g. 2000,8000,32000") from None
     for c in counts:
-        check_number("--counts", c, low=1, integer=True)
+        check_number("counts", c, low=1, integer=True)
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point; returns the exit status (0 ok, 1 descriptor unavailable, 2 bad arguments)."""
+def _parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--descriptor", help="descriptor name (default: the default shipped model); see "
                    "python -m benchmarks.matching --list")
@@ -144,48 +143,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-features", type=int, default=2000, help="keypoints per image of the list call and the split "
                    "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls of each descriptor (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device of a network descriptor: cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
-                   help="Exemplar convolutions; auto: bf16 where the device has it in hardware (default: %(default)s)")
+    add_shared_options(p, "--device", "--precision")
     p.add_argument("--batch-size", type=int, default=None, help="Exemplar patches per network batch (default: 1024, 8192 on CUDA)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args(argv)
-    try:
-        counts = _parse_counts(args.counts)
-        check_number("--images", args.images, low=0, integer=True)
-        check_number("--num-features", args.num_features, low=1, integer=True)
-        check_number("--repeats", args.repeats, low=1, integer=True)
-        if args.threads is not None:
-            check_number("--threads", args.threads, low=1, integer=True)
-        if args.batch_size is not None:
-            check_number("--batch-size", args.batch_size, low=1, integer=True)
-        device = check_device("--device", args.device)
-        if args.image:
-            image = cv2.imread(args.image, cv2.IMREAD_GRAYSCALE)
-            check(image is not None, "--image", args.image, "cannot be read as an image")
-        else:
-            image = cv2.resize(cv2.cvtColor(sample_photo("astronaut"), cv2.COLOR_BGR2GRAY), IMAGE_SIZE,
-                               interpolation=cv2.INTER_CUBIC)
-        name, note = (args.descriptor, None) if args.descriptor else _default_descriptor()
-        exemplar = is_exemplar(name)
-        options = {"precision": args.precision, "batch_size": args.batch_size or (8192 if device.type == "cuda" else 1024)}
-        built, skipped = build_descriptors([name], device=str(device), **(options if exemplar else {}))
-    except ValueError as err:
-        return report(err)
-    if name not in built:
-        print(f"error: {name} unavailable: {skipped[name]}", file=sys.stderr)
-        return 1
-    if note:
-        print(note)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    descriptor, sift = built[name], cv2.SIFT_create()
-    cpu = "" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"
-    print(f"image {image.shape[1]}x{image.shape[0]}, device {device}{cpu}"
-          + (f", precision {descriptor.precision}, batch {descriptor.batch_size}" if exemplar else "")
-          + f"; median of {args.repeats} runs after a warm-up")
-    print(f"{'keypoints':>10s} {'images':>6s} {name + ' ms':>24s} {'desc/s':>9s} {'SIFT ms':>9s} {'desc/s':>9s} {'ratio':>6s}")
-    cases = [(n, 1) for n in counts] + ([(args.num_features, args.images)] if args.images else [])
+    return p
+
+
+def _check_args(args) -> tuple[list[int], torch.device, np.ndarray]:
+    """The counts, the device and the grey image; OptionError naming the first bad option's destination."""
+    counts = _parse_counts(args.counts)
+    check_number("images", args.images, low=0, integer=True)
+    check_number("num_features", args.num_features, low=1, integer=True)
+    check_number("repeats", args.repeats, low=1, integer=True)
+    if args.threads is not None:
+        check_number("threads", args.threads, low=1, integer=True)
+    if args.batch_size is not None:
+        check_number("batch_size", args.batch_size, low=1, integer=True)
+    device = check_device("device", args.device)
+    if args.image:
+        image = cv2.imread(args.image, cv2.IMREAD_GRAYSCALE)
+        check(image is not None, "image", args.image, "cannot be read as an image")
+    else:
+        image = cv2.resize(cv2.cvtColor(sample_photo("astronaut"), cv2.COLOR_BGR2GRAY), IMAGE_SIZE,
+                           interpolation=cv2.INTER_CUBIC)
+    return counts, device, image
+
+
+def _print_times(descriptor, exemplar: bool, image: np.ndarray, cases: list[tuple[int, int]], repeats: int) -> None:
+    """One table row per (keypoints per image, images) case: the descriptor's and SIFT's median times."""
+    sift = cv2.SIFT_create()
     for n, m in cases:
         kps = _keypoints(image, n)
         if m == 1:
@@ -194,27 +180,61 @@ def main(argv: list[str] | None = None) -> int:
             many = (lambda: descriptor.compute([image] * m, [kps] * m)) if exemplar else \
                 (lambda: [descriptor.compute(image, kps) for _ in range(m)])
             calls = {"ours": many, "sift": lambda: [sift.compute(image, kps) for _ in range(m)]}
-        t = time_calls(calls, args.repeats)
+        t = time_calls(calls, repeats)
         total = n * m
         print(f"{n:>10d} {m:>6d} {1000 * t['ours']:>24.1f} {total / t['ours']:>9.0f} {1000 * t['sift']:>9.1f} "
               f"{total / t['sift']:>9.0f} {t['ours'] / t['sift']:>5.2f}x")
+
+
+def _print_split(descriptor: ExemplarDescriptor, image: np.ndarray, num_features: int, repeats: int) -> None:
+    """The stages of one call at ``num_features`` keypoints, and on CUDA the network alone on resident patches."""
+    kps = _keypoints(image, num_features)
+    split = stage_times(descriptor, image, kps, repeats)
+    print(f"split at {num_features} keypoints (ms): " + ", ".join(f"{stage} {1000 * s:.2f}" for stage, s in split.items()))
+    device = descriptor.device
+    if device.type == "cuda":
+        patches = torch.randn(descriptor.batch_size, 1, descriptor.patch_size, descriptor.patch_size, device=device)
+        patches = patches.contiguous(memory_format=torch.channels_last)
+
+        def network():
+            with torch.inference_mode():
+                descriptor.net(patches)
+            torch.cuda.synchronize(device)
+
+        alone = time_calls({"net": network}, repeats)["net"]
+        print(f"network alone: {1000 * alone:.2f} ms per batch of {descriptor.batch_size}, "
+              f"{descriptor.batch_size / alone:.0f} patches/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (0 ok, 1 descriptor unavailable, 2 bad arguments)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        counts, device, image = _check_args(args)
+        name, note = (args.descriptor, None) if args.descriptor else _default_descriptor()
+        exemplar = is_exemplar(name)
+        options = {"precision": args.precision, "batch_size": args.batch_size or (8192 if device.type == "cuda" else 1024)}
+        built, skipped = build_descriptors([name], device=str(device), **(options if exemplar else {}))
+    except ValueError as err:
+        return report(err, parser)
+    if name not in built:
+        print(f"error: {name} unavailable: {skipped[name]}", file=sys.stderr)
+        return 1
+    if note:
+        print(note)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    descriptor = built[name]
+    cpu = "" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"
+    print(f"image {image.shape[1]}x{image.shape[0]}, device {device}{cpu}"
+          + (f", precision {descriptor.precision}, batch {descriptor.batch_size}" if exemplar else "")
+          + f"; median of {args.repeats} runs after a warm-up")
+    print(f"{'keypoints':>10s} {'images':>6s} {name + ' ms':>24s} {'desc/s':>9s} {'SIFT ms':>9s} {'desc/s':>9s} {'ratio':>6s}")
+    cases = [(n, 1) for n in counts] + ([(args.num_features, args.images)] if args.images else [])
+    _print_times(descriptor, exemplar, image, cases, args.repeats)
     if exemplar:
-        kps = _keypoints(image, args.num_features)
-        split = stage_times(descriptor, image, kps, args.repeats)
-        print(f"split at {args.num_features} keypoints (ms): "
-              + ", ".join(f"{stage} {1000 * s:.2f}" for stage, s in split.items()))
-        if device.type == "cuda":
-            patches = torch.randn(descriptor.batch_size, 1, descriptor.patch_size, descriptor.patch_size, device=device)
-            patches = patches.contiguous(memory_format=torch.channels_last)
-
-            def network():
-                with torch.inference_mode():
-                    descriptor.net(patches)
-                torch.cuda.synchronize(device)
-
-            alone = time_calls({"net": network}, args.repeats)["net"]
-            print(f"network alone: {1000 * alone:.2f} ms per batch of {descriptor.batch_size}, "
-                  f"{descriptor.batch_size / alone:.0f} patches/s")
+        _print_split(descriptor, image, args.num_features, args.repeats)
     return 0
 
 

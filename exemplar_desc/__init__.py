@@ -6,7 +6,7 @@ network as a kornia patch-descriptor module. The package has three parts: the de
 core (this folder), :mod:`exemplar_desc.training` and :mod:`exemplar_desc.sfm`.
 """
 
-from .baselines import create_descriptor
+from .registry import create_descriptor
 from .descriptor import ExemplarDescriptor
 from .model_io import DEFAULT_MODEL, list_models
 from .patch_descriptor import ExemplarPatchDescriptor

@@ -1,42 +1,53 @@
-"""What every command line of the package shares: option checks made before any work.
+"""What every command line of the package shares: its parser, its shared options, its errors.
 
 A bad option or path ends a command with one line on stderr, ``error: OPTION VALUE: what
 is allowed``, and exit status 2, before anything is computed or written. Library code
-raises :class:`OptionError` (a ``ValueError``) through these checks; the command lines
-turn it into that line with :func:`report`.
+raises :class:`~exemplar_desc.checks.OptionError` naming the argument or field it checked;
+:func:`report` prints it under the flag that sets that field, read from the parser itself,
+so no second table of flag names exists.
+
+Options that several commands take (``--device``, ``--precision``, ``--magnification``,
+``--max-keypoints``, ``--dist-timeout``) are declared once, in :data:`SHARED_OPTIONS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
+import dataclasses
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
+from .checks import OptionError
+from .descriptor import PRECISION_CHOICES
+from .distributed import DEFAULT_TIMEOUT_MINUTES
 
-__all__ = [
-    "ArgumentParser",
-    "OptionError",
-    "check",
-    "check_number",
-    "check_device",
-    "check_output_dir",
-    "check_output_file",
-    "report",
-]
+__all__ = ["ArgumentParser", "EXIT_BAD_OPTION", "SHARED_OPTIONS", "add_shared_options", "flag_names", "report", "settings_from_args"]
 
 EXIT_BAD_OPTION = 2
 
-
-class OptionError(ValueError):
-    """A bad option value or path, named in the message."""
-
-    def __init__(self, option: str, value: Any, allowed: str) -> None:
-        super().__init__(f"{option} {value!r}: {allowed}")
-        self.option, self.value, self.allowed = option, value, allowed
+#: The options several command lines share: flag -> argparse keywords. A command may
+#: override any keyword (a default, a help text) in :func:`add_shared_options`.
+SHARED_OPTIONS: dict[str, dict[str, Any]] = {
+    "--device": {"default": "cpu", "help": "torch device of the network: cpu, cuda or cuda:N (default: %(default)s)"},
+    "--precision": {
+        "default": "auto",
+        "choices": PRECISION_CHOICES,
+        "help": "network convolutions in float32 or bfloat16; auto: bfloat16 where the CPU or GPU has it in hardware "
+                "(default: %(default)s)",
+    },
+    "--magnification": {
+        "type": float,
+        "metavar": "M",
+        "help": "patch side / KeyPoint.size of an Exemplar descriptor (default: the model card's)",
+    },
+    "--max-keypoints": {"type": int, "metavar": "N", "help": "SIFT keypoints per image, strongest first (default: %(default)s)"},
+    "--dist-timeout": {
+        "type": float,
+        "default": DEFAULT_TIMEOUT_MINUTES,
+        "metavar": "MINUTES",
+        "help": "under torchrun: minutes a rank waits for the others before the job fails (default: %(default)s)",
+    },
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -46,108 +57,49 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_OPTION, f"error: {message} (see {self.prog} --help)\n")
 
 
-def report(err: Exception) -> int:
-    """Print ``error: <err>`` on stderr; returns the exit status for a bad option (2)."""
-    print(f"error: {err}", file=sys.stderr)
-    return EXIT_BAD_OPTION
-
-
-def check(condition: bool, option: str, value: Any, allowed: str) -> None:
-    """Raise :class:`OptionError` unless ``condition`` holds."""
-    if not condition:
-        raise OptionError(option, value, allowed)
-
-
-def check_number(
-    option: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    integer: bool = False,
-) -> None:
-    """Check that ``value`` is a finite number (a whole one with ``integer``) within bounds.
+def add_shared_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *flags: str, **overrides: dict[str, Any]) -> None:
+    """Add options of :data:`SHARED_OPTIONS` to ``parser``.
 
     Args:
-        option: the option's name as the user typed it (``"--head-grid"``).
-        value: the parsed value; ``bool`` is not accepted as a number.
-        low, high: bounds, inclusive unless ``low_open`` / ``high_open``; None for none.
-        integer: require a whole number.
+        flags: e.g. ``"--device", "--precision"``.
+        overrides: per option, by its destination (``max_keypoints={"default": 4000}``),
+            keywords that replace the shared ones.
     """
-    kind = "a whole number" if integer else "a finite number"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (not integer or float(value).is_integer())
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        bounds = []
-        if low is not None:
-            bounds.append(f"{'>' if low_open else '>='} {low:g}")
-        if high is not None:
-            bounds.append(f"{'<' if high_open else '<='} {high:g}")
-        raise OptionError(option, value, f"must be {kind}" + (f" {' and '.join(bounds)}" if bounds else ""))
+    for flag in flags:
+        dest = flag.lstrip("-").replace("-", "_")
+        parser.add_argument(flag, **{**SHARED_OPTIONS[flag], **overrides.get(dest, {})})
 
 
-def check_device(option: str, name: str, allow_auto: bool = False) -> torch.device | None:
-    """Parse a torch device name and check that it exists here.
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each destination of ``parser`` and the flag (or the positional's metavar) the user types for it."""
+    names = {}
+    for action in parser._actions:
+        if action.option_strings:
+            names[action.dest] = max(action.option_strings, key=len)
+        else:
+            names[action.dest] = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
+    return names
+
+
+def settings_from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
+    """The dataclass ``cls`` from ``given`` and, for its other fields, the parsed options of the same destination.
+
+    Fields without an option keep their defaults, so a command maps its flags to settings
+    by their destinations alone.
+    """
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **given})
+
+
+def report(err: Exception, parser: argparse.ArgumentParser | None = None) -> int:
+    """Print ``error: <err>`` on stderr, an :class:`OptionError` under the flag of ``parser`` that sets its field.
 
     Returns:
-        The device, or None for ``"auto"`` when ``allow_auto``.
+        The exit status for a bad option (2).
     """
-    if allow_auto and name == "auto":
-        return None
-    allowed = ("auto, " if allow_auto else "") + "cpu, cuda or cuda:N"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise OptionError(option, name, f"not a device; use {allowed}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise OptionError(option, name, f"unsupported device type; use {allowed}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(option, name, "CUDA is not available on this machine; use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise OptionError(option, name, f"only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_output_dir(option: str, path: str | os.PathLike) -> Path:
-    """Check that ``path`` is, or can be created as, a writable folder (nothing is created).
-
-    Returns:
-        ``path`` as a Path.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OptionError(option, str(path), "exists and is not a folder")
-    base = _nearest_existing(path)
-    if not base.is_dir():
-        raise OptionError(option, str(path), f"{base} is a file, so the folder cannot be created")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise OptionError(option, str(path), f"{base} is not writable")
-    return path
-
-
-def check_output_file(option: str, path: str | os.PathLike) -> Path:
-    """Check that ``path`` can be written as a file: not a folder, its folder creatable and writable.
-
-    Returns:
-        ``path`` as a Path.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise OptionError(option, str(path), "is a folder; give a file name")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise OptionError(option, str(path), "exists and is not writable")
-    check_output_dir(option, path.parent)
-    return path
+    if isinstance(err, OptionError) and parser is not None:
+        flag = flag_names(parser).get(err.option)
+        if flag is not None:
+            err = OptionError(flag, err.value, err.allowed)
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_BAD_OPTION

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import torch
 
-from .cli import check_number
+from .checks import check_number
 from .model_io import load_model
 from .networks import DescriptorNet
 from .quantization import quantize_uint8

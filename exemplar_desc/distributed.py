@@ -22,7 +22,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .cli import OptionError
+from .checks import OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ class Distributed:
             if error is not None:
                 raise error from err
             raise DistributedError(
-                f"not every rank finished {what} within the timeout of {self.timeout_minutes:g} minutes "
-                f"(--dist-timeout), or one of them was lost ({' '.join(str(err).split())})"
+                f"not every rank finished {what} within the timeout of {self.timeout_minutes:g} "
+                f"minutes, or one of them was lost ({' '.join(str(err).split())})"
             ) from err
         if error is not None:
             raise error
@@ -159,7 +159,7 @@ def local_rank_from_env() -> int:
 
 
 def init_distributed(
-    device_name: str, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, option: str = "--device"
+    device_name: str, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, option: str = "device"
 ) -> Distributed | None:
     """Join the torchrun job this process belongs to; None when it runs alone.
 
@@ -167,7 +167,8 @@ def init_distributed(
         device_name: the device option: ``auto`` (CUDA when available), ``cuda`` or ``cpu``;
             a rank always computes on ``cuda:LOCAL_RANK``, so ``cuda:N`` is refused.
         timeout_minutes: how long a collective waits for the other ranks before failing.
-        option: the device option's name, for messages.
+        option: the argument or field ``device_name`` came from, named by the errors (a
+            command line gives its flag).
 
     Raises:
         OptionError: ``cuda:N``, or fewer GPUs on this machine than local ranks (refused

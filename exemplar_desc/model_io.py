@@ -2,8 +2,8 @@
 
 A model named ``NAME`` is ``NAME.pt`` (tensors only, loaded with
 ``torch.load(weights_only=True)``, so loading never executes code) and ``NAME.json`` (the
-model card: architecture, patch geometry, head, training record, benchmark numbers, and
-the sha256 of the weights file, which the loader verifies).
+model card: architecture, patch geometry, head, training record, and the sha256 of the
+weights file, which the loader verifies).
 """
 
 from __future__ import annotations

@@ -6,45 +6,54 @@
    (:mod:`exemplar_desc.training.loop`).
 3. Fit the descriptor head (PCA) on fresh unlabeled patches, choose the patch
    magnification on synthetic warps of training images, and write the model and its card
-   into ``--out-dir`` (default ``weights/``).
+   into ``--out-dir`` (default ``models/``).
+
+The options are generated from :class:`~exemplar_desc.training.config.TrainConfig`'s fields
+(their help texts, types and defaults) and the transformation families' records; a
+``--preset`` replaces the defaults before the command line is read, so explicit options win.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import shlex
 import sys
+import typing
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .cli import ArgumentParser, check, check_number, check_output_dir, report
+from .checks import check, check_number, check_output_dir
+from .cli import ArgumentParser, add_shared_options, flag_names, report, settings_from_args
+from .distributed import close_distributed, init_distributed, rank_from_env, world_size_from_env
 from .images import list_images
 from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
+from .training.checkpoint import CheckpointMismatch
+from .training.config import PCA_SOURCES, TrainConfig
 from .training.head import fit_head, fit_head_on_keypoints
-from .distributed import DEFAULT_TIMEOUT_MINUTES, close_distributed, init_distributed, rank_from_env, world_size_from_env
-from .training.loop import PCA_SOURCES, TrainConfig, TrainingInterrupted, architecture_option, load_init_model, train
+from .training.init_model import architecture_option, load_init_model
+from .training.loop import train
 from .training.magnification import tune_magnification
+from .training.presets import PRESETS
 from .training.seeds import load_stl10_unlabeled
-from .training.transforms import FAMILIES, TransformConfig
+from .training.signals import TrainingInterrupted
+from .training.transforms import FAMILIES, FAMILY_RECORDS, TransformConfig
 
-__all__ = ["build_parser", "config_from_args", "build_card", "main"]
+__all__ = ["build_parser", "parse_args", "config_from_args", "build_card", "main"]
 
 
 def _parse_range(text: str) -> tuple[float, float]:
     lo, _, hi = text.partition(",")
     try:
-        pair = (float(lo), float(hi))
+        return float(lo), float(hi)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text!r}") from err
-    if not all(map(math.isfinite, pair)) or pair[0] > pair[1] or pair[0] <= 0:
-        raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
-    return pair
 
 
 def _parse_scales(text: str) -> tuple[float, ...]:
@@ -54,116 +63,145 @@ def _parse_scales(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected S1,S2,..., got {text!r}") from err
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    t = TransformConfig()
+#: TrainConfig fields the command line does not set (the network's input and the validation
+#: set are fixed; the families have their own options).
+NOT_OPTIONS = ("patch_size", "context", "val_per_class", "transforms")
+#: Options shared with the other command lines (exemplar_desc.cli.SHARED_OPTIONS).
+SHARED = ("device", "magnification")
+#: For the fields whose option is not ``--field-name`` with the field's type: argparse's
+#: keywords, ``flag`` (the option, or a positional's name) and ``unset`` (the default's
+#: text where the parser's default is None but the field's is not).
+SPELLING: dict[str, dict[str, Any]] = {
+    "images": {"flag": "images", "nargs": "*", "metavar": "IMAGES"},
+    "stl10": {"metavar": "FILE"},
+    "stl10_max_images": {"metavar": "N"},
+    "arch": {"unset": f"{TrainConfig.arch}, or the --init model's"},
+    "init": {"metavar": "MODEL"},
+    "seed_scales": {"type": _parse_scales, "metavar": "S1,S2,..."},
+    "num_threads": {"flag": "--threads", "metavar": "N"},
+    "time_budget_minutes": {"flag": "--time-budget", "metavar": "MINUTES"},
+    "pca_source": {"choices": PCA_SOURCES},
+}
+
+
+def _shown(value: Any) -> str:
+    """A default as the command line takes it (tuples as A,B,...)."""
+    text = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else str(value)
+    return text.replace("%", "%%") or "none"  # argparse formats help texts with %
+
+
+def _value_type(hint: Any) -> Callable[[str], Any]:
+    """The parser of a field's value from its type hint: int, float or str; ``X | None`` also takes ``none``.
+
+    ``none`` unsets a setting a preset gives (``--init none`` starts from random weights).
+    """
+    if type(None) not in typing.get_args(hint):
+        return hint
+    value_type = next(t for t in typing.get_args(hint) if t is not type(None))
+
+    def parse(text: str) -> Any:
+        return None if text == "none" else value_type(text)
+
+    parse.__name__ = value_type.__name__  # argparse names it in its errors ("invalid float value")
+    return parse
+
+
+def _defaults(preset: str | None) -> dict[str, Any]:
+    """The parser's defaults by destination: TrainConfig's or the preset's, families included.
+
+    ``arch`` stays None unless the preset sets it: the ``--init`` model's architecture then
+    applies (:func:`config_from_args`).
+    """
+    config = PRESETS[preset].config() if preset is not None else TrainConfig()
+    values = {f.name: getattr(config, f.name) for f in fields(TrainConfig)}
+    values.update(config.transforms.to_dict())
+    if preset is None or "arch" not in PRESETS[preset].settings:
+        values["arch"] = None
+    return values
+
+
+def _add_config_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """One option per TrainConfig field (its metadata's help), ``--device`` and ``--magnification`` shared."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name in NOT_OPTIONS:
+            continue
+        spelling = dict(SPELLING.get(f.name, {}))
+        flag = spelling.pop("flag", "--" + f.name.replace("_", "-"))
+        default = defaults[f.name]
+        unset = spelling.pop("unset", f.metadata["unset"])
+        keywords = {"default": default, "help": f"{f.metadata['help']} (default: {unset if default is None else _shown(default)})"}
+        if not flag.startswith("--"):
+            parser.add_argument(f.name, **keywords, **spelling)
+        elif f.name in SHARED:
+            add_shared_options(parser, flag, **{f.name: {"type": _value_type(hints[f.name]), **keywords, **spelling}})
+        else:
+            parser.add_argument(flag, dest=f.name, **{"type": _value_type(hints[f.name]), **keywords, **spelling})
+
+
+def _add_family_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """One option per transformation family (its record's help and bounds), and ``--without``."""
+    group = parser.add_argument_group(
+        "transformations", "ranges of the random transformations of the seeds (the paper's by default); a family at its identity is off")
+    for family in FAMILY_RECORDS:
+        group.add_argument(
+            "--" + family.name.replace("_", "-"), dest=family.name, type=_parse_range if family.is_range else float,
+            metavar=family.metavar, default=defaults[family.name],
+            help=f"{family.help} (default: {_shown(defaults[family.name])}; identity: {_shown(family.identity)})",
+        )
+    group.add_argument("--without", nargs="+", default=[], choices=FAMILIES, metavar="FAMILY",
+                       help=f"switch families off (set them to their identity): {', '.join(FAMILIES)} (default: none)")
+
+
+def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser, its defaults those of ``preset`` (None: TrainConfig's, the paper's)."""
     p = ArgumentParser(
         prog="python -m exemplar_desc.train",
         description="Train an Exemplar-CNN descriptor without labels on any folder of images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("images", nargs="*", help="folders of unlabeled images (searched recursively)")
-    p.add_argument("--stl10", help="STL-10 unlabeled_X.bin (96x96x3 uint8, column-major)")
-    p.add_argument("--stl10-max-images", type=int, help="use only the first N STL-10 images")
-    p.add_argument("--max-side", type=int, default=d.max_side, help="downscale images to this longer side first (pixels)")
-    p.add_argument(
-        "--arch",
-        help=f"named architecture (fast, exemplar-nips, ...) or notation like 64c5-128c5-256c5-512f (default: {d.arch}, or the --init model's)",
+        add_help=add_help,
     )
     p.add_argument(
-        "--init",
-        metavar="MODEL",
-        help="start the conv layers from this model (shipped name or .pt/.json path); the classifier layers start fresh",
+        "--preset", choices=PRESETS, default=preset,
+        help="start from a named recipe; the options given override its settings (none unsets one, e.g. --init none): "
+             + "; ".join(f"{name}: {value.summary}" for name, value in PRESETS.items()) + " (default: none, the paper's settings)",
     )
-    p.add_argument("--num-classes", type=int, default=d.num_classes, help="surrogate classes (seed patches)")
-    p.add_argument("--seeds-per-image", type=int, default=d.seeds_per_image, help="seed candidates per image")
-    p.add_argument(
-        "--seed-scales",
-        type=_parse_scales,
-        default=d.seed_scales,
-        help="image scales S1,S2,... in (0, 1] the seeds are taken at, the candidates split evenly among them",
+    defaults = _defaults(preset)
+    _add_config_options(p, defaults)
+    run = p.add_argument_group("run and output")
+    run.add_argument("--workdir", default="runs/train", help="checkpoint and log folder (default: %(default)s)")
+    run.add_argument(
+        "--resume", action="store_true",
+        help="continue from WORKDIR/checkpoint.pt with the same settings (a finished run only refits the head with the "
+             "given head options)",
     )
-    p.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help="samples per class per epoch")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step and process (under torchrun the global batch is N x this)")
-    p.add_argument("--lr", type=float, default=d.lr, help="base learning rate (official step schedule); not scaled with the global batch, see docs/distributed.md")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (seeds, samples, initialisation)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, dest="num_threads", help="CPU threads for torch")
-    p.add_argument("--workdir", default="runs/train", help="checkpoint and log folder")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from WORKDIR/checkpoint.pt (a finished run only refits the head with the given head options)",
-    )
-    p.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes)
-    p.add_argument(
-        "--time-budget",
-        type=float,
-        dest="time_budget_minutes",
-        help="stop after this many minutes of training; the lr schedule then follows wall time",
-    )
-    p.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_MINUTES,
-        help="under torchrun: minutes a rank waits for the others before the job fails",
-    )
-    p.add_argument("--out-dir", default="weights", help="where the model and its card are written")
-    p.add_argument("--name", help="model name (default: the architecture name)")
-    p.add_argument("--head-layer", type=int, default=d.head_layer, help="conv layer of the descriptor (0-based, -1 = last)")
-    p.add_argument("--head-grid", type=int, default=d.head_grid, help="max-pooling grid of the descriptor")
-    p.add_argument("--head-dim", type=int, default=d.head_dim, help="descriptor dimension after PCA")
-    p.add_argument("--head-power", type=float, default=d.head_power, help="exponent in (0, 1] on the pooled features before the PCA (0.5: square root, 1: none)")
-    p.add_argument("--whiten", type=float, default=d.whiten, help="PCA whitening exponent in [0, 1]: component k divided by sqrt(eigenvalue_k)^W (0: none, 1: full)")
-    p.add_argument("--pca-patches", type=int, default=d.pca_patches, help="fresh patches the PCA is fitted on")
-    p.add_argument("--pca-source", default=d.pca_source, choices=PCA_SOURCES,
-                   help="fit the PCA on surrogate samples, or on patches at SIFT keypoints of the training images, "
-                        "cut at the chosen magnification (default: %(default)s)")
-    p.add_argument("--magnification", type=float, help="patch side / KeyPoint.size; default: tuned on synthetic warps of the training images")
-    g = p.add_argument_group("transformations (paper ranges by default; see TransformConfig)")
-    g.add_argument("--translation", type=float, default=t.translation, help="max shift, fraction of the patch side")
-    g.add_argument("--scale", type=_parse_range, default=t.scale, help="MIN,MAX zoom")
-    g.add_argument("--rotation", type=float, default=t.rotation, help="max rotation in degrees")
-    g.add_argument("--pca-colour", type=float, default=t.pca_colour, help="factor range [1/F, F] on principal colours")
-    g.add_argument("--hsv-power", type=float, default=t.hsv_power, help="S, V exponent range [1/P, P], log-uniform")
-    g.add_argument("--hsv-multiply", type=_parse_range, default=t.hsv_multiply, help="MIN,MAX factor on S, V")
-    g.add_argument("--hsv-add", type=float, default=t.hsv_add, help="max offset on S, V")
-    g.add_argument("--hue", type=float, default=t.hue, help="max hue shift, fraction of the circle")
-    g.add_argument("--blur", type=float, default=t.blur, help="max Gaussian sigma in patch pixels")
-    g.add_argument("--gamma", type=float, default=t.gamma, help="gamma range [1/G, G] on all channels, log-uniform (1: off)")
-    g.add_argument("--shading", type=float, default=t.shading, help="max log-gain range of a smooth illumination field across the patch (0: off; e.g. 0.7)")
-    g.add_argument("--shadow", type=float, default=t.shadow, help="probability of a soft-edged shadow across the patch, darkening by 0.3-0.8 (0: off)")
-    g.add_argument("--noise", type=float, default=t.noise, help="max sensor noise sigma (read and shot), intensity in [0, 1] (0: off; e.g. 0.02)")
-    g.add_argument("--without", nargs="+", default=[], choices=FAMILIES, metavar="FAMILY", help=f"switch families off: {', '.join(FAMILIES)}")
+    add_shared_options(run, "--dist-timeout")
+    run.add_argument("--out-dir", default="models", help="folder the model and its card are written to (default: %(default)s)")
+    run.add_argument("--name", help="model name (default: the architecture's name)")
+    _add_family_options(p, defaults)
     return p
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Parse ``argv`` with the defaults of its ``--preset``; returns the parser (for error reports) and the arguments.
+
+    Raises:
+        SystemExit: a malformed command line (one ``error:`` line, status 2), or ``--help``.
+    """
+    # A first pass finds the preset: its values become the defaults, so explicit options win.
+    known, _ = build_parser(add_help=False).parse_known_args(argv)  # --help waits for the preset's defaults
+    parser = build_parser(known.preset)
+    return parser, parser.parse_intermixed_args(argv)  # folders may come before and after options
 
 
 def config_from_args(args: argparse.Namespace, data: bool = True) -> TrainConfig:
     """TrainConfig from parsed command-line arguments, checked (:meth:`TrainConfig.check`; ``data``: the data paths too).
 
     Raises:
-        OptionError: the first bad option.
+        OptionError: the first bad option, named by its field.
     """
-    transforms = TransformConfig(
-        translation=args.translation,
-        scale=tuple(args.scale),
-        rotation=args.rotation,
-        pca_colour=args.pca_colour,
-        hsv_power=args.hsv_power,
-        hsv_multiply=tuple(args.hsv_multiply),
-        hsv_add=args.hsv_add,
-        hue=args.hue,
-        blur=args.blur,
-        gamma=args.gamma,
-        shading=args.shading,
-        shadow=args.shadow,
-        noise=args.noise,
-    ).without(*args.without)
-    fields = {k: getattr(args, k) for k in vars(TrainConfig()) if hasattr(args, k) and k not in ("images", "transforms", "arch")}
-    cfg = TrainConfig(images=tuple(args.images), transforms=transforms, arch=_arch_option(args), **fields)
+    transforms = settings_from_args(TransformConfig, args).without(*args.without)
+    cfg = settings_from_args(TrainConfig, args, images=tuple(args.images), seed_scales=tuple(args.seed_scales),
+                             arch=_arch_option(args), transforms=transforms)
     cfg.check(data=data)
     return cfg
 
@@ -175,7 +213,7 @@ def _arch_option(args: argparse.Namespace) -> str:
     _, card = load_init_model(args.init)
     arch = architecture_from_dict(card["architecture"])
     name = architecture_option(arch)
-    check(name is not None, "--init", args.init, f"its architecture {arch.to_dict()} has no --arch name")
+    check(name is not None, "init", args.init, f"its architecture {arch.to_dict()} has no --arch name")
     return name
 
 
@@ -188,6 +226,7 @@ def build_card(
     explained: float,
     magnification: float,
     tuning: dict | None,
+    preset: str | None = None,
 ) -> dict:
     """The model card of a trained descriptor (without the weights' name and sha256, added by save_model).
 
@@ -196,6 +235,7 @@ def build_card(
         result: what :func:`exemplar_desc.training.loop.train` returned.
         explained: fraction of the pooled features' variance the PCA keeps.
         tuning: the magnification tuning record, None when --magnification was given.
+        preset: the ``--preset`` the run started from, None for none.
     """
     last = result["log"][-1] if result["log"] else {}
     return {
@@ -218,6 +258,7 @@ def build_card(
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
         "training": {
             "command": "python -m exemplar_desc.train " + " ".join(shlex.quote(a) for a in argv),
+            "preset": preset,
             "resumed": resumed,
             "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
             "num_classes": cfg.num_classes,
@@ -263,6 +304,13 @@ def _magnification(
     return magnification, {**tuning, "images": source}
 
 
+def _report(err: Exception, parser: argparse.ArgumentParser) -> int:
+    """:func:`exemplar_desc.cli.report`, a changed setting of a resumed run named by its flag too."""
+    if isinstance(err, CheckpointMismatch):
+        err = err.named(flag_names(parser))
+    return report(err, parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
@@ -275,23 +323,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     main_rank = rank_from_env() == 0
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_intermixed_args(argv)  # folders may come before and after options
+    parser, args = parse_args(argv)
     try:
         try:
             cfg = config_from_args(args, data=main_rank)
-            check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
-            workdir = check_output_dir("--workdir", args.workdir)
-            out_dir = check_output_dir("--out-dir", args.out_dir)
+            check_number("dist_timeout", args.dist_timeout, low=0, low_open=True)
+            workdir = check_output_dir("workdir", args.workdir)
+            out_dir = check_output_dir("out_dir", args.out_dir)
             dist = init_distributed(cfg.device, args.dist_timeout)
             result = train(cfg, workdir, resume=args.resume, dist=dist)
         finally:
             close_distributed()
     except TrainingInterrupted as err:
         if main_rank:
-            print(f"interrupted by {err}", file=sys.stderr)
+            print(f"interrupted by {err}; run the same command with --resume to continue", file=sys.stderr)
         return 128 + err.signum
     except (ValueError, FloatingPointError) as err:
-        return report(err) if main_rank else 2
+        return _report(err, parser) if main_rank else 2
     except RuntimeError as err:
         if world_size_from_env() <= 1:
             raise
@@ -301,17 +349,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not main_rank:
         return 0
+    try:
+        return _write_model(cfg, args, argv, result, out_dir)
+    except ValueError as err:
+        return _report(err, parser)
+
+
+def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], result: dict, out_dir: Path) -> int:
+    """Fit the head, choose the magnification, write the model and its card (rank 0); returns 0."""
     net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
     # Read once: STL-10's file may hold 100,000 images.
     needs_images = cfg.magnification is None or cfg.pca_source == "keypoints"
     images, source = _training_images(cfg) if needs_images else (None, None)
     magnification, tuning = _magnification(cfg, net, images, source)
     if cfg.pca_source == "keypoints":  # the magnification was tuned with the surrogate fit
-        try:
-            explained = fit_head_on_keypoints(net, images, magnification, cfg)
-        except ValueError as err:
-            return report(err)
-    card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning)
+        explained = fit_head_on_keypoints(net, images, magnification, cfg)
+    card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning, preset=args.preset)
     last = result["log"][-1] if result["log"] else {}
     card_path = save_model(net, card, out_dir, args.name or cfg.arch)
     print(f"model written to {card_path} and {card_path.with_suffix('.pt')}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import cv2
@@ -13,6 +14,14 @@ import torch
 from exemplar_desc.model_io import save_model
 from exemplar_desc.networks import DescriptorNet, resolve_architecture
 from exemplar_desc.patches import normalize_patches
+
+@pytest.fixture(autouse=True)
+def _seeded_global_generators():
+    """Seed the global generators before each test, so that no draw depends on test order or machine."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

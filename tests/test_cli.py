@@ -1,8 +1,11 @@
 """The option checks shared by every command line."""
 
+import pickle
+
 import pytest
 
-from exemplar_desc.cli import ArgumentParser, OptionError, check_device, check_number, check_output_dir, check_output_file
+from exemplar_desc.cli import EXIT_BAD_OPTION, ArgumentParser, report
+from exemplar_desc.checks import OptionError, check_device, check_number, check_output_dir, check_output_file
 
 
 @pytest.mark.parametrize(
@@ -58,3 +61,22 @@ def test_parser_error_is_one_error_line(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: argument --n: invalid int value")
+
+
+def test_option_error_survives_pickling():
+    """Ranks of a distributed run pass a checkpoint error on by pickling it."""
+    err = pickle.loads(pickle.dumps(OptionError("resume", "runs/x", "no checkpoint there")))
+    assert isinstance(err, OptionError) and (err.option, err.value, err.allowed) == ("resume", "runs/x", "no checkpoint there")
+    assert str(err) == "resume 'runs/x': no checkpoint there"
+
+
+def test_report_prints_a_field_under_its_flag(capsys):
+    parser = ArgumentParser(prog="prog")
+    parser.add_argument("--time-budget", dest="time_budget_minutes", type=float)
+    parser.add_argument("images", nargs="*", metavar="IMAGES")
+    assert report(OptionError("time_budget_minutes", -1.0, "must be > 0"), parser) == EXIT_BAD_OPTION
+    assert report(OptionError("images", [], "no training data"), parser) == EXIT_BAD_OPTION
+    assert report(OptionError("other", 1, "unknown field"), parser) == EXIT_BAD_OPTION
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --time-budget -1.0: must be > 0", "error: IMAGES []: no training data", "error: other 1: unknown field",
+    ]

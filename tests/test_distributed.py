@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from exemplar_desc.cli import OptionError
+from exemplar_desc.checks import OptionError
 from exemplar_desc.distributed import Distributed, close_distributed, init_distributed
 
 
@@ -26,8 +26,8 @@ def test_refused_on_every_rank_before_joining(monkeypatch, device, message, loca
     monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     with pytest.raises(OptionError, match=message) as err:
-        init_distributed(device, option="--sfm-device")
-    assert err.value.option == "--sfm-device"
+        init_distributed(device, option="sfm_device")
+    assert err.value.option == "sfm_device"
     assert not dist.is_initialized()
 
 

@@ -1,8 +1,9 @@
-"""The folder extractor CLI: hloc layout, re-runs, workers, bad options."""
+"""The folder extractor CLI: hloc layout, re-runs, workers, bad options, the SfM command's magnification."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,13 @@ import numpy as np
 import pytest
 
 from exemplar_desc import ExemplarDescriptor
+from exemplar_desc.checks import OptionError
 from exemplar_desc.extract import main
-from exemplar_desc.sfm import features as sfm_features
+from exemplar_desc.extraction import SFM_MAGNIFICATION, resolve_magnification
+from exemplar_desc.formats import hloc
+from exemplar_desc.sfm.__main__ import main as sfm_main
 
+from .conftest import shared_data
 from .sfm.synth import write_views
 
 NAMES = ["a.png", "b.png", "sub/c.png", "sub/d.png"]
@@ -50,7 +55,7 @@ def test_hloc_layout_and_workers_give_the_same_file(images, tmp_path, random_mod
     assert "4 images (0 reused, 1 skipped)" in capsys.readouterr().out
     assert main(_args(images, two, random_model, "--workers", "2")) == 0
     with h5py.File(one, "r") as f, h5py.File(two, "r") as g:
-        assert f.attrs["complete"] and f.attrs["format"] == sfm_features.FEATURES_FORMAT
+        assert f.attrs["complete"] and f.attrs["format"] == hloc.FEATURES_FORMAT
         assert sorted(f) == ["a.png", "b.png", "sub"] and sorted(f["sub"]) == ["c.png", "d.png"]
         for name in NAMES:
             grp = f[name]
@@ -147,6 +152,35 @@ def test_bad_paths_and_descriptors(tmp_path, images, capsys):
     assert "--descriptor 'nosuch'" in capsys.readouterr().err
     assert main(["--images", str(images), "--out", str(tmp_path / "f.h5"), "--descriptor", "sift", "--batch-size", "8"]) == 2
     assert "only applies to an Exemplar" in capsys.readouterr().err
+
+
+def test_magnification_names_and_numbers():
+    assert resolve_magnification("sfm") == SFM_MAGNIFICATION == 5.0
+    assert resolve_magnification("card") is None and resolve_magnification(None) is None
+    assert resolve_magnification("7") == resolve_magnification(7) == 7.0
+    for bad in ("big", "0", "-1", "inf", 0):
+        with pytest.raises(OptionError) as err:
+            resolve_magnification(bad)
+        assert err.value.option == "magnification"
+
+
+def test_extract_and_the_sfm_command_write_the_same_features_for_the_default_model(tmp_path):
+    # Features for hloc are features for a reconstruction: the same patches as the SfM command's.
+    images = tmp_path / "images"
+    images.mkdir()
+    source = shared_data("sfm", "sceaux_castle")
+    for path in sorted(source.iterdir())[:3]:
+        shutil.copy(path, images)
+    assert main(["--images", str(images), "--out", str(tmp_path / "features.h5"), "--max-size", "640",
+                 "--workers", "0"]) == 0
+    assert sfm_main(["--images", str(images), "--out", str(tmp_path / "sfm"), "--max-size", "640"]) in (0, 3)
+    with h5py.File(tmp_path / "features.h5", "r") as f, h5py.File(tmp_path / "sfm" / "features.h5", "r") as g:
+        assert dict(f.attrs) == dict(g.attrs) and f"magnification {SFM_MAGNIFICATION:g}," in f.attrs["descriptor_identity"]
+        assert list(f) == list(g) and len(f) == 3
+        for name in f:
+            assert f[name]["keypoints"].shape[0] > 1000
+            for key in ("keypoints", "descriptors"):
+                np.testing.assert_array_equal(f[name][key][()], g[name][key][()], err_msg=f"{name}/{key}")
 
 
 class _no_exit:

@@ -12,32 +12,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from typing import Any, Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ..cli import EXIT_BAD_OPTION, ArgumentParser, OptionError, check_number, report
-from ..descriptor import PRECISION_CHOICES
-from ..distributed import DEFAULT_TIMEOUT_MINUTES, DistributedError, close_distributed, init_distributed, rank_from_env
-from .features import OutputConflictError
+from ..checks import OptionError, check_number
+from ..cli import EXIT_BAD_OPTION, ArgumentParser, add_shared_options, flag_names, report, settings_from_args
+from ..distributed import DistributedError, close_distributed, init_distributed, rank_from_env
+from ..extraction import DEFAULT_MAGNIFICATION, SFM_MAGNIFICATION, resolve_magnification
+from ..formats.hloc import OutputConflictError
 from .pipeline import SfmError, SfmSettings, expand_compare, run_sfm
 from .reconstruction import MapperSettings
 
 __all__ = ["main"]
-
-
-def _magnification(text: str) -> float | None:
-    if text == "card":
-        return None
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'card', got {text!r}") from err
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'card', got {text!r}")
-    return value
 
 
 def _ratio(text: str) -> float | str | None:
@@ -51,10 +39,11 @@ def _ratio(text: str) -> float | str | None:
 
 
 def _parser() -> ArgumentParser:
+    """The options; each destination is an argument of :func:`run_sfm` or a field of its settings."""
     defaults, mapper = SfmSettings(), MapperSettings()
     p = ArgumentParser(prog="python -m exemplar_desc.sfm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", required=True, help="folder of photos (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder (features.h5, matches.h5, pairs.txt, database.db, sparse/, summary.json; manifest.json, written last, lists the set)")
+    p.add_argument("--images", dest="image_dir", metavar="DIR", required=True, help="folder of photos (searched recursively)")
+    p.add_argument("--out", dest="out_dir", metavar="DIR", required=True, help="output folder (features.h5, matches.h5, pairs.txt, database.db, sparse/, summary.json; manifest.json, written last, lists the set)")
     p.add_argument("--descriptor", default="exemplar", help="sift, rootsift, exemplar or exemplar:<model> (default: %(default)s)")
     p.add_argument("--compare", action="append", default=[], metavar="NAME",
                    help="also run NAME on the same keypoints and print a side-by-side table; 'sift' means SIFT and "
@@ -62,23 +51,21 @@ def _parser() -> ArgumentParser:
     p.add_argument("--pairs", default=defaults.pairs, help="exhaustive or sequential:K (default: %(default)s)")
     p.add_argument("--max-size", type=int, default=None, metavar="PX",
                    help="downscale so the longer side is at most PX for extraction (keypoints are stored at full resolution)")
-    p.add_argument("--max-keypoints", type=int, default=defaults.max_keypoints, help="per image (default: %(default)s)")
+    add_shared_options(p, "--max-keypoints", max_keypoints={"default": defaults.max_keypoints})
     p.add_argument("--ratio", type=_ratio, default=defaults.ratio, metavar="R",
                    help="Lowe ratio test on top of mutual nearest neighbours for every descriptor, a number in (0, 1] "
                         "or 'off'; auto: 0.95 for Exemplar descriptors, off for SIFT and RootSIFT (default: %(default)s)")
     p.add_argument("--focal-length", type=float, default=None, metavar="PX",
                    help="focal length prior in pixels of the original images for every camera (default: EXIF)")
-    p.add_argument("--magnification", type=_magnification, default=defaults.magnification, metavar="M",
-                   help="patch side / KeyPoint.size of Exemplar descriptors, or 'card' for the model card's "
-                        "(default: %(default)s, for precisely placed matches)")
-    p.add_argument("--precision", default=defaults.precision, choices=PRECISION_CHOICES,
-                   help="Exemplar convolutions in float32 or bfloat16; auto: bfloat16 where the device has it in "
-                        "hardware (default: %(default)s)")
-    p.add_argument("--device", default=defaults.device,
-                   help="torch device for descriptors and matching, cpu or cuda; under torchrun each rank uses "
-                        "cuda:LOCAL_RANK with cuda (default: %(default)s)")
-    p.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
-                   help="under torchrun: minutes a rank waits for the others before the job fails (default: %(default)s)")
+    add_shared_options(
+        p, "--magnification", "--precision", "--device", "--dist-timeout",
+        magnification={"type": str, "default": DEFAULT_MAGNIFICATION, "metavar": "sfm|card|M",
+                       "help": f"patch side / KeyPoint.size of Exemplar descriptors: sfm ({SFM_MAGNIFICATION:g}, for "
+                               "precisely placed matches), card (the model card's) or a number (default: %(default)s)"},
+        device={"default": defaults.device,
+                "help": "torch device for descriptors and matching, cpu or cuda; under torchrun each rank uses "
+                        "cuda:LOCAL_RANK with cuda (default: %(default)s)"},
+    )
     g = p.add_argument_group("incremental mapper (COLMAP's defaults: 10, 100, 30, 15)")
     g.add_argument("--min-model-size", type=int, default=mapper.min_model_size, help="smallest model kept, in images (default: %(default)s)")
     g.add_argument("--init-min-num-inliers", type=int, default=mapper.init_min_num_inliers,
@@ -86,8 +73,9 @@ def _parser() -> ArgumentParser:
     g.add_argument("--abs-pose-min-num-inliers", type=int, default=mapper.abs_pose_min_num_inliers,
                    help="2D-3D inliers needed to register an image (default: %(default)s)")
     g.add_argument("--min-num-matches", type=int, default=mapper.min_num_matches, help="verified matches for a pair to count (default: %(default)s)")
-    g.add_argument("--single-model", action="store_true", help="stop after the first model instead of starting new ones")
-    g.add_argument("--one-pass", action="store_true",
+    g.add_argument("--single-model", dest="multiple_models", action="store_false",
+                   help="stop after the first model instead of starting new ones")
+    g.add_argument("--one-pass", dest="two_pass", action="store_false",
                    help="refine the radial distortion from the first image pair on, as COLMAP does, instead of mapping "
                         "with it fixed first and refining it while continuing the largest model")
     g.add_argument("--seed", type=int, default=mapper.seed, help="random seed of COLMAP's verification RANSAC and mapper, -1 for none (default: %(default)s)")
@@ -99,11 +87,18 @@ def _parser() -> ArgumentParser:
     return p
 
 
+def _settings(args: argparse.Namespace) -> SfmSettings:
+    """The settings the options give, a named magnification resolved to its value."""
+    return settings_from_args(SfmSettings, args, mapper=settings_from_args(MapperSettings, args),
+                   magnification=resolve_magnification(args.magnification))
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _print_summary(summaries: dict[str, dict[str, Any]]) -> None:
+def _print_summary(summaries: dict[str, dict[str, Any]], parser: argparse.ArgumentParser) -> None:
+    flags = flag_names(parser)
     first = next(iter(summaries.values()))
     print(f"images: {first['images_found']} found, {first['images_readable']} readable, "
           f"{len(first['images_skipped'])} skipped, {first['images_reused']} with reused features")
@@ -124,8 +119,8 @@ def _print_summary(summaries: dict[str, dict[str, Any]]) -> None:
                   f"sigma {_fmt(m['observation_sigma'], '.3f')} px -> {m['path']}")
         if s["images_not_registered"]:
             print(f"  not registered: {' '.join(s['images_not_registered'])}")
-        if "message" in s:
-            print(f"  {s['message']}")
+        if "message" in s:  # it names the mapper's settings, set by these options
+            print(f"  {s['message']} ({flags['init_min_num_inliers']}, {flags['min_model_size']})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,49 +132,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     anything is computed or written; 3: the mapper made no model. Under torchrun every rank
     runs this; only rank 0 prints, and the other ranks return 0 once their matching is done.
     """
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     main_rank = rank_from_env() == 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import pycolmap
 
     pycolmap.logging.minloglevel = 0 if args.verbose else 2
     try:
-        settings = SfmSettings(
-            pairs=args.pairs,
-            max_size=args.max_size,
-            max_keypoints=args.max_keypoints,
-            ratio=args.ratio,
-            device=args.device,
-            mapper=MapperSettings(
-                min_model_size=args.min_model_size,
-                init_min_num_inliers=args.init_min_num_inliers,
-                abs_pose_min_num_inliers=args.abs_pose_min_num_inliers,
-                min_num_matches=args.min_num_matches,
-                multiple_models=not args.single_model,
-                two_pass=not args.one_pass,
-                seed=args.seed,
-                num_threads=args.num_threads,
-            ),
-            overwrite=args.overwrite,
-            export_colmap=args.export_colmap,
-            focal_length=args.focal_length,
-            magnification=args.magnification,
-            precision=args.precision,
-        )
-        check_number("--dist-timeout", args.dist_timeout, low=0, low_open=True)
+        settings = _settings(args)
+        check_number("dist_timeout", args.dist_timeout, low=0, low_open=True)
         dist = init_distributed(settings.device, args.dist_timeout)
-        summaries = run_sfm(args.images, args.out, expand_compare(args.descriptor, args.compare), settings, dist)
+        summaries = run_sfm(args.image_dir, args.out_dir, expand_compare(args.descriptor, args.compare), settings, dist)
     except OptionError as err:  # run_sfm checks every option and path before any work
-        return report(err) if main_rank else EXIT_BAD_OPTION
+        return report(err, parser) if main_rank else EXIT_BAD_OPTION
     except (OutputConflictError, SfmError, DistributedError) as err:
         if main_rank:
-            print("error:", " ".join(str(err).split()), file=sys.stderr)  # one line, even with HDF5's messages
+            hint = f" ({flag_names(parser)['overwrite']})" if isinstance(err, OutputConflictError) else ""
+            print("error:", " ".join(str(err).split()) + hint, file=sys.stderr)  # one line, even with HDF5's messages
         return 1
     finally:  # after the error line: the other ranks may be ending already
         close_distributed()
     if not main_rank:
         return 0
-    _print_summary(summaries)
+    _print_summary(summaries, parser)
     return 0 if any(s["num_models"] for s in summaries.values()) else 3
 
 

@@ -9,8 +9,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
-from ..cli import OptionError
-from .matching import pair_key
+from ..checks import OptionError
+from ..formats.hloc import pair_key
 
 __all__ = ["parse_pairs_spec", "check_image_names", "make_pairs", "write_pairs"]
 
@@ -22,21 +22,21 @@ def parse_pairs_spec(spec: str) -> int | None:
         None for exhaustive, else the window K >= 1.
 
     Raises:
-        OptionError (a ValueError) naming ``--pairs``: any other value.
+        OptionError (a ValueError) naming ``pairs`` (the :class:`.pipeline.SfmSettings` field): any other value.
     """
     if spec == "exhaustive":
         return None
     kind, _, window = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if kind == "sequential" and window.isdigit() and int(window) >= 1:
         return int(window)
-    raise OptionError("--pairs", spec, "must be 'exhaustive' or 'sequential:K' with a whole K >= 1")
+    raise OptionError("pairs", spec, "must be 'exhaustive' or 'sequential:K' with a whole K >= 1")
 
 
 def check_image_names(names: Sequence[str]) -> None:
     """Check that image names can go into ``pairs.txt`` and hloc's ``matches.h5`` unambiguously.
 
     ``pairs.txt`` separates names by a space, and hloc names a pair's group by the names with
-    ``/`` replaced by ``-`` (:func:`.matching.pair_key`), so ``a-b.jpg`` and ``a/b.jpg`` would
+    ``/`` replaced by ``-`` (:func:`exemplar_desc.formats.hloc.pair_key`), so ``a-b.jpg`` and ``a/b.jpg`` would
     share groups.
 
     Raises:

@@ -2,8 +2,8 @@
 
 Output folder of one descriptor::
 
-    features.h5   hloc layout (see sfm.features)      pairs.txt     one "name0 name1" per line
-    matches.h5    hloc layout (see sfm.matching)      database.db   COLMAP database
+    features.h5   hloc layout (see formats.hloc)      pairs.txt     one "name0 name1" per line
+    matches.h5    hloc layout (see formats.hloc)      database.db   COLMAP database
     sparse/<i>/   every model, COLMAP binary format   summary.json  numbers and timings
     colmap_features/<image>.txt  (with export_colmap) input for ``colmap feature_importer``
     manifest.json the entries of the set above (written last)
@@ -20,7 +20,7 @@ place: ``out_dir/manifest.json`` is moved away first, the previous set's entries
 interrupted before the commit point leaves the previous set untouched (the next run discards
 the unfinished ``.partial/``); one interrupted while moving leaves a committed ``.partial/``,
 which the next run moves into place before anything else. Features of unchanged images are
-reused from the set in place: :func:`.features.extract_features` reads its ``features.h5``
+reused from the set in place: :func:`exemplar_desc.extraction.extract_features` reads its ``features.h5``
 as the previous file. See docs/sfm-outputs.md.
 
 Under torchrun (``run_sfm(..., dist=...)``) the ranks extract the features of a share of the
@@ -43,16 +43,16 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from ..atomic import atomic_write
-from ..baselines import check_descriptor_name, create_descriptor, is_exemplar
-from ..cli import OptionError, check, check_device, check_number, check_output_dir
-from ..distributed import Distributed
+from ..checks import OptionError, check, check_device, check_number, check_output_dir
 from ..descriptor import PRECISION_CHOICES
+from ..distributed import Distributed
+from ..extraction import SFM_MAGNIFICATION, ExtractionResult, extract_features, extract_features_across_ranks
+from ..formats.colmap import COLMAP_DESCRIPTOR_DIM, export_colmap_text
+from ..formats.hloc import check_feature_file, merge_parts, pair_key
 from ..images import list_images
-from .export import COLMAP_DESCRIPTOR_DIM, export_colmap_text
-from .features import ExtractionResult, check_feature_file, extract_features, extract_features_across_ranks
-from .matching import match_pairs, pair_key
+from ..registry import check_descriptor_name, create_descriptor, is_exemplar
+from .pair_matching import match_pairs
 from .pairs import check_image_names, make_pairs, parse_pairs_spec, write_pairs
-from .parts import merge_parts
 from .reconstruction import (
     MapperSettings,
     SfmError,
@@ -69,8 +69,6 @@ __all__ = ["SfmError", "SfmSettings", "expand_compare", "run_sfm", "MANIFEST", "
 
 T = TypeVar("T")
 
-#: Default patch magnification of the Exemplar descriptors in SfM (see :class:`SfmSettings`).
-SFM_MAGNIFICATION = 5.0
 #: Lowe ratio the Exemplar descriptors match with in SfM under ``ratio="auto"`` (see :class:`SfmSettings`).
 SFM_EXEMPLAR_RATIO = 0.95
 #: The file that names the entries of the finished set in an output folder, written last.
@@ -98,8 +96,8 @@ class SfmSettings:
         ratio: Lowe ratio in (0, 1] on top of mutual nearest neighbours, for every descriptor;
             None: mutual nearest neighbours only; ``"auto"`` (default): 0.95 for the Exemplar
             descriptors, so their matches are placed as precisely as SIFT's, and none for SIFT
-            and RootSIFT; chosen on the validation set (docs/sfm.md, "SfM settings chosen on
-            the validation set"). :meth:`ratio_for` resolves it.
+            and RootSIFT; chosen on the validation set (docs/model-development.md, "SfM
+            settings: magnification 5 and ratio 0.95"). :meth:`ratio_for` resolves it.
         device: torch device for descriptors and matching (``cpu``, ``cuda``, ``cuda:N``).
         mapper: incremental mapper options.
         overwrite: replace outputs of another descriptor or program instead of refusing.
@@ -107,10 +105,10 @@ class SfmSettings:
         focal_length: focal length in pixels (> 0) of the original images for every camera, as
             a prior (None: from EXIF, else COLMAP's 1.2 x the longer side).
         magnification: patch side / ``KeyPoint.size`` (> 0) of the Exemplar descriptors (None:
-            the model card's). The default, 5, is well under the shipped card's 12: the larger
-            patch matches better under blur, but a reconstruction needs precisely placed
-            matches. Smaller patches trade 3D points for a lower reprojection error (docs/sfm.md,
-            "Why magnification 5 in SfM").
+            the model card's); the default is :data:`exemplar_desc.extraction.SFM_MAGNIFICATION`,
+            5, which ``python -m exemplar_desc.extract`` describes with too. Smaller patches
+            trade 3D points for a lower reprojection error (docs/model-development.md, "SfM
+            settings: magnification 5 and ratio 0.95").
         precision: convolutions of the Exemplar descriptors, ``"auto"``, ``"fp32"`` or ``"bf16"``
             (see :class:`exemplar_desc.ExemplarDescriptor`).
     """
@@ -131,20 +129,20 @@ class SfmSettings:
         self.check()
 
     def check(self) -> None:
-        """Raise :class:`exemplar_desc.cli.OptionError` (a ValueError) naming the command-line
-        option of the first bad setting, its value and what is allowed."""
+        """Raise :class:`exemplar_desc.checks.OptionError` (a ValueError) naming the field of the
+        first bad setting, its value and what is allowed."""
         parse_pairs_spec(self.pairs)
         if self.max_size is not None:
-            check_number("--max-size", self.max_size, low=1, integer=True)
-        check_number("--max-keypoints", self.max_keypoints, low=1, integer=True)
+            check_number("max_size", self.max_size, low=1, integer=True)
+        check_number("max_keypoints", self.max_keypoints, low=1, integer=True)
         if self.ratio is not None and self.ratio != "auto":
-            check_number("--ratio", self.ratio, low=0, low_open=True, high=1)
-        check_device("--device", self.device)
+            check_number("ratio", self.ratio, low=0, low_open=True, high=1)
+        check_device("device", self.device)
         if self.focal_length is not None:
-            check_number("--focal-length", self.focal_length, low=0, low_open=True)
+            check_number("focal_length", self.focal_length, low=0, low_open=True)
         if self.magnification is not None:
-            check_number("--magnification", self.magnification, low=0, low_open=True)
-        check(self.precision in PRECISION_CHOICES, "--precision", self.precision, f"must be {', '.join(PRECISION_CHOICES)}")
+            check_number("magnification", self.magnification, low=0, low_open=True)
+        check(self.precision in PRECISION_CHOICES, "precision", self.precision, f"must be {', '.join(PRECISION_CHOICES)}")
         if not isinstance(self.mapper, MapperSettings):
             raise TypeError(f"mapper must be a MapperSettings, got {type(self.mapper).__name__}")
         self.mapper.check()
@@ -157,6 +155,12 @@ class SfmSettings:
         return self.ratio
 
 
+def _descriptor_field(index: int) -> str:
+    """What errors about the ``index``-th descriptor of a run name: the first is the run's
+    ``descriptor``, the others are those it is compared with (``compare``)."""
+    return "descriptor" if index == 0 else "compare"
+
+
 def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device: str) -> dict[str, Any]:
     extractors = {}
     for i, name in enumerate(descriptors):
@@ -167,10 +171,10 @@ def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device
             else:
                 extractors[name] = create_descriptor(name, device=device)
         except (ImportError, FileNotFoundError) as err:  # a missing dependency or weights file
-            raise OptionError("--descriptor" if i == 0 else "--compare", name, f"cannot be loaded here ({err})") from err
+            raise OptionError(_descriptor_field(i), name, f"cannot be loaded here ({err})") from err
         size = extractors[name].descriptorSize()
         if settings.export_colmap and size != COLMAP_DESCRIPTOR_DIM:  # refused now, not after the reconstruction
-            raise OptionError("--export-colmap", name,
+            raise OptionError("export_colmap", name,
                               f"COLMAP's feature files hold {COLMAP_DESCRIPTOR_DIM}-D descriptors; this one is {size}-D")
     return extractors
 
@@ -190,13 +194,13 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _list_checked_images(image_dir: Path) -> list[str]:
-    """The image names of ``image_dir``; OptionError naming ``--images`` when there are none or
+    """The image names of ``image_dir``; OptionError naming ``image_dir`` when there are none or
     two of them cannot be told apart in the output files."""
     try:
         names = list_images(image_dir)
         check_image_names(names)
     except (FileNotFoundError, ValueError) as err:
-        raise OptionError("--images", str(image_dir), str(err)) from None
+        raise OptionError("image_dir", str(image_dir), str(err)) from None
     return names
 
 
@@ -264,7 +268,8 @@ def run_sfm(
             several into ``out_dir/<descriptor>/``.
         descriptors: names for ``create_descriptor`` (``"sift"``, ``"rootsift"``,
             ``"exemplar"``, ``"exemplar:<model>"``), all on the same SIFT keypoints; the
-            first is the ``--descriptor``, the others the ``--compare`` ones.
+            first is the run's descriptor, the others are compared with it (errors name them
+            ``descriptor`` and ``compare``).
         settings: see :class:`SfmSettings`.
         dist: this rank's place in a torchrun job (see
             :func:`exemplar_desc.distributed.init_distributed`; every rank calls this with
@@ -278,16 +283,16 @@ def run_sfm(
         Descriptor name -> summary (also written to each folder's ``summary.json``): image
         counts and skipped files, matching and verification counts, ``models`` (statistics of
         every model, largest first, see ``model_statistics``), the largest model's
-        ``images_registered``, ``points3D``, ``mean_track_length``,
-        ``mean_reprojection_error`` and ``observation_sigma`` (pixels; None without a model),
-        and ``seconds`` per stage
+        ``images_registered``, ``points3D``, ``mean_track_length``, ``mean_reprojection_error``
+        and ``observation_sigma`` (pixels; None without a model), and ``seconds`` per stage
         (``features`` covers detection and every descriptor of the run). An empty dict on
         the ranks other than 0 of a distributed run, which end after matching.
 
     Raises:
         OptionError (a ValueError): a bad setting or descriptor name; a missing image folder,
             one without images or with two names that collide in the output files; an
-            output folder that cannot be created. The message names the command-line option.
+            output folder that cannot be created. It names the argument (``image_dir``,
+            ``out_dir``, ``descriptor``, ``compare``) or the :class:`SfmSettings` field.
         TypeError: ``descriptors`` is a single string, ``settings.mapper`` not MapperSettings.
         OutputConflictError: an output folder holds another descriptor's or program's files.
         SfmError: fewer than two readable images, or no matches between any two images.
@@ -296,19 +301,18 @@ def run_sfm(
     settings = settings or SfmSettings()
     main = dist is None or dist.is_main
     job = _on_every_rank(dist, "checking the options", lambda: _check_inputs(image_dir, out_dir, descriptors, settings, dist))
-    out_dir, staging = job.out_dir, job.staging
-    _on_every_rank(dist, "finishing an interrupted run", lambda: _finish_interrupted_run(out_dir) if main else None)
+    _on_every_rank(dist, "finishing an interrupted run", lambda: _finish_interrupted_run(job.out_dir) if main else None)
     try:
         summaries = _run(job)
-        if main:
-            entries = sorted(name for name in os.listdir(staging))
-            _write_json(staging / MANIFEST, {"format": MANIFEST_FORMAT, "descriptors": list(job.extractors), "entries": entries})
+        if main:  # the commit point
+            entries = sorted(os.listdir(job.staging))
+            _write_json(job.staging / MANIFEST, {"format": MANIFEST_FORMAT, "descriptors": list(job.extractors), "entries": entries})
     except BaseException:
         if main:  # the others may still be writing their part files until rank 0 hears of an error
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(job.staging, ignore_errors=True)
         raise
     if main:
-        _install(out_dir)
+        _install(job.out_dir)
     return summaries
 
 
@@ -318,7 +322,7 @@ def _on_every_rank(dist: Distributed | None, what: str, work: Callable[[], T]) -
 
 
 def _device(settings: SfmSettings, dist: Distributed | None) -> str:
-    """Where this process computes: ``--device``, or a rank's own GPU (``cuda:LOCAL_RANK``)."""
+    """Where this process computes: ``settings.device``, or a rank's own GPU (``cuda:LOCAL_RANK``)."""
     return settings.device if dist is None else str(dist.device)
 
 
@@ -360,16 +364,16 @@ def _check_inputs(
     if isinstance(descriptors, str):
         raise TypeError(f"descriptors must be a sequence of names, got the string {descriptors!r}")
     descriptors = list(descriptors)
-    check(len(descriptors) > 0, "--descriptor", descriptors, "name at least one descriptor")
+    check(len(descriptors) > 0, "descriptor", descriptors, "name at least one descriptor")
     for i, name in enumerate(descriptors):
-        check_descriptor_name("--descriptor" if i == 0 else "--compare", name)
-        check(name not in descriptors[:i], "--compare", name, "names a descriptor twice")
-    image_dir, out_dir = Path(image_dir), check_output_dir("--out", out_dir)
+        check_descriptor_name(_descriptor_field(i), name)
+        check(name not in descriptors[:i], "compare", name, "names a descriptor twice")
+    image_dir, out_dir = Path(image_dir), check_output_dir("out_dir", out_dir)
     subfolders = {d: d.replace(":", "_").replace("/", "_") if len(descriptors) > 1 else "" for d in descriptors}
-    check(len(set(subfolders.values())) == len(subfolders), "--compare", descriptors,
+    check(len(set(subfolders.values())) == len(subfolders), "compare", descriptors,
           "two descriptors would share one output folder")
     for sub in subfolders.values():
-        check_output_dir("--out", out_dir / sub)
+        check_output_dir("out_dir", out_dir / sub)
     names = _list_checked_images(image_dir)
     if len(names) < 2:
         raise SfmError(f"{image_dir} holds a single image ({names[0]}); structure from motion needs at least two")
@@ -433,94 +437,116 @@ def _run(job: _Job) -> dict[str, dict[str, Any]]:
 
     In a distributed run the ranks other than 0 return an empty dict after the matching.
     """
-    image_dir, names, staging, out_dir, subfolders, settings = (
-        job.image_dir, job.names, job.staging, job.out_dir, job.subfolders, job.settings)
-    descriptors = list(job.extractors)
     start = time.perf_counter()
     extraction = _extract(job)
     extraction_seconds = time.perf_counter() - start
-    readable = extraction.names
-    skipped = ", ".join(f"{n} ({why})" for n, why in extraction.skipped.items())
-    if len(readable) < 2:
-        raise SfmError(
-            f"{len(readable)} readable image(s) in {image_dir}; structure from motion needs at least two"
-            + (f"; skipped {len(extraction.skipped)}: {skipped}" if skipped else "")
-        )
-    pairs = make_pairs(readable, settings.pairs)
-
-    matched = {}
-    for dname in subfolders:
+    readable = _readable(job, extraction)
+    pairs = make_pairs(readable, job.settings.pairs)
+    seconds, counts = {}, {}
+    for dname in job.subfolders:
         start = time.perf_counter()
-        counts = _match(job, dname, pairs)
-        matched[dname] = counts, time.perf_counter() - start
-        if not any(counts.values()):
-            raise SfmError(f"no matches between any two of the {len(readable)} images in {image_dir} ({dname})")
+        counts[dname] = _match(job, dname, pairs)
+        seconds[dname] = {"features": extraction_seconds, "matching": time.perf_counter() - start}
+        if not any(counts[dname].values()):
+            raise SfmError(f"no matches between any two of the {len(readable)} images in {job.image_dir} ({dname})")
     if job.dist is not None:
         if not job.dist.is_main:
             return {}
-        shutil.rmtree(staging / PARTS_DIR)  # merged; not part of the set
-
-    summaries = {}
-    for dname, sub in subfolders.items():
-        folder = staging / sub
-        counts, matching_seconds = matched[dname]
-        seconds = {"features": extraction_seconds, "matching": matching_seconds}
-        summary: dict[str, Any] = {
-            "descriptor": dname,
-            "image_dir": str(image_dir),
-            "images_found": len(names),
-            "images_readable": len(readable),
-            "images_skipped": dict(extraction.skipped),
-            "images_reused": len(extraction.reused),
-            "mean_keypoints": float(np.mean(list(extraction.num_keypoints[dname].values()))),
-            "settings": {**asdict(settings), "descriptors": descriptors},
-        }
-        write_pairs(folder / "pairs.txt", pairs)
-        summary.update(pairs=len(pairs), ratio=settings.ratio_for(dname), pairs_with_matches=sum(c > 0 for c in counts.values()),
-                       mean_matches_per_pair=float(np.mean(list(counts.values()))))
-
-        start = time.perf_counter()
-        build_database(
-            folder / "database.db", image_dir, readable, folder / "features.h5", folder / "matches.h5", pairs,
-            focal_length=settings.focal_length,
-        )
-        seconds["database"] = time.perf_counter() - start
-        start = time.perf_counter()
-        summary["verified_pairs"] = verify_pairs(folder / "database.db", folder / "pairs.txt", seed=settings.mapper.seed)
-        seconds["verification"] = time.perf_counter() - start
-        start = time.perf_counter()
-        models = run_mapper(folder / "database.db", image_dir, folder / "sparse", settings.mapper)
-        seconds["mapping"] = time.perf_counter() - start
-
-        stats = sorted(
-            ({"index": i, "path": str(out_dir / sub / "sparse" / str(i)), **model_statistics(rec)}
-             for i, rec in models.items()),
-            key=lambda s: (-s["images_registered"], -s["points3D"]),
-        )
-        best = stats[0] if stats else {}
-        registered = {n for s in stats for n in s["registered_images"]}
-        summary.update(
-            models=stats,
-            num_models=len(stats),
-            images_registered=best.get("images_registered", 0),
-            points3D=best.get("points3D", 0),
-            mean_track_length=best.get("mean_track_length"),
-            mean_reprojection_error=best.get("mean_reprojection_error"),
-            observation_sigma=best.get("observation_sigma"),
-            images_not_registered=[n for n in readable if n not in registered],
-            seconds=seconds,
-        )
-        if not stats:
-            summary["message"] = (
-                f"the mapper made no model ({summary['verified_pairs']} verified pairs); try a lower "
-                "--init-min-num-inliers or --min-model-size"
-            )
-            logger.warning("%s: %s", dname, summary["message"])
-        if settings.export_colmap:
-            export_colmap_text(folder / "features.h5", folder / "colmap_features", readable)
-        seconds["total"] = sum(seconds.values())
-        _write_json(folder / "summary.json", summary)
-        summaries[dname] = summary
-    if len(descriptors) > 1:
-        _write_json(staging / "comparison.json", summaries)
+        shutil.rmtree(job.staging / PARTS_DIR)  # merged; not part of the set
+    summaries = {d: _reconstruct(job, d, extraction, pairs, counts[d], seconds[d]) for d in job.subfolders}
+    if len(summaries) > 1:
+        _write_json(job.staging / "comparison.json", summaries)
     return summaries
+
+
+def _readable(job: _Job, extraction: ExtractionResult) -> list[str]:
+    """The images the features were extracted from; SfmError if fewer than two."""
+    if len(extraction.names) < 2:
+        skipped = ", ".join(f"{n} ({why})" for n, why in extraction.skipped.items())
+        raise SfmError(
+            f"{len(extraction.names)} readable image(s) in {job.image_dir}; structure from motion needs at least two"
+            + (f"; skipped {len(extraction.skipped)}: {skipped}" if skipped else "")
+        )
+    return extraction.names
+
+
+def _reconstruct(
+    job: _Job,
+    descriptor: str,
+    extraction: ExtractionResult,
+    pairs: list[tuple[str, str]],
+    counts: dict[tuple[str, str], int],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The database, verification, models and ``summary.json`` of one descriptor's matches.
+
+    Args:
+        counts: (name0, name1) -> number of matches.
+        seconds: seconds per stage so far; the later stages and ``total`` are added.
+
+    Returns:
+        The summary (see :func:`run_sfm`).
+    """
+    folder, settings, readable = job.staging / job.subfolders[descriptor], job.settings, extraction.names
+    write_pairs(folder / "pairs.txt", pairs)
+    summary = _inputs_summary(job, descriptor, extraction, pairs, counts)
+    start = time.perf_counter()
+    build_database(folder / "database.db", job.image_dir, readable, folder / "features.h5", folder / "matches.h5",
+                   pairs, focal_length=settings.focal_length)
+    seconds["database"] = time.perf_counter() - start
+    start = time.perf_counter()
+    summary["verified_pairs"] = verify_pairs(folder / "database.db", folder / "pairs.txt", seed=settings.mapper.seed)
+    seconds["verification"] = time.perf_counter() - start
+    start = time.perf_counter()
+    models = run_mapper(folder / "database.db", job.image_dir, folder / "sparse", settings.mapper)
+    seconds["mapping"] = time.perf_counter() - start
+    summary.update(_models_summary(job.out_dir / job.subfolders[descriptor], models, readable), seconds=seconds)
+    if not models:
+        summary["message"] = (f"the mapper made no model ({summary['verified_pairs']} verified pairs); try a lower "
+                              "init_min_num_inliers or min_model_size")
+        logger.warning("%s: %s", descriptor, summary["message"])
+    if settings.export_colmap:
+        export_colmap_text(folder / "features.h5", folder / "colmap_features", readable)
+    seconds["total"] = sum(seconds.values())
+    _write_json(folder / "summary.json", summary)
+    return summary
+
+
+def _inputs_summary(
+    job: _Job, descriptor: str, extraction: ExtractionResult, pairs: list[tuple[str, str]], counts: dict[tuple[str, str], int]
+) -> dict[str, Any]:
+    """The summary's images, settings, pairs and matches of one descriptor."""
+    return {
+        "descriptor": descriptor,
+        "image_dir": str(job.image_dir),
+        "images_found": len(job.names),
+        "images_readable": len(extraction.names),
+        "images_skipped": dict(extraction.skipped),
+        "images_reused": len(extraction.reused),
+        "mean_keypoints": float(np.mean(list(extraction.num_keypoints[descriptor].values()))),
+        "settings": {**asdict(job.settings), "descriptors": list(job.extractors)},
+        "pairs": len(pairs),
+        "ratio": job.settings.ratio_for(descriptor),
+        "pairs_with_matches": sum(c > 0 for c in counts.values()),
+        "mean_matches_per_pair": float(np.mean(list(counts.values()))),
+    }
+
+
+def _models_summary(out_dir: Path, models: dict[int, Any], readable: Sequence[str]) -> dict[str, Any]:
+    """The summary's models, largest first (paths under the final ``out_dir``), and the largest one's numbers."""
+    stats = sorted(
+        ({"index": i, "path": str(out_dir / "sparse" / str(i)), **model_statistics(rec)} for i, rec in models.items()),
+        key=lambda s: (-s["images_registered"], -s["points3D"]),
+    )
+    best = stats[0] if stats else {}
+    registered = {n for s in stats for n in s["registered_images"]}
+    return {
+        "models": stats,
+        "num_models": len(stats),
+        "images_registered": best.get("images_registered", 0),
+        "points3D": best.get("points3D", 0),
+        "mean_track_length": best.get("mean_track_length"),
+        "mean_reprojection_error": best.get("mean_reprojection_error"),
+        "observation_sigma": best.get("observation_sigma"),
+        "images_not_registered": [n for n in readable if n not in registered],
+    }

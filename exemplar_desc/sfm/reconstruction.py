@@ -2,7 +2,7 @@
 
 Steps: a COLMAP database with cameras, trivial rigs and frames (COLMAP >= 3.12 needs them),
 images, keypoints (shifted by COLMAP's +0.5 pixel offset), uint8 descriptors (128-D only,
-quantised by :func:`.export.colmap_descriptors`) and the raw matches; geometric
+quantised by :func:`exemplar_desc.formats.colmap.colmap_descriptors`) and the raw matches; geometric
 verification of the listed pairs (two-view geometries); incremental mapping, in two passes
 by default (see :class:`MapperSettings`); statistics of every model the mapper made.
 
@@ -25,9 +25,9 @@ import h5py
 import numpy as np
 import pycolmap
 
-from ..cli import check, check_number
-from .export import colmap_descriptors, to_colmap_keypoints
-from .matching import pair_key
+from ..checks import check, check_number
+from ..formats.colmap import colmap_descriptors, to_colmap_keypoints
+from ..formats.hloc import read_descriptors, read_matches
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,8 @@ class MapperSettings:
         two_pass: map first with the radial distortion held at its prior (0), then continue
             the largest model with it refined [False: refined from the first image pair on].
             In a model of a few images the distortion is barely constrained and can run
-            away: on Lund, single passes stalled with some seeds, in models of 2 to 13 of 29
-            images with k between 1 and 124; with two passes the largest model held 27 to 29
-            images for every descriptor and seed tried (docs/sfm.md). The second pass recovers a
-            real distortion (Sceaux: k = -0.16, as in a single pass).
+            away and stall the reconstruction; the second pass still recovers a real distortion
+            (docs/sfm.md, "Two-pass mapping").
         seed: random seed of COLMAP's RANSAC and mapper (-1: not seeded).
         num_threads: -1 for all cores. Bundle adjustment sums in thread order, so only a single
             thread makes a seeded run exactly repeatable (on Lund, SIFT's models differed between
@@ -83,21 +81,16 @@ class MapperSettings:
         self.check()
 
     def check(self) -> None:
-        """Raise :class:`exemplar_desc.cli.OptionError` (a ValueError) naming the command-line
-        option of the first bad setting."""
-        for option, value in (
-            ("--min-model-size", self.min_model_size),
-            ("--init-min-num-inliers", self.init_min_num_inliers),
-            ("--abs-pose-min-num-inliers", self.abs_pose_min_num_inliers),
-            ("--min-num-matches", self.min_num_matches),
-        ):
-            check_number(option, value, low=1, integer=True)
-        check_number("--seed", self.seed, low=-1, integer=True)
-        check_number("--num-threads", self.num_threads, integer=True)
-        check(self.num_threads == -1 or self.num_threads >= 1, "--num-threads", self.num_threads,
+        """Raise :class:`exemplar_desc.checks.OptionError` (a ValueError) naming the field of the
+        first bad setting."""
+        for name in ("min_model_size", "init_min_num_inliers", "abs_pose_min_num_inliers", "min_num_matches"):
+            check_number(name, getattr(self, name), low=1, integer=True)
+        check_number("seed", self.seed, low=-1, integer=True)
+        check_number("num_threads", self.num_threads, integer=True)
+        check(self.num_threads == -1 or self.num_threads >= 1, "num_threads", self.num_threads,
               "must be -1 (all cores) or a whole number >= 1")
-        for option, value in (("--single-model", self.multiple_models), ("--one-pass", self.two_pass)):
-            check(isinstance(value, bool), option, value, "must be True or False")
+        for name in ("multiple_models", "two_pass"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "must be True or False")
 
     def to_pycolmap(self, refine_distortion: bool = True) -> pycolmap.IncrementalPipelineOptions:
         """The settings as pycolmap's ``IncrementalPipelineOptions`` (for one pass of the mapper)."""
@@ -120,6 +113,52 @@ def _camera_key(camera: pycolmap.Camera) -> tuple:
     return (camera.model_name, camera.width, camera.height, tuple(np.round(camera.params, 6)))
 
 
+def _add_image(
+    db: pycolmap.Database,
+    cameras: dict[tuple, tuple[int, int]],
+    image_dir: Path,
+    name: str,
+    feats: h5py.File,
+    focal_length: float | None,
+) -> int:
+    """Write one image of the feature file, its camera (shared with identical ones), trivial rig
+    and frame, keypoints and (128-D only) descriptors; returns its image id.
+
+    Args:
+        cameras: camera key -> (camera id, rig id) of the cameras written so far; updated.
+    """
+    camera = pycolmap.infer_camera_from_image(image_dir / name)
+    if focal_length is not None:  # a known focal length overrides a misleading EXIF prior
+        camera.focal_length = focal_length
+        camera.has_prior_focal_length = True
+    group = feats[name]
+    size = tuple(int(v) for v in group["image_size"][()])
+    if (camera.width, camera.height) != size:
+        raise SfmError(f"{name}: COLMAP reads {camera.width}x{camera.height}, features say {size[0]}x{size[1]}")
+    key = _camera_key(camera)
+    if key not in cameras:
+        new_camera_id = db.write_camera(camera)
+        rig = pycolmap.Rig()
+        rig.add_ref_sensor(pycolmap.sensor_t(type=pycolmap.SensorType.CAMERA, id=new_camera_id))
+        cameras[key] = (new_camera_id, db.write_rig(rig))
+    camera_id, rig_id = cameras[key]
+    image_id = db.write_image(pycolmap.Image(name=name, camera_id=camera_id))
+    frame = pycolmap.Frame()
+    frame.rig_id = rig_id
+    sensor = pycolmap.sensor_t(type=pycolmap.SensorType.CAMERA, id=camera_id)
+    frame.add_data_id(pycolmap.data_t(sensor_id=sensor, id=image_id))
+    db.write_frame(frame)
+    db.write_keypoints(image_id, to_colmap_keypoints(group["keypoints"][()], group["scales"][()], group["oris"][()]))
+    desc = read_descriptors(feats, name)
+    if desc.shape[1] == 128:  # COLMAP's matchers expect 128 uint8 values; the mapper needs none
+        db.write_descriptors(
+            image_id, pycolmap.FeatureDescriptors(
+                pycolmap.FeatureExtractorType.SIFT, colmap_descriptors(desc, str(feats.attrs.get("descriptor", "")))
+            )
+        )
+    return image_id
+
+
 def build_database(
     database_path: str | Path,
     image_dir: str | Path,
@@ -138,8 +177,7 @@ def build_database(
         database_path: output ``.db`` file.
         image_dir: image folder (EXIF data for the cameras).
         names: images to import, all present in the feature file.
-        features_path, matches_path: hloc-layout files (see :mod:`.features`,
-            :mod:`.matching`).
+        features_path, matches_path: hloc-layout files (see :mod:`exemplar_desc.formats.hloc`).
         pairs: the matched pairs.
         focal_length: focal length prior in pixels of the original images for every camera
             (None: COLMAP's guess from EXIF, else 1.2 x the longer side).
@@ -156,48 +194,13 @@ def build_database(
     image_ids: dict[str, int] = {}
     try:
         with pycolmap.Database.open(tmp) as db, h5py.File(features_path, "r") as feats:
-            cameras: dict[tuple, tuple[int, int]] = {}  # camera key -> (camera id, rig id)
+            cameras: dict[tuple, tuple[int, int]] = {}
             for name in names:
-                camera = pycolmap.infer_camera_from_image(Path(image_dir) / name)
-                if focal_length is not None:  # a known focal length overrides a misleading EXIF prior
-                    camera.focal_length = focal_length
-                    camera.has_prior_focal_length = True
-                size = tuple(int(v) for v in feats[name]["image_size"][()])
-                if (camera.width, camera.height) != size:
-                    raise SfmError(f"{name}: COLMAP reads {camera.width}x{camera.height}, features say {size[0]}x{size[1]}")
-                key = _camera_key(camera)
-                if key not in cameras:
-                    new_camera_id = db.write_camera(camera)
-                    rig = pycolmap.Rig()
-                    rig.add_ref_sensor(pycolmap.sensor_t(type=pycolmap.SensorType.CAMERA, id=new_camera_id))
-                    cameras[key] = (new_camera_id, db.write_rig(rig))
-                camera_id, rig_id = cameras[key]
-                image_id = db.write_image(pycolmap.Image(name=name, camera_id=camera_id))
-                frame = pycolmap.Frame()
-                frame.rig_id = rig_id
-                sensor = pycolmap.sensor_t(type=pycolmap.SensorType.CAMERA, id=camera_id)
-                frame.add_data_id(pycolmap.data_t(sensor_id=sensor, id=image_id))
-                db.write_frame(frame)
-                group = feats[name]
-                db.write_keypoints(
-                    image_id,
-                    to_colmap_keypoints(group["keypoints"][()], group["scales"][()], group["oris"][()]),
-                )
-                desc = group["descriptors"][()].T
-                if desc.shape[1] == 128:  # COLMAP's matchers expect 128 uint8 values; the mapper needs none
-                    db.write_descriptors(
-                        image_id, pycolmap.FeatureDescriptors(
-                            pycolmap.FeatureExtractorType.SIFT, colmap_descriptors(desc, str(feats.attrs.get("descriptor", "")))
-                        )
-                    )
-                image_ids[name] = image_id
+                image_ids[name] = _add_image(db, cameras, Path(image_dir), name, feats, focal_length)
             logger.info("database: %d images, %d cameras", len(image_ids), len(cameras))
             with h5py.File(matches_path, "r") as matches:
                 for name0, name1 in pairs:
-                    m0 = matches[pair_key(name0, name1)]["matches0"][()]
-                    idx0 = np.nonzero(m0 >= 0)[0]
-                    pairs_arr = np.stack([idx0, m0[idx0]], axis=1).astype(np.uint32)
-                    db.write_matches(image_ids[name0], image_ids[name1], pairs_arr)
+                    db.write_matches(image_ids[name0], image_ids[name1], read_matches(matches, name0, name1))
     except BaseException:
         remove_database_files(tmp)
         raise

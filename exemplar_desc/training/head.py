@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..checks import OptionError
 from ..networks import DescriptorNet, ExemplarClassifier
 from ..patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches
-from .loop import TrainConfig
+from .config import TrainConfig
 from .magnification import read_gray
 from .transforms import SurrogateSampler, sample_patches
 
@@ -107,12 +108,12 @@ def fit_head_on_keypoints(
         Fraction of variance the kept components explain.
 
     Raises:
-        ValueError: the images have fewer keypoints than the head has dimensions.
+        OptionError (``pca_source``): the images have fewer keypoints than the head has dimensions.
     """
     pooled = _pooled(net.eval(), keypoint_patches(images, cfg.pca_patches, magnification, cfg.patch_size, cfg.seed))
     dim = net.head.projection.shape[1]
     if len(pooled) <= dim:
-        raise ValueError(f"--pca-source keypoints: the training images gave {len(pooled)} SIFT keypoints, "
-                         f"the {dim}-D head needs more than {dim}")
+        raise OptionError("pca_source", "keypoints", f"the training images gave {len(pooled)} SIFT keypoints, "
+                          f"the {dim}-D head needs more than {dim}")
     logger.info("fitting the head's PCA on %d patches at SIFT keypoints of the training images", len(pooled))
     return float(net.head.fit(pooled, whiten=cfg.whiten).sum())

@@ -11,16 +11,23 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..images import list_images
+
+if TYPE_CHECKING:  # config.py imports this module
+    from .config import TrainConfig
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "sample_seeds", "STL10_IMAGE_BYTES", "PAPER_SEED_SCALES"]
+__all__ = [
+    "iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "sample_seeds", "load_seed_contexts", "STL10_IMAGE_BYTES", "PAPER_SEED_SCALES",
+]
 
 STL10_IMAGE_BYTES = 96 * 96 * 3
 #: Image scales the paper takes seeds at (0.8^k).
@@ -162,3 +169,23 @@ def sample_seeds(
     chosen = rng.choice(len(crops), size=num_seeds, replace=False)
     stacked = np.stack([crops[i] for i in sorted(chosen)])
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+
+
+def load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) -> torch.Tensor:
+    """(num, 3, context, context) uint8 seed crops from the image folders and STL-10 file of a checked ``cfg``."""
+    sources: list[tuple[Iterator[np.ndarray], int]] = []
+    for folder in cfg.images:
+        paths = [Path(folder) / name for name in list_images(folder)]
+        sources.append((iter_rgb_images(paths, cfg.max_side), len(paths)))
+    if cfg.stl10:
+        stl = load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images)
+        sources.append((iter(stl), len(stl)))
+
+    def chained() -> Iterator[np.ndarray]:
+        for iterator, _ in sources:
+            yield from iterator
+
+    return sample_seeds(
+        chained(), num, rng, per_image=cfg.seeds_per_image, scales=cfg.seed_scales, patch_size=cfg.patch_size,
+        context=cfg.context, total=sum(n for _, n in sources),
+    )

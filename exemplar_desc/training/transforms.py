@@ -6,8 +6,10 @@ PCA colour, then HSV power/multiply/add and hue). Blur is the extra family of th
 matching-oriented Exemplar-CNN-blur. Gamma, shading, shadow and noise model illumination
 and sensor changes that survive the patch standardisation (a global gain and offset do
 not); they are off by default. Every family has an identity setting, so each can be
-switched off or scaled from the command line; a family at its identity draws no random
-numbers, so switching the new ones on never changes what the others draw for a seed.
+switched off or scaled. Each family is one record of :data:`FAMILY_RECORDS` (setting,
+check, help, draw); :class:`TransformConfig` is generated from them. The paper's families
+always draw their parameters; the four others draw only when on, after the paper's, so
+switching them on never changes what the paper's families draw for a seed.
 
 Images are RGB float tensors in [0, 1], shape (B, 3, H, W).
 """
@@ -15,18 +17,22 @@ Images are RGB float tensors in [0, 1], shape (B, 3, H, W).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, make_dataclass, replace
+from typing import Callable, Union
 
 import kornia
 import torch
 import torch.nn.functional as F
 
+from ..checks import check, check_number
 from ..patches import normalize_patches
 
 __all__ = [
     "sample_patches",
-    "TransformConfig",
+    "Family",
+    "FAMILY_RECORDS",
     "FAMILIES",
+    "TransformConfig",
     "sample_parameters",
     "warp",
     "pca_colour",
@@ -42,123 +48,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class TransformConfig:
-    """Ranges of the random transformations (paper defaults; see REFERENCE.md).
-
-    Attributes:
-        translation: max shift per axis, as a fraction of the patch side (uniform).
-        scale: (min, max) zoom; > 1 shows a larger area (uniform).
-        rotation: max absolute rotation in degrees (uniform).
-        pca_colour: max factor f on each principal colour component, drawn uniformly from [1/f, f].
-        hsv_power: max exponent p for S and V, drawn log-uniformly from [1/p, p].
-        hsv_multiply: (min, max) factor for S and V (uniform).
-        hsv_add: max absolute offset for S and V (uniform).
-        hue: max absolute hue shift as a fraction of the colour circle (uniform).
-        blur: max Gaussian sigma in output-patch pixels, drawn uniformly from [0, blur].
-        gamma: max gamma g on all three channels, drawn log-uniformly from [1/g, g] (1: off).
-        shading: max log-gain range across the patch of a smooth multiplicative illumination
-            field (a gradient in a random direction plus a saddle term), drawn uniformly from
-            [0, shading] (0: off).
-        shadow: probability of a soft-edged shadow: a random line through the patch, the
-            pixels on one side darkened by a factor drawn uniformly from [0.3, 0.8] (0: off).
-        noise: max sensor noise level s: Gaussian read noise of sigma drawn uniformly from
-            [0, s] plus shot noise of sigma k * sqrt(intensity), k drawn uniformly from
-            [0, s]; intensity units in [0, 1] (0: off).
-    """
-
-    translation: float = 0.2
-    scale: tuple[float, float] = (0.7, 1.4)
-    rotation: float = 20.0
-    pca_colour: float = 2.0
-    hsv_power: float = 4.0
-    hsv_multiply: tuple[float, float] = (0.7, 1.4)
-    hsv_add: float = 0.1
-    hue: float = 0.1
-    blur: float = 1.5
-    gamma: float = 1.0
-    shading: float = 0.0
-    shadow: float = 0.0
-    noise: float = 0.0
-
-    def without(self, *families: str) -> "TransformConfig":
-        """A copy with the named families set to their identity."""
-        unknown = set(families) - set(FAMILIES)
-        if unknown:
-            raise ValueError(f"unknown transformation families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
-        return replace(self, **{name: _IDENTITY[name] for name in families})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-_IDENTITY = {
-    "translation": 0.0,
-    "scale": (1.0, 1.0),
-    "rotation": 0.0,
-    "pca_colour": 1.0,
-    "hsv_power": 1.0,
-    "hsv_multiply": (1.0, 1.0),
-    "hsv_add": 0.0,
-    "hue": 0.0,
-    "blur": 0.0,
-    "gamma": 1.0,
-    "shading": 0.0,
-    "shadow": 0.0,
-    "noise": 0.0,
-}
 #: Darkening factor range of a shadow (fraction of the light left).
 SHADOW_FACTOR = (0.3, 0.8)
 #: Shadow edge width range (logistic scale), fraction of the patch side.
 SHADOW_SOFTNESS = (0.01, 0.25)
-FAMILIES: tuple[str, ...] = tuple(f.name for f in fields(TransformConfig))
-
-
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
-
-
-def sample_parameters(n: int, config: TransformConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Draw ``n`` random transformations.
-
-    Returns:
-        dict of tensors on the generator's device: ``shift`` (n, 2) in fractions of the patch
-        side, ``scale`` (n,), ``angle`` (n,) degrees, ``pca`` (n, 3) factors, ``power``,
-        ``multiply``, ``add`` (n, 2) for (S, V), ``hue`` (n,) fraction of the circle,
-        ``sigma`` (n,) output pixels; and for the families not at their identity only:
-        ``gamma`` (n,), ``shading`` (n, 3) (log-gain range, direction in radians, saddle
-        weight in [-1, 1]), ``shadow`` (n, 4) (factor, 1 for samples without a shadow;
-        direction in radians; offset of the line from the centre and edge softness, both
-        fractions of the patch side), ``noise`` (n, 2) (read sigma, shot coefficient).
-    """
-    dev = generator.device
-    c = config
-
-    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        return _uniform(n * math.prod(shape), lo, hi, generator, dev).reshape(n, *shape)
-
-    log_p = math.log(c.hsv_power)
-    params = {
-        "shift": u(-c.translation, c.translation, 2),
-        "scale": u(c.scale[0], c.scale[1]),
-        "angle": u(-c.rotation, c.rotation),
-        "pca": u(1.0 / c.pca_colour, c.pca_colour, 3),
-        "power": torch.exp(u(-log_p, log_p, 2)),
-        "multiply": u(c.hsv_multiply[0], c.hsv_multiply[1], 2),
-        "add": u(-c.hsv_add, c.hsv_add, 2),
-        "hue": u(-c.hue, c.hue),
-        "sigma": u(0.0, c.blur),
-    }
-    if c.gamma != _IDENTITY["gamma"]:
-        params["gamma"] = torch.exp(u(-math.log(c.gamma), math.log(c.gamma)))
-    if c.shading != _IDENTITY["shading"]:
-        params["shading"] = torch.cat([u(0.0, c.shading, 1), u(0.0, 2 * math.pi, 1), u(-1.0, 1.0, 1)], dim=1)
-    if c.shadow != _IDENTITY["shadow"]:
-        factor = torch.where(u(0.0, 1.0) < c.shadow, u(*SHADOW_FACTOR), torch.ones(n, device=dev))
-        params["shadow"] = torch.stack([factor, u(0.0, 2 * math.pi), u(-0.4, 0.4), u(*SHADOW_SOFTNESS)], dim=1)
-    if c.noise != _IDENTITY["noise"]:
-        params["noise"] = u(0.0, c.noise, 2)
-    return params
 
 
 def warp(context: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, angle: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -321,6 +214,164 @@ def to_gray(images: torch.Tensor) -> torch.Tensor:
     return kornia.color.rgb_to_grayscale(images)
 
 
+#: A family's setting: one number, or a (min, max) range.
+Setting = Union[float, tuple[float, float]]
+#: ``u(lo, hi, *shape)``: (n, *shape) uniform draws from [lo, hi) of the batch's generator.
+Uniform = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of random transformations: its setting, the setting's check and help, and its draw.
+
+    Attributes:
+        name: the :class:`TransformConfig` field that holds the setting.
+        default: the paper's setting (off for the families the paper lacks).
+        identity: the setting that leaves a patch unchanged (:meth:`TransformConfig.without`).
+        low, high: inclusive bounds of a one-number setting; a (min, max) range needs
+            0 < min <= max instead.
+        metavar: the setting's letter in ``help``.
+        help: what the setting means, with its units.
+        param: the key of the family's parameters in :func:`sample_parameters`.
+        draw: ``draw(u, setting)``, the family's parameters for a batch (see :data:`Uniform`).
+        drawn_at_identity: the paper's families draw even at their identity, so a seed gives
+            the same samples whichever of them is off; the others draw only when on.
+        apply_rgb: the function applying the parameters to RGB patches after the colour
+            families, for the families that are applied there (in this table's order).
+    """
+
+    name: str
+    default: Setting
+    identity: Setting
+    low: float | None
+    high: float | None
+    metavar: str
+    help: str
+    param: str
+    draw: Callable[[Uniform, Setting], torch.Tensor]
+    drawn_at_identity: bool = True
+    apply_rgb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def is_range(self) -> bool:
+        """Whether the setting is a (min, max) range."""
+        return isinstance(self.default, tuple)
+
+    def check(self, value: Setting) -> None:
+        """Raise :class:`~exemplar_desc.checks.OptionError` (named by :attr:`name`) unless ``value`` is a valid setting."""
+        if not self.is_range:
+            check_number(self.name, value, low=self.low, high=self.high)
+            return
+        lo, hi = value
+        check(all(math.isfinite(v) for v in (lo, hi)) and 0 < lo <= hi, self.name, f"{lo:g},{hi:g}", "expected MIN,MAX with 0 < MIN <= MAX")
+
+
+def _draw_shadow(u: Uniform, probability: float) -> torch.Tensor:
+    """(n, 4): factor (1 for the samples without a shadow), direction in radians, offset, softness."""
+    has_shadow = u(0.0, 1.0) < probability
+    factor = u(*SHADOW_FACTOR)
+    factor = torch.where(has_shadow, factor, torch.ones_like(factor))
+    return torch.stack([factor, u(0.0, 2 * math.pi), u(-0.4, 0.4), u(*SHADOW_SOFTNESS)], dim=1)
+
+
+#: The transformation families, in the order they draw their parameters (a seed's samples
+#: depend on it). Adding a family is one record here and its function above.
+FAMILY_RECORDS: tuple[Family, ...] = (
+    Family("translation", 0.2, 0.0, 0, None, "T", "max shift per axis, fraction of the patch side, drawn uniformly from [-T, T]",
+           "shift", lambda u, t: u(-t, t, 2)),
+    Family("scale", (0.7, 1.4), (1.0, 1.0), None, None, "MIN,MAX", "zoom drawn uniformly from [MIN, MAX]; > 1 shows a larger area",
+           "scale", lambda u, r: u(r[0], r[1])),
+    Family("rotation", 20.0, 0.0, 0, None, "DEGREES", "max absolute rotation in degrees, drawn uniformly",
+           "angle", lambda u, d: u(-d, d)),
+    Family("pca_colour", 2.0, 1.0, 1, None, "F", "factor on each principal colour component, drawn uniformly from [1/F, F]",
+           "pca", lambda u, f: u(1.0 / f, f, 3)),
+    Family("hsv_power", 4.0, 1.0, 1, None, "P", "exponent on saturation and value, drawn log-uniformly from [1/P, P]",
+           "power", lambda u, p: torch.exp(u(-math.log(p), math.log(p), 2))),
+    Family("hsv_multiply", (0.7, 1.4), (1.0, 1.0), None, None, "MIN,MAX", "factor on saturation and value, drawn uniformly from [MIN, MAX]",
+           "multiply", lambda u, r: u(r[0], r[1], 2)),
+    Family("hsv_add", 0.1, 0.0, 0, None, "A", "offset on saturation and value, drawn uniformly from [-A, A]",
+           "add", lambda u, a: u(-a, a, 2)),
+    Family("hue", 0.1, 0.0, 0, None, "H", "hue shift, fraction of the colour circle, drawn uniformly from [-H, H]",
+           "hue", lambda u, h: u(-h, h)),
+    Family("blur", 1.5, 0.0, 0, None, "SIGMA", "Gaussian blur sigma in patch pixels, drawn uniformly from [0, SIGMA]",
+           "sigma", lambda u, s: u(0.0, s)),
+    Family("gamma", 1.0, 1.0, 1, None, "G", "gamma on all three channels, drawn log-uniformly from [1/G, G]",
+           "gamma", lambda u, g: torch.exp(u(-math.log(g), math.log(g))), drawn_at_identity=False, apply_rgb=gamma),
+    Family("shading", 0.0, 0.0, 0, None, "S",
+           "log-gain range across the patch of a smooth illumination field (a gradient in a random direction plus a "
+           "saddle term), drawn uniformly from [0, S] (e.g. 0.7)",
+           "shading", lambda u, s: torch.cat([u(0.0, s, 1), u(0.0, 2 * math.pi, 1), u(-1.0, 1.0, 1)], dim=1),
+           drawn_at_identity=False, apply_rgb=shading),
+    Family("shadow", 0.0, 0.0, 0, 1, "P",
+           "probability of a soft-edged shadow: the pixels beyond a random line darkened by a factor drawn uniformly "
+           "from [0.3, 0.8]",
+           "shadow", _draw_shadow, drawn_at_identity=False, apply_rgb=shadow),
+    Family("noise", 0.0, 0.0, 0, 1, "S",
+           "sensor noise: read noise of sigma drawn uniformly from [0, S] plus shot noise of sigma k * sqrt(intensity), "
+           "k drawn uniformly from [0, S]; intensities in [0, 1] (e.g. 0.02)",
+           "noise", lambda u, s: u(0.0, s, 2), drawn_at_identity=False),
+)
+FAMILIES: tuple[str, ...] = tuple(family.name for family in FAMILY_RECORDS)
+_BY_NAME = {family.name: family for family in FAMILY_RECORDS}
+
+
+def _without(self, *families: str) -> "TransformConfig":
+    """A copy with the named families set to their identity."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown transformation families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+    return replace(self, **{name: _BY_NAME[name].identity for name in families})
+
+
+def _to_dict(self) -> dict:
+    """The settings by family name (ranges as tuples), as the checkpoint and the model card record them."""
+    return asdict(self)
+
+
+_DOC = "Ranges of the random transformations, one field per family of :data:`FAMILY_RECORDS` (the paper's by default).\n\n"
+_DOC += "    Attributes:\n" + "".join(
+    f"        {f.name} ({f.metavar}): {f.help}. Default {f.default}; identity {f.identity}.\n" for f in FAMILY_RECORDS
+)
+#: The transformation settings: a frozen dataclass generated from :data:`FAMILY_RECORDS`,
+#: with ``without(*families)`` and ``to_dict()``.
+TransformConfig = make_dataclass(
+    "TransformConfig",
+    [(f.name, tuple[float, float] if f.is_range else float, f.default) for f in FAMILY_RECORDS],
+    frozen=True,
+    namespace={"__doc__": _DOC, "__module__": __name__, "without": _without, "to_dict": _to_dict},
+)
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+
+
+def sample_parameters(n: int, config: TransformConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Draw ``n`` random transformations, family by family in :data:`FAMILY_RECORDS`' order.
+
+    Returns:
+        dict of tensors on the generator's device: ``shift`` (n, 2) in fractions of the patch
+        side, ``scale`` (n,), ``angle`` (n,) degrees, ``pca`` (n, 3) factors, ``power``,
+        ``multiply``, ``add`` (n, 2) for (S, V), ``hue`` (n,) fraction of the circle,
+        ``sigma`` (n,) output pixels; and for the families not at their identity only:
+        ``gamma`` (n,), ``shading`` (n, 3) (log-gain range, direction in radians, saddle
+        weight in [-1, 1]), ``shadow`` (n, 4) (factor, 1 for samples without a shadow;
+        direction in radians; offset of the line from the centre and edge softness, both
+        fractions of the patch side), ``noise`` (n, 2) (read sigma, shot coefficient).
+    """
+    dev = generator.device
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return _uniform(n * math.prod(shape), lo, hi, generator, dev).reshape(n, *shape)
+
+    params = {}
+    for family in FAMILY_RECORDS:
+        setting = getattr(config, family.name)
+        if family.drawn_at_identity or setting != family.identity:
+            params[family.param] = family.draw(u, setting)
+    return params
+
+
 class SurrogateSampler:
     """Draws transformed samples of surrogate classes from their seed context crops.
 
@@ -356,9 +407,9 @@ class SurrogateSampler:
         images = warp(images, params["shift"], params["scale"], params["angle"], self.patch_size)
         images = pca_colour(images, params["pca"], self.colour_mean, self.colour_basis)
         images = hsv_jitter(images, params["power"], params["multiply"], params["add"], params["hue"])
-        for family, apply in (("gamma", gamma), ("shading", shading), ("shadow", shadow)):
-            if family in params:
-                images = apply(images, params[family])
+        for family in FAMILY_RECORDS:
+            if family.apply_rgb is not None and family.param in params:
+                images = family.apply_rgb(images, params[family.param])
         grey = blur(to_gray(images), params["sigma"], self.config.blur)
         return noise(grey, params["noise"], generator) if "noise" in params else grey
 

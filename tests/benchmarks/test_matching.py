@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.datasets import write_sequence
 from benchmarks.descriptors import KorniaPatchDescriptor, as_float, build_descriptors, catalogue
-from benchmarks.matching import detect, main
+from benchmarks.matching import OUTPUT_FILES, detect, main
 from benchmarks.synthetic import make_sequence, sample_photo
 
 from ..conftest import SHARED_DATA
@@ -111,6 +111,27 @@ def test_end_to_end_sift_rootsift(tiny_data, tmp_path, capsys):
     for png in ("mAP.png", "matching_score.png", "MMA_3px.png", "homography_3px.png", "mma_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_writes_only_under_out(tiny_data, tmp_path, monkeypatch):
+    """Benchmarking a shipped model leaves its card and weights, the data and the working folder as they were."""
+    from exemplar_desc.model_io import DEFAULT_MODEL, weights_dir
+
+    def files(root: Path, *patterns: str) -> dict[str, tuple[int, int]]:
+        paths = sorted(p for pattern in patterns for p in root.glob(pattern))
+        return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in paths}
+
+    def watched():
+        return files(weights_dir(), "*.json", "*.pt"), files(tiny_data, "**/*")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EXEMPLAR_DESC_CACHE", str(tmp_path / "cache"))
+    before = watched()
+    assert main(["--data", str(tiny_data), "--descriptors", f"exemplar:{DEFAULT_MODEL},sift", "--num-features", "50",
+                 "--out", "out", "--no-progress"]) == 0
+    assert watched() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(OUTPUT_FILES)
 
 
 def test_precision_reaches_the_exemplar_descriptors_and_the_protocol(tiny_data, tmp_path, random_model, monkeypatch):

@@ -82,11 +82,11 @@ def test_bad_option_is_one_error_line_exit_2_nothing_written(root, extra, option
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"max_size": 0}, ValueError, "--max-size 0: must be a whole number >= 1"),
-    ({"ratio": 1.5}, ValueError, "--ratio 1.5: must be a finite number > 0 and <= 1"),
-    ({"pairs": "sequential:0"}, ValueError, "--pairs 'sequential:0'"),
+    ({"max_size": 0}, ValueError, "max_size 0: must be a whole number >= 1"),
+    ({"ratio": 1.5}, ValueError, "ratio 1.5: must be a finite number > 0 and <= 1"),
+    ({"pairs": "sequential:0"}, ValueError, "pairs 'sequential:0'"),
     ({"mapper": "fast"}, TypeError, "mapper must be a MapperSettings"),
-    ({"precision": "int8"}, ValueError, "--precision 'int8': must be auto, fp32, bf16"),
+    ({"precision": "int8"}, ValueError, "precision 'int8': must be auto, fp32, bf16"),
 ])
 def test_settings_refuse_bad_values_on_creation(kwargs, error, message):
     with pytest.raises(error) as info:
@@ -97,11 +97,11 @@ def test_settings_refuse_bad_values_on_creation(kwargs, error, message):
 def test_run_sfm_refuses_bad_arguments_before_writing(root, monkeypatch):
     settings = pipeline.SfmSettings(max_size=200, max_keypoints=300)
     settings.max_keypoints = 0  # changed after creation: run_sfm checks again
-    with pytest.raises(ValueError, match=r"^--max-keypoints 0: "):
+    with pytest.raises(ValueError, match=r"^max_keypoints 0: "):
         pipeline.run_sfm(root / "images", root / "new", ["sift"], settings)
     with pytest.raises(TypeError, match="sequence of names"):
         pipeline.run_sfm(root / "images", root / "new", "sift")
-    with pytest.raises(ValueError, match=r"^--compare 'sift': .*names a descriptor twice"):
+    with pytest.raises(ValueError, match=r"^compare 'sift': .*names a descriptor twice"):
         pipeline.run_sfm(root / "images", root / "new", ["sift", "sift"])
     assert not (root / "new").exists()
 

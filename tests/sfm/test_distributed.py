@@ -113,7 +113,7 @@ def test_two_processes_exemplar_descriptors_equal_one_process(tmp_path, random_m
 
 FAULTY_RANK = """
 import os, sys, time
-from exemplar_desc.sfm import features
+from exemplar_desc import extraction
 from exemplar_desc.sfm.__main__ import main
 
 def faulty(*args, **kwargs):
@@ -122,7 +122,7 @@ def faulty(*args, **kwargs):
     raise RuntimeError("disk on fire")
 
 if os.environ["RANK"] == "1":
-    features.extract_features = faulty
+    extraction.extract_features = faulty
 sys.exit(main(sys.argv[2:]))
 """
 

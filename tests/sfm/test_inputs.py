@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from exemplar_desc.sfm import features as sfm_features
-from exemplar_desc.baselines import create_descriptor
+from exemplar_desc import extraction
+from exemplar_desc.registry import create_descriptor
 from exemplar_desc.model_io import load_model, save_model
 from exemplar_desc.sfm.__main__ import main
-from exemplar_desc.sfm.features import OutputConflictError, extract_features
+from exemplar_desc.extraction import extract_features
+from exemplar_desc.formats.hloc import OutputConflictError, check_feature_file
 from exemplar_desc.sfm.pipeline import SFM_EXEMPLAR_RATIO, SfmError, SfmSettings, run_sfm
 
 from .synth import texture, write_views
@@ -90,7 +91,7 @@ def test_unrelated_images_give_no_model_and_say_so(tmp_path, capsys):
         cv2.imwrite(str(images / name), texture(300, 400, seed=10 + seed))
     assert main(["--images", str(images), "--out", str(tmp_path / "out"), *FAST]) == 3
     out = capsys.readouterr().out
-    assert "the mapper made no model" in out
+    assert "the mapper made no model" in out and "--init-min-num-inliers" in out and "--min-model-size" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["verified_pairs"] <= summary["pairs"] == 3
     assert summary["num_models"] == 0 and summary["images_registered"] == 0
@@ -114,7 +115,7 @@ def test_output_folder_of_another_descriptor_is_refused_untouched(tmp_path, caps
     with h5py.File(tmp_path / "foreign.h5", "w") as f:
         f.create_group("a.png")
     with pytest.raises(OutputConflictError, match="not written by exemplar_desc.sfm"):
-        sfm_features.check_feature_file(tmp_path / "foreign.h5", "sift")
+        check_feature_file(tmp_path / "foreign.h5", "sift")
 
 
 NAMES3 = ["a.png", "sub/b.png", "sub/c.png"]
@@ -162,11 +163,14 @@ def test_rerun_with_another_exemplar_model_or_magnification_extracts_again(tmp_p
         assert f"sha256 {json.loads(other.read_text())['sha256']}" in f["a.png"].attrs["descriptor_identity"]
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "big"])
-def test_cli_refuses_bad_magnification(tmp_path, capsys, value):
-    with pytest.raises(SystemExit):
-        main(["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--magnification", value])
-    assert "positive number or 'card'" in capsys.readouterr().err
+@pytest.mark.parametrize("value, message", [
+    ("0", "--magnification 0.0: must be a finite number > 0"),
+    ("-1", "--magnification -1.0: must be a finite number > 0"),
+    ("big", "--magnification 'big': must be sfm, card or a number > 0"),
+])
+def test_cli_refuses_bad_magnification(tmp_path, capsys, value, message):
+    assert main(["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--magnification", value]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_magnification_card_uses_the_model_card(tmp_path, random_model):
@@ -228,7 +232,7 @@ def test_interrupted_run_keeps_previous_file_and_leaves_no_partial_file(tmp_path
     desc = {"sift": create_descriptor("sift")}
     extract_features(images, ["a.png", "b.png"], desc, {"sift": path}, max_size=200, max_keypoints=300)
     before = _digest(path)
-    original = sfm_features._describe
+    original = extraction._describe
 
     def failing(descriptor, image, keypoints, scale):
         if failing.calls == 1:
@@ -237,7 +241,7 @@ def test_interrupted_run_keeps_previous_file_and_leaves_no_partial_file(tmp_path
         return original(descriptor, image, keypoints, scale)
 
     failing.calls = 0
-    monkeypatch.setattr(sfm_features, "_describe", failing)
+    monkeypatch.setattr(extraction, "_describe", failing)
     cv2.imwrite(str(images / "a.png"), texture(300, 400, seed=7))  # forces work on a.png and c.png
     with pytest.raises(_Interrupt):
         extract_features(images, ["a.png", "b.png", "c.png"], desc, {"sift": path}, max_size=200, max_keypoints=300)
@@ -246,11 +250,11 @@ def test_interrupted_run_keeps_previous_file_and_leaves_no_partial_file(tmp_path
     # A file without the completeness mark is never reused.
     with h5py.File(path, "a") as f:
         f.attrs["complete"] = False
-    assert sfm_features.check_feature_file(path, "sift") is False
+    assert check_feature_file(path, "sift") is False
 
 
 def test_interrupted_matching_keeps_previous_matches_and_leaves_no_partial_file(tmp_path, monkeypatch):
-    from exemplar_desc.sfm import matching as sfm_matching
+    from exemplar_desc.sfm import pair_matching
 
     images = tmp_path / "images"
     write_views(images, ["a.png", "b.png", "c.png"])
@@ -259,9 +263,9 @@ def test_interrupted_matching_keeps_previous_matches_and_leaves_no_partial_file(
     extract_features(images, names, {"sift": create_descriptor("sift")}, {"sift": out / "features.h5"},
                      max_size=200, max_keypoints=300)
     pairs = [("a.png", "b.png"), ("a.png", "c.png"), ("b.png", "c.png")]
-    sfm_matching.match_pairs(out / "features.h5", pairs, out / "matches.h5")
+    pair_matching.match_pairs(out / "features.h5", pairs, out / "matches.h5")
     before = _digest(out / "matches.h5")
-    original = sfm_matching.match_descriptors
+    original = pair_matching.match_descriptors
 
     def failing(*args, **kwargs):
         if failing.calls == 1:
@@ -270,8 +274,8 @@ def test_interrupted_matching_keeps_previous_matches_and_leaves_no_partial_file(
         return original(*args, **kwargs)
 
     failing.calls = 0
-    monkeypatch.setattr(sfm_matching, "match_descriptors", failing)
+    monkeypatch.setattr(pair_matching, "match_descriptors", failing)
     with pytest.raises(_Interrupt):
-        sfm_matching.match_pairs(out / "features.h5", pairs, out / "matches.h5")
+        pair_matching.match_pairs(out / "features.h5", pairs, out / "matches.h5")
     assert _digest(out / "matches.h5") == before
     assert sorted(os.listdir(out)) == ["features.h5", "matches.h5"]

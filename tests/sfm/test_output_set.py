@@ -13,7 +13,7 @@ import pytest
 
 from exemplar_desc.sfm import pipeline
 from exemplar_desc.sfm.__main__ import main
-from exemplar_desc.sfm.matching import pair_key
+from exemplar_desc.formats.hloc import pair_key
 
 from .synth import write_views
 

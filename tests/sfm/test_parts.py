@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from exemplar_desc.sfm.parts import merge_parts
+from exemplar_desc.formats.hloc import merge_parts
 
 ATTRS = {"format": "test/1", "descriptor": "sift", "max_size": 200}
 

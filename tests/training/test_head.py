@@ -11,7 +11,7 @@ import torch
 from exemplar_desc import train as train_module
 from exemplar_desc.model_io import load_model
 from exemplar_desc.training.head import fit_head_on_keypoints, keypoint_patches
-from exemplar_desc.training.loop import TrainConfig
+from exemplar_desc.training.config import TrainConfig
 
 #: A run of 8 classes and 2 steps, a 16-D head; --magnification skips the tuning.
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",

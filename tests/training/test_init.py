@@ -10,7 +10,7 @@ import torch
 from exemplar_desc import train as train_module
 from exemplar_desc.model_io import load_model
 from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
-from exemplar_desc.training import loop
+from exemplar_desc.training import init_model, loop
 
 #: A run of 8 classes and 2 steps; --magnification skips the tuning.
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
@@ -34,7 +34,7 @@ def test_init_trunk_copies_the_model_and_leaves_the_classifier_fresh(random_mode
     model = ExemplarClassifier(resolve_architecture("fast"), num_classes=8)
     fresh = _trunk(model)
     classifier = model.classifier.weight.detach().clone()
-    record = loop.init_trunk(model, str(random_model))
+    record = init_model.init_trunk(model, str(random_model))
     source, card = load_model(random_model)
     expected = _trunk(source)
     assert _trunk(model).keys() == expected.keys()

@@ -8,9 +8,10 @@ import skimage.data
 import torch
 
 from exemplar_desc import train as train_module
-from exemplar_desc.training import loop
-from exemplar_desc.training.loop import TrainConfig, lr_at, train
-from exemplar_desc.training.seeds import load_stl10_unlabeled, sample_seeds
+from exemplar_desc.training.config import TrainConfig
+from exemplar_desc.training.loop import train
+from exemplar_desc.training.schedule import lr_at
+from exemplar_desc.training.seeds import load_seed_contexts, load_stl10_unlabeled, sample_seeds
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,11 @@ def test_seed_scales_set_the_image_area_a_seed_covers(tmp_path):
     cv2.imwrite(str(tmp_path / "bar.png"), image)
     for scales, width in (((1.0,), 20), ((0.5,), 10)):
         cfg = TrainConfig(images=(str(tmp_path),), num_classes=4, seeds_per_image=4, seed_scales=scales, device="cpu")
-        contexts = loop._load_seed_contexts(cfg, 4, np.random.default_rng(0))
+        contexts = load_seed_contexts(cfg, 4, np.random.default_rng(0))
         dark = (contexts[:, 0, 40] < 128).sum(dim=1)  # dark pixels along each crop's middle row
         assert torch.all((dark - width).abs() <= 1), (scales, dark)
     both = TrainConfig(images=(str(tmp_path),), num_classes=4, seeds_per_image=4, seed_scales=(1.0, 0.5), device="cpu")
-    dark = (loop._load_seed_contexts(both, 4, np.random.default_rng(0))[:, 0, 40] < 128).sum(dim=1)
+    dark = (load_seed_contexts(both, 4, np.random.default_rng(0))[:, 0, 40] < 128).sum(dim=1)
     assert sorted(set(dark.tolist())) == [10, 20]  # seeds taken at both scales
 
 
@@ -105,7 +106,7 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
     # A finished run resumes without training, whatever the head options (they are fitted afterwards).
     refit = train(TrainConfig(**{**vars(cfg), "whiten": 1.0, "head_power": 1.0, "magnification": 10.0}), tmp_path / "run", resume=True, progress=False)
     assert refit["steps"] == resumed["steps"]
-    with pytest.raises(ValueError, match=r"made with other options: --lr 0\.05 -> 0\.1;"):
+    with pytest.raises(ValueError, match=r"made with other options: lr 0\.05 -> 0\.1;"):
         train(TrainConfig(**{**vars(cfg), "lr": 0.1}), tmp_path / "run", resume=True, progress=False)
 
     # A checkpoint made on a GPU (a CUDA generator keeps a 16-byte state) refits on the CPU,

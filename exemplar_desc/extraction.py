@@ -1,22 +1,14 @@
-"""Detect and describe the images of an SfM run into hloc-layout HDF5 feature files.
+"""Feature extraction into hloc's ``features.h5``: detection once per image, any descriptors.
 
-Layout of ``features.h5`` (readable as is by hloc's matchers and reconstruction): one group
-per image, named by its path relative to the image folder (``/`` in a name makes nested
-groups, as in hloc), holding
-
-- ``keypoints`` (N, 2) float32: (x, y) in ORIGINAL-resolution pixels, pixel centres at
-  integer coordinates (OpenCV's and hloc's convention; COLMAP's adds 0.5); its attribute
-  ``uncertainty`` is the detection noise in original pixels as hloc writes it (1 px on the
-  processed image for DoG, times the mean resize factor original / processed);
-- ``descriptors`` (D, N) float32, TRANSPOSED, each column L2-normalised;
-- ``scores`` (N,) float32: the detector's response;
-- ``image_size`` (2,) int32: (W, H) of the original image;
-- ``scales`` (N,) float32: ``KeyPoint.size`` (diameter) in original-resolution pixels;
-- ``oris`` (N,) float32: ``KeyPoint.angle`` in degrees, clockwise in image coordinates.
+``python -m exemplar_desc.extract`` (features for hloc) and the SfM command
+(:mod:`exemplar_desc.sfm`) both extract through :func:`extract_features`, so one image,
+descriptor and settings give the same file; the layout is :mod:`exemplar_desc.formats.hloc`'s.
 
 Keypoints are found once per image by OpenCV's SIFT (DoG) detector on the image
 downscaled to ``max_size``, and every descriptor describes the same keypoints, so runs
-with different descriptors compare descriptors only.
+with different descriptors compare descriptors only. An Exemplar descriptor describes
+patches of side ``magnification x KeyPoint.size``; both command lines take the magnification
+by the names of :data:`MAGNIFICATIONS` (:func:`resolve_magnification`), ``sfm`` by default.
 
 Streaming: images are read, decoded, resized and detected in ``workers`` processes (a torch
 DataLoader; 0 does it in the calling process), in input order; an Exemplar descriptor
@@ -27,9 +19,9 @@ as soon as it is described.
 Re-runs: each group records the image file's SHA-1, the descriptor name, its identity (an
 Exemplar model's weights hash and patch magnification) and the extraction settings; an
 image whose record matches is copied from the previous file instead of being processed
-again. Files are written to ``<name>.tmp`` and moved into
-place with ``os.replace`` after the root attribute ``complete`` is set, so an interrupted
-run never leaves a partial file under the final name.
+again. Files are written to ``<name>.tmp`` and moved into place with ``os.replace`` after
+the root attribute ``complete`` is set, so an interrupted run never leaves a partial file
+under the final name.
 """
 
 from __future__ import annotations
@@ -39,7 +31,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import cv2
 import h5py
@@ -48,29 +40,64 @@ import torch
 import torch.utils.data
 from tqdm import tqdm
 
-from ..descriptor import ExemplarDescriptor
-from ..distributed import Distributed
-from ..images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
-from .parts import merge_parts
+from .checks import OptionError, check_number
+from .descriptor import ExemplarDescriptor
+from .distributed import Distributed
+from .formats.hloc import FEATURES_FORMAT, check_feature_file, feature_datasets, merge_parts, write_features
+from .images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FEATURES_FORMAT",
-    "OutputConflictError",
+    "SFM_MAGNIFICATION",
+    "MAGNIFICATIONS",
+    "DEFAULT_MAGNIFICATION",
+    "resolve_magnification",
     "ExtractionResult",
-    "check_feature_file",
     "extract_features",
     "extract_features_across_ranks",
     "merge_extraction_results",
 ]
 
-FEATURES_FORMAT = "exemplar_desc.sfm.features/1"
 DETECTOR = "opencv-sift-dog"
 
+#: Patch magnification (patch side / ``KeyPoint.size``) of the Exemplar descriptors for
+#: structure from motion, chosen on the validation set (docs/model-development.md, "SfM
+#: settings: magnification 5 and ratio 0.95"): well under the shipped cards' (10 for the default model), whose larger patches match
+#: better under blur, because a reconstruction needs precisely placed matches.
+SFM_MAGNIFICATION = 5.0
+#: The magnifications both command lines accept by name: ``sfm`` (:data:`SFM_MAGNIFICATION`)
+#: and ``card`` (None: the model card's own).
+MAGNIFICATIONS: dict[str, float | None] = {"sfm": SFM_MAGNIFICATION, "card": None}
+#: What ``python -m exemplar_desc.extract`` and the SfM command describe with unless told:
+#: features for hloc and COLMAP are features for a reconstruction.
+DEFAULT_MAGNIFICATION = "sfm"
 
-class OutputConflictError(RuntimeError):
-    """An existing output file belongs to another descriptor or to another program."""
+
+def resolve_magnification(value: str | float | None) -> float | None:
+    """The patch magnification for :func:`exemplar_desc.create_descriptor` of a name, a number or its text.
+
+    Args:
+        value: a name of :data:`MAGNIFICATIONS` (``"sfm"``, ``"card"``), None (the card's),
+            a number > 0, or a number's text (``"7"``).
+
+    Returns:
+        The magnification, or None for the model card's.
+
+    Raises:
+        OptionError: naming ``magnification``: another name, or a number not finite and > 0.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value in MAGNIFICATIONS:
+            return MAGNIFICATIONS[value]
+        try:
+            value = float(value)
+        except ValueError:
+            raise OptionError("magnification", value, f"must be {', '.join(MAGNIFICATIONS)} or a number > 0") from None
+    check_number("magnification", value, low=0, low_open=True)
+    return float(value)
 
 
 @dataclass
@@ -88,41 +115,6 @@ class ExtractionResult:
     skipped: dict[str, str] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
     num_keypoints: dict[str, dict[str, int]] = field(default_factory=dict)
-
-
-def check_feature_file(path: str | Path, descriptor_name: str) -> bool:
-    """Tell whether an existing feature file can be reused (and later replaced) by this run.
-
-    Returns:
-        True if ``path`` is a complete file of this format for ``descriptor_name``; False if
-        it does not exist or is an incomplete file of this format (it will be rebuilt).
-
-    Raises:
-        OutputConflictError: the file holds another descriptor's features, or was not
-            written by this module (it is left untouched).
-    """
-    path = Path(path)
-    if not path.exists():
-        return False
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = dict(f.attrs)
-    except OSError as err:
-        raise OutputConflictError(f"{path} exists but is not an HDF5 file ({err}); choose another --out") from err
-    if attrs.get("format") != FEATURES_FORMAT:
-        raise OutputConflictError(
-            f"{path} was not written by exemplar_desc.sfm (no format tag); choose another --out "
-            "or pass --overwrite to replace it"
-        )
-    if attrs.get("descriptor") != descriptor_name:
-        raise OutputConflictError(
-            f"{path} holds features of descriptor {attrs.get('descriptor')!r}, not {descriptor_name!r}; "
-            "choose another --out or pass --overwrite to replace them"
-        )
-    if not attrs.get("complete", False):
-        logger.warning("%s is incomplete (interrupted run); rebuilding it", path)
-        return False
-    return True
 
 
 def _identity(descriptor: Any) -> str:
@@ -240,52 +232,90 @@ def _describe(
     for (kps, desc), scale in zip(described, scales):
         if desc is None or len(kps) == 0:
             kps, desc = (), np.zeros((0, dim), np.float32)
-        desc = np.asarray(desc, dtype=np.float32).reshape(len(kps), dim)
-        desc = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
-        xy = np.array([kp.pt for kp in kps], dtype=np.float64).reshape(-1, 2)
-        out.append({
-            "keypoints": ((xy + 0.5) / scale - 0.5).astype(np.float32),
-            "descriptors": np.ascontiguousarray(desc.T),
-            "scores": np.array([kp.response for kp in kps], dtype=np.float32),
-            "scales": (np.array([kp.size for kp in kps], dtype=np.float64) / scale.mean()).astype(np.float32),
-            "oris": np.array([kp.angle for kp in kps], dtype=np.float32),
-        })
+        out.append(feature_datasets(kps, np.asarray(desc, dtype=np.float32).reshape(len(kps), dim), scale))
     return out
 
 
-def _write_pending(
-    pending: list[_Detected],
+def _write_batch(
+    batch: list[_Detected],
     descriptors: Mapping[str, Any],
     olds: Mapping[str, h5py.File | None],
     news: Mapping[str, h5py.File],
     settings: Mapping[str, Mapping[str, Any]],
     result: ExtractionResult,
 ) -> None:
-    """Describe the images of ``pending`` that need it, then write every one of them, in order."""
+    """Describe the images of ``batch`` that need it, then write every one of them, in order."""
     described: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for dname, descriptor in descriptors.items():
-        items = [item for item in pending if dname in item.todo]
+        items = [item for item in batch if dname in item.todo]
         if items:
             datasets = _describe(descriptor, [i.image for i in items], [i.cv_keypoints() for i in items],
                                  [i.scale for i in items])
             described[dname] = {item.name: d for item, d in zip(items, datasets)}
-    for item in pending:
+    for item in batch:
         if not item.todo:
             result.reused.append(item.name)
         for dname, out in news.items():
             if dname in item.todo:
-                group = out.create_group(item.name)
-                for key, value in described[dname][item.name].items():
-                    group.create_dataset(key, data=value)
-                group.create_dataset("image_size", data=item.image_size)
-                # hloc: detection noise (1 processed pixel for DoG) x mean resize factor.
-                group["keypoints"].attrs["uncertainty"] = float(np.mean(1.0 / item.scale))
-                group.attrs.update({"sha1": item.sha1, **settings[dname]})
+                write_features(out, item.name, described[dname][item.name], item.image_size, item.scale,
+                               {"sha1": item.sha1, **settings[dname]})
             else:
                 olds[dname].copy(olds[dname][item.name], out, name=item.name)
             result.num_keypoints[dname][item.name] = int(out[item.name]["keypoints"].shape[0])
         result.names.append(item.name)
-    pending.clear()
+
+
+def _open_files(
+    stack: ExitStack,
+    feature_paths: Mapping[str, str | Path],
+    tmp_paths: Mapping[str, Path],
+    previous_paths: Mapping[str, str | Path],
+    settings: Mapping[str, Mapping[str, Any]],
+    reuse: bool,
+) -> tuple[dict[str, h5py.File | None], dict[str, h5py.File]]:
+    """Per descriptor, the previous file to reuse groups from (None: nothing to reuse) and the new, temporary one."""
+    olds: dict[str, h5py.File | None] = {}
+    news: dict[str, h5py.File] = {}
+    for dname, path in feature_paths.items():
+        source = Path(previous_paths.get(dname, path))
+        keep = check_feature_file(source, dname) if reuse else False
+        olds[dname] = stack.enter_context(h5py.File(source, "r")) if keep else None
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        news[dname] = stack.enter_context(h5py.File(tmp_paths[dname], "w"))
+        news[dname].attrs.update({"format": FEATURES_FORMAT, "complete": False, **settings[dname]})
+    return olds, news
+
+
+def _detections(
+    image_dir: Path, names: Sequence[str], done: Mapping[str, Mapping[str, str]], max_size: int | None,
+    max_keypoints: int, workers: int, progress: bool,
+) -> Iterable[_Detected]:
+    """The images of ``names``, read and detected in ``workers`` processes, in input order."""
+    loader = torch.utils.data.DataLoader(
+        _ImageSource(image_dir, names, done, max_size, max_keypoints), batch_size=None,
+        num_workers=workers, collate_fn=_as_is, worker_init_fn=_worker_init if workers else None,
+        # Forked workers can deadlock on the thread pools (OpenMP, OpenCV) the parent already started.
+        multiprocessing_context="spawn" if workers else None,
+    )
+    return tqdm(loader, total=len(names), desc="features", unit="img", disable=not progress)
+
+
+def _batches(items: Iterable[_Detected], gather: int, result: ExtractionResult) -> Iterator[list[_Detected]]:
+    """The readable images of ``items`` in order, in batches of at least ``gather`` keypoints (the last may
+    hold fewer); the unreadable ones are logged and listed in ``result.skipped``."""
+    batch: list[_Detected] = []
+    held = 0  # keypoints in batch
+    for item in items:
+        if item.error is not None:
+            result.skipped[item.name] = item.error
+            logger.warning("skipping %s: %s", item.name, item.error)
+            continue
+        batch.append(item)
+        held += 0 if item.keypoints is None else len(item.keypoints)
+        if held >= gather:
+            yield batch
+            batch, held = [], 0
+    yield batch
 
 
 def extract_features(
@@ -322,8 +352,8 @@ def extract_features(
         An :class:`ExtractionResult`. Unreadable images are skipped, logged and listed.
 
     Raises:
-        OutputConflictError: an existing file belongs to another descriptor or program
-            (pass ``reuse=False`` to replace it).
+        exemplar_desc.formats.hloc.OutputConflictError: an existing file belongs to another
+            descriptor or program (pass ``reuse=False`` to replace it).
     """
     if set(descriptors) != set(feature_paths):
         raise ValueError("descriptors and feature_paths must have the same keys")
@@ -334,37 +364,11 @@ def extract_features(
     tmp_paths = {d: Path(str(p) + ".tmp") for d, p in feature_paths.items()}
     try:
         with ExitStack() as stack:
-            olds: dict[str, h5py.File | None] = {}
-            news: dict[str, h5py.File] = {}
-            for dname, path in feature_paths.items():
-                source = Path((previous_paths or {}).get(dname, path))
-                keep = check_feature_file(source, dname) if reuse else False
-                olds[dname] = stack.enter_context(h5py.File(source, "r")) if keep else None
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                news[dname] = stack.enter_context(h5py.File(tmp_paths[dname], "w"))
-                news[dname].attrs.update(
-                    {"format": FEATURES_FORMAT, "complete": False, **settings[dname]}
-                )
+            olds, news = _open_files(stack, feature_paths, tmp_paths, previous_paths or {}, settings, reuse)
             done = {d: {n: sha1 for n in names if (sha1 := _reusable_sha1(olds[d], n, settings[d]))} for d in descriptors}
-            loader = torch.utils.data.DataLoader(
-                _ImageSource(Path(image_dir), names, done, max_size, max_keypoints), batch_size=None,
-                num_workers=workers, collate_fn=_as_is, worker_init_fn=_worker_init if workers else None,
-                # Forked workers can deadlock on the thread pools (OpenMP, OpenCV) the parent already started.
-                multiprocessing_context="spawn" if workers else None,
-            )
-            pending: list[_Detected] = []
-            held = 0  # keypoints in pending
-            for item in tqdm(loader, total=len(names), desc="features", unit="img", disable=not progress):
-                if item.error is not None:
-                    result.skipped[item.name] = item.error
-                    logger.warning("skipping %s: %s", item.name, item.error)
-                    continue
-                pending.append(item)
-                held += 0 if item.keypoints is None else len(item.keypoints)
-                if held >= gather:
-                    _write_pending(pending, descriptors, olds, news, settings, result)
-                    held = 0
-            _write_pending(pending, descriptors, olds, news, settings, result)
+            items = _detections(Path(image_dir), names, done, max_size, max_keypoints, workers, progress)
+            for batch in _batches(items, gather, result):
+                _write_batch(batch, descriptors, olds, news, settings, result)
             for out in news.values():
                 out.attrs["complete"] = True
     except BaseException:

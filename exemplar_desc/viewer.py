@@ -1,6 +1,6 @@
 """Match viewer: match two images with one or more descriptors and draw the RANSAC inliers.
 
-    python -m exemplar_desc.match IMG1 IMG2 [--descriptor NAME] [--compare NAME ...]
+    python -m exemplar_desc.viewer IMG1 IMG2 [--descriptor NAME] [--compare NAME ...]
         [--geometry homography|fundamental] [--threshold PX] [--out matches.png]
 
 Keypoints are OpenCV SIFT (DoG) keypoints, detected once per image; every descriptor
@@ -25,8 +25,9 @@ import cv2
 import numpy as np
 
 from .atomic import atomic_write
-from .baselines import check_descriptor_name, create_descriptor
-from .cli import ArgumentParser, OptionError, check, check_device, check_number, check_output_file, report
+from .registry import check_descriptor_name, create_descriptor
+from .cli import ArgumentParser, add_shared_options, report
+from .checks import OptionError, check, check_device, check_number, check_output_file
 from .images import UnreadableImageError, decode_gray, read_image_bytes, resize_to_max
 from .matching import mutual_nearest_neighbours
 
@@ -265,7 +266,7 @@ def _read_gray(option: str, path: str) -> np.ndarray:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m exemplar_desc.match", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m exemplar_desc.viewer", description=__doc__.split("\n\n")[0])
     p.add_argument("image1", metavar="IMG1", help="first image")
     p.add_argument("image2", metavar="IMG2", help="second image")
     p.add_argument("--descriptor", default="exemplar", metavar="NAME",
@@ -276,11 +277,11 @@ def build_parser() -> ArgumentParser:
                    help="model RANSAC fits: homography (planar scene or rotating camera) or fundamental (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=3.0, metavar="PX",
                    help="RANSAC inlier threshold in pixels (default: %(default)s)")
-    p.add_argument("--max-keypoints", type=int, default=4000, metavar="N", help="SIFT keypoints per image (default: %(default)s)")
+    add_shared_options(p, "--max-keypoints", max_keypoints={"default": 4000})
     p.add_argument("--max-size", type=int, default=1600, metavar="PX",
                    help="downscale so the longer side is at most PX pixels, 0 to keep the size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="RANSAC seed (cv2.setRNGSeed) (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device of the Exemplar descriptors, cpu or cuda (default: %(default)s)")
+    add_shared_options(p, "--device")
     p.add_argument("--show-outliers", action="store_true", help="also draw the matches RANSAC rejects, faint red")
     p.add_argument("--out", default="matches.png", metavar="PNG", help="picture to write (default: %(default)s)")
     return p
@@ -288,23 +289,24 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the match viewer; returns the exit status (0 done, 1 too few matches, 2 bad option or input)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = list(dict.fromkeys([args.descriptor, *args.compare]))  # in order, without repeats
     try:
-        check_number("--threshold", args.threshold, low=0, low_open=True)
-        check_number("--max-keypoints", args.max_keypoints, low=1, integer=True)
-        check_number("--max-size", args.max_size, low=0, integer=True)
-        check(args.max_size == 0 or args.max_size >= 32, "--max-size", args.max_size, "must be 0 (keep) or at least 32")
-        device = check_device("--device", args.device)
-        check_descriptor_name("--descriptor", args.descriptor)
+        check_number("threshold", args.threshold, low=0, low_open=True)
+        check_number("max_keypoints", args.max_keypoints, low=1, integer=True)
+        check_number("max_size", args.max_size, low=0, integer=True)
+        check(args.max_size == 0 or args.max_size >= 32, "max_size", args.max_size, "must be 0 (keep) or at least 32")
+        device = check_device("device", args.device)
+        check_descriptor_name("descriptor", args.descriptor)
         for name in args.compare:
-            check_descriptor_name("--compare", name)
-        out = check_output_file("--out", args.out)
-        check(out.suffix.lower() == ".png", "--out", args.out, "must end with .png")
-        grays = [_read_gray("IMG1", args.image1), _read_gray("IMG2", args.image2)]
+            check_descriptor_name("compare", name)
+        out = check_output_file("out", args.out)
+        check(out.suffix.lower() == ".png", "out", args.out, "must end with .png")
+        grays = [_read_gray("image1", args.image1), _read_gray("image2", args.image2)]
     except OptionError as err:
-        return report(err)
+        return report(err, parser)
     sizes = [f"{g.shape[1]}x{g.shape[0]}" for g in grays]
     grays = [resize_to_max(g, args.max_size or None)[0] for g in grays]
     sizes = [s if s == f"{g.shape[1]}x{g.shape[0]}" else f"{s}, used at {g.shape[1]}x{g.shape[0]}" for s, g in zip(sizes, grays)]

@@ -1,4 +1,4 @@
-"""uint8 descriptors for COLMAP, and export for COLMAP's feature importer.
+"""COLMAP's side of the features: uint8 descriptors, keypoint rows, feature-import text files.
 
 :func:`colmap_descriptors` picks the encoding of :func:`exemplar_desc.quantization.quantize_uint8`
 for a descriptor; the COLMAP database and the text export both use it.
@@ -21,6 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..quantization import quantize_uint8
+from .hloc import read_descriptors
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Se
     """Write one COLMAP feature-import text file per image of an hloc feature file.
 
     Args:
-        features_path: hloc-layout ``features.h5`` with 128-D descriptors.
+        features_path: ``features.h5`` (:mod:`.hloc`'s layout) with 128-D descriptors.
         out_dir: folder for ``<image name>.txt`` files (sub-folders follow the names); give
             it to ``colmap feature_importer --import_path``.
         names: images to export (default: all in the file).
@@ -83,7 +84,7 @@ def export_colmap_text(features_path: str | Path, out_dir: str | Path, names: Se
             f.visititems(lambda key, obj: names.append(key) if isinstance(obj, h5py.Group) and "keypoints" in obj else None)
         for name in names:
             group = f[name]
-            desc = group["descriptors"][()].T
+            desc = read_descriptors(f, name)
             if desc.shape[1] != COLMAP_DESCRIPTOR_DIM:
                 raise ValueError(f"COLMAP's importer needs {COLMAP_DESCRIPTOR_DIM}-D descriptors; {name} has {desc.shape[1]}")
             kps = to_colmap_keypoints(

@@ -1,4 +1,4 @@
-"""Match viewer (python -m exemplar_desc.match): table, PNG, RANSAC and bad input."""
+"""Match viewer (python -m exemplar_desc.viewer): table, PNG, RANSAC and bad input."""
 
 import subprocess
 import sys
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import skimage.data
 
-from exemplar_desc.baselines import create_descriptor
-from exemplar_desc.match import TITLE_HEIGHT, TooFewMatchesError, detect_keypoints, fit_geometry, main, match_pair
+from exemplar_desc.registry import create_descriptor
+from exemplar_desc.viewer import TITLE_HEIGHT, TooFewMatchesError, detect_keypoints, fit_geometry, main, match_pair
 
 # Image 2 is image 1 seen through this homography (a turn, a zoom and some perspective).
 H_TRUE = np.array([[0.9, -0.2, 60.0], [0.15, 0.95, 20.0], [1e-4, -5e-5, 1.0]])
@@ -123,7 +123,7 @@ def test_bad_options(pair, tmp_path, capsys, options, match):
 
 def test_module_entry_point(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "exemplar_desc.match", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "m.png")],
+        [sys.executable, "-m", "exemplar_desc.viewer", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "m.png")],
         capture_output=True,
         text=True,
     )

@@ -1,0 +1,162 @@
+"""The settings of a training run (:class:`TrainConfig`) and their checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..checks import OptionError, check, check_device, check_number
+from ..images import list_images
+from ..networks import ARCHITECTURES, Architecture, architecture_from_dict, resolve_architecture
+from .init_model import describe_architecture, load_init_model
+from .seeds import PAPER_SEED_SCALES, stl10_image_count
+from .transforms import FAMILY_RECORDS, TransformConfig
+
+__all__ = ["TrainConfig", "PCA_SOURCES"]
+
+#: What the descriptor head's PCA is fitted on: fresh surrogate samples (transformed seed
+#: patches), or patches at SIFT keypoints of the training images (exemplar_desc.training.head).
+PCA_SOURCES = ("surrogate", "keypoints")
+
+
+def _setting(default: Any, help: str, unset: str | None = None) -> Any:
+    """A field with its help text; ``unset``: what the default None means."""
+    return field(default=default, metadata={"help": help, "unset": unset})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (recorded in the checkpoint and the model card).
+
+    Each field's ``metadata["help"]`` says what it sets (``metadata["unset"]``: what None
+    means); the command line's options are generated from them. The defaults are the
+    paper's settings (:mod:`.presets` names other recipes). ``transforms`` holds the
+    transformation families (:data:`.transforms.FAMILY_RECORDS`).
+    """
+
+    images: tuple[str, ...] = _setting((), "folders of unlabeled images (searched recursively)")
+    stl10: str | None = _setting(None, "STL-10's unlabeled_X.bin (96x96x3 uint8, column-major)", "none")
+    stl10_max_images: int | None = _setting(None, "use only the first N STL-10 images", "all")
+    max_side: int = _setting(512, "longer image side in pixels the images are downscaled to before seeds are taken")
+    arch: str = _setting("fast", "named architecture (fast, exemplar-nips, ...) or notation like 64c5-128c5-256c5-512f")
+    num_classes: int = _setting(8000, "surrogate classes (seed patches)")
+    seeds_per_image: int = _setting(40, "seed candidates per image")
+    seed_scales: tuple[float, ...] = _setting(
+        PAPER_SEED_SCALES, "image scales S1,S2,... in (0, 1] the seeds are taken at, the candidates split evenly among them")
+    samples_per_class: int = _setting(100, "samples per class per epoch")
+    epochs: int = _setting(1, "epochs: passes of the samples per class over every class")
+    batch_size: int = _setting(128, "samples per step and process (a distributed run's global batch is the world size x this)")
+    lr: float = _setting(0.01, "base learning rate of SGD, on the official step schedule; not scaled with the global batch")
+    momentum: float = _setting(0.9, "SGD momentum in [0, 1)")
+    weight_decay: float = _setting(0.004, "SGD weight decay (L2)")
+    patch_size: int = _setting(32, "side of the network's input patches in pixels")
+    context: int = _setting(80, "side of the context crop kept around each seed in pixels")
+    val_per_class: int = _setting(1, "held-out surrogate samples per class for the validation accuracy")
+    seed: int = _setting(0, "random seed of the seeds, samples, initialisation and dropout")
+    device: str = _setting("auto", "torch device of the training: auto (cuda when there is one), cpu, cuda or cuda:N")
+    num_threads: int | None = _setting(None, "CPU threads of torch", "torch's choice")
+    checkpoint_minutes: float = _setting(5.0, "minutes between checkpoints (one is also written at each epoch's end)")
+    time_budget_minutes: float | None = _setting(
+        None, "minutes of training after which the run stops; the lr schedule then follows wall time", "none: the epochs set the length")
+    head_layer: int = _setting(-1, "conv layer of the descriptor (0-based, -1: the last)")
+    head_grid: int = _setting(4, "max-pooling grid of the descriptor (G x G cells)")
+    head_dim: int = _setting(128, "descriptor dimension after the PCA")
+    head_power: float = _setting(0.5, "exponent in (0, 1] on the pooled features before the PCA (0.5: square root, 1: none)")
+    whiten: float = _setting(0.25, "PCA whitening exponent in [0, 1]: component k divided by sqrt(eigenvalue_k)^W (0: none, 1: full)")
+    pca_patches: int = _setting(20000, "fresh patches the PCA is fitted on")
+    pca_source: str = _setting(
+        "surrogate", "what the PCA is fitted on: surrogate samples, or patches at SIFT keypoints of the training images "
+        "cut at the chosen magnification")
+    magnification: float | None = _setting(
+        None, "patch side / KeyPoint.size of the descriptor", "tuned on synthetic warps of the training images")
+    init: str | None = _setting(
+        None, "model (shipped name or .pt/.json path) whose conv layers the run starts from; the classifier layers "
+        "start fresh, and arch must give the model's architecture", "random weights")
+    transforms: TransformConfig = TransformConfig()
+
+    def check(self, data: bool = True) -> None:
+        """Check every setting before any work is done.
+
+        Args:
+            data: also check the image folders and the STL-10 file (ranks > 0 of a
+                distributed run do not read them, and their machine may not have them).
+
+        Raises:
+            OptionError: the first bad setting, named by its field (a family by its name).
+        """
+        _check_data(self, data)
+        arch = _check_arch(self)
+        for name, bounds in _BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None or _FIELDS[name].default is not None:
+                check_number(name, value, **bounds)
+        check_number("max_side", self.max_side, low=2 * self.patch_size, integer=True)
+        check(
+            len(self.seed_scales) > 0 and all(isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1 for v in self.seed_scales),
+            "seed_scales", ",".join(f"{v:g}" for v in self.seed_scales), "expected S1,S2,... with every 0 < S <= 1",
+        )
+        check_device("device", self.device, allow_auto=True)
+        layers = len(arch.convs)
+        check_number("head_layer", self.head_layer, low=-layers, high=layers - 1, integer=True)
+        pooled = arch.convs[self.head_layer][0] * self.head_grid**2
+        check_number("head_dim", self.head_dim, low=1, high=pooled, integer=True)
+        check(self.pca_source in PCA_SOURCES, "pca_source", self.pca_source, f"expected one of {', '.join(PCA_SOURCES)}")
+        for family in FAMILY_RECORDS:
+            family.check(getattr(self.transforms, family.name))
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+#: check_number's bounds of the numeric settings that depend on no other (None passes where
+#: it is the default).
+_BOUNDS: dict[str, dict[str, Any]] = {
+    "stl10_max_images": {"low": 1, "integer": True},
+    "num_classes": {"low": 2, "integer": True},
+    **{name: {"low": 1, "integer": True} for name in ("seeds_per_image", "samples_per_class", "epochs", "batch_size", "pca_patches", "val_per_class")},
+    "lr": {"low": 0, "low_open": True},
+    "momentum": {"low": 0, "high": 1, "high_open": True},
+    "weight_decay": {"low": 0},
+    "seed": {"low": 0, "integer": True},
+    "num_threads": {"low": 1, "integer": True},
+    "checkpoint_minutes": {"low": 0, "low_open": True},
+    "time_budget_minutes": {"low": 0, "low_open": True},
+    "head_grid": {"low": 1, "integer": True},
+    "head_power": {"low": 0, "low_open": True, "high": 1},
+    "whiten": {"low": 0, "high": 1},
+    "magnification": {"low": 0, "low_open": True},
+}
+
+
+def _check_data(cfg: TrainConfig, data: bool) -> None:
+    """Some training data given; with ``data``, the folders hold images and the STL-10 file is one."""
+    check(bool(cfg.images or cfg.stl10), "images", list(cfg.images), "no training data: give at least one image folder or an STL-10 file")
+    for folder in cfg.images if data else ():
+        check(Path(folder).is_dir(), "images", folder, "not a folder")
+        try:
+            list_images(folder)
+        except ValueError as err:
+            raise OptionError("images", folder, str(err)) from None
+    if cfg.stl10 is not None and data:
+        try:
+            stl10_image_count(cfg.stl10)
+        except (FileNotFoundError, ValueError) as err:
+            raise OptionError("stl10", cfg.stl10, str(err)) from None
+
+
+def _check_arch(cfg: TrainConfig) -> Architecture:
+    """The architecture ``arch`` names, checked to be the ``init`` model's."""
+    try:
+        arch = resolve_architecture(cfg.arch)
+    except ValueError as err:
+        raise OptionError("arch", cfg.arch, f"{err}; named architectures: {', '.join(ARCHITECTURES)}") from None
+    if cfg.init is not None:
+        _, card = load_init_model(cfg.init)
+        init_arch = architecture_from_dict(card["architecture"])
+        check(
+            arch == init_arch, "arch", cfg.arch,
+            f"the init model {cfg.init} has the architecture {describe_architecture(init_arch)}, not "
+            f"{describe_architecture(arch)}; leave arch unset to take the model's",
+        )
+    return arch

@@ -1,0 +1,66 @@
+"""Starting a run from a saved model: its conv trunk, and the architecture it fixes (``TrainConfig.init``)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..checks import OptionError
+from ..model_io import load_model
+from ..networks import ARCHITECTURES, Architecture, DescriptorNet, ExemplarClassifier, resolve_architecture
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_init_model", "architecture_option", "describe_architecture", "init_trunk"]
+
+
+def load_init_model(model: str) -> tuple[DescriptorNet, dict]:
+    """The init model (shipped name or ``.pt``/``.json`` path), its sha256 verified, on the CPU.
+
+    Returns:
+        (network, model card), as :func:`exemplar_desc.model_io.load_model` returns them.
+
+    Raises:
+        OptionError (``init``): unknown name, missing file, or a corrupt or malformed model.
+    """
+    try:
+        with torch.random.fork_rng(devices=[]):  # building the network draws random weights: leave the caller's stream alone
+            return load_model(model)
+    except (FileNotFoundError, ValueError) as err:
+        raise OptionError("init", model, str(err)) from None
+
+
+def architecture_option(arch: Architecture) -> str | None:
+    """The ``TrainConfig.arch`` value that gives ``arch``: its name in ARCHITECTURES, else its notation; None when neither does."""
+    for name in (*ARCHITECTURES, arch.spec):
+        if resolve_architecture(name) == arch:
+            return name
+    return None
+
+
+def describe_architecture(arch: Architecture) -> str:
+    """``arch`` in words: notation, pooling and batch norm."""
+    return f"{arch.spec} (pool after {arch.pool_after}, batch norm {'on' if arch.batch_norm else 'off'})"
+
+
+def init_trunk(model: ExemplarClassifier, init: str) -> dict:
+    """Copy the conv trunk of the init model into ``model``'s (weights and batch-norm statistics).
+
+    The fully connected layers and the surrogate classifier keep their fresh initialisation
+    (a saved descriptor has neither). A saved descriptor keeps the convolutions up to its
+    head layer only; later ones, if any, stay fresh too.
+
+    Returns:
+        The model card's ``training.init`` record: ``model`` (as given), ``sha256`` of its
+        weights file, ``conv_layers`` (how many convolutions were copied, of how many).
+    """
+    net, card = load_init_model(init)
+    copied = len(net.trunk.blocks)
+    for block, source in zip(model.trunk.blocks, net.trunk.blocks):
+        block.load_state_dict(source.state_dict())
+    total = len(model.trunk.blocks)
+    if copied < total:
+        logger.warning("init model %s keeps %d of %d convolutions (up to its head layer); the others start fresh", init, copied, total)
+    logger.info("trunk initialised from %s (sha256 %s...)", init, card["sha256"][:12])
+    return {"model": init, "sha256": card["sha256"], "conv_layers": f"{copied} of {total}"}
