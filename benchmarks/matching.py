@@ -161,7 +161,7 @@ def _evaluate_sequence(seq: ImageSequence, described: list, pixel_threshold: flo
 
 def _run_descriptor(name: str, descriptor, sequences: list[ImageSequence], detections: dict, pixel_threshold: float,
                     ratio: float | None, errors: dict, bar) -> dict:
-    """One descriptor on every sequence: ``{"time_per_keypoint_ms", "sequences"}``; a failing
+    """One descriptor on every sequence: ``{"time_per_keypoint_ms", "magnification", "sequences"}``; a failing
     sequence is logged and recorded in ``errors`` under ``name/sequence``."""
     seconds, count, per_seq = 0.0, 0, {}
     norm = descriptor.defaultNorm() if hasattr(descriptor, "defaultNorm") else cv2.NORM_L2
@@ -186,7 +186,8 @@ def _run_descriptor(name: str, descriptor, sequences: list[ImageSequence], detec
             logger.exception("%s on %s failed", name, seq.name)
             errors[f"{name}/{seq.name}"] = f"{type(err).__name__}: {err}"
         bar.update(1)
-    return {"time_per_keypoint_ms": 1000.0 * seconds / count if count else float("nan"), "sequences": per_seq}
+    return {"time_per_keypoint_ms": 1000.0 * seconds / count if count else float("nan"),
+            "magnification": getattr(descriptor, "magnification", None), "sequences": per_seq}
 
 
 def run_benchmark(
@@ -214,7 +215,8 @@ def run_benchmark(
             correct-match statistics (None: off); see :func:`benchmarks.metrics.evaluate_pair`.
 
     Returns:
-        ``{"descriptors": {name: {"time_per_keypoint_ms", "sequences": {seq: {"kind",
+        ``{"descriptors": {name: {"time_per_keypoint_ms", "magnification" (patch side /
+        ``KeyPoint.size``, None for a descriptor without one), "sequences": {seq: {"kind",
         "pairs": {"1-k": metrics}}}}}, "errors": {...}}``; :func:`summarise` adds the summaries.
 
     Raises:
@@ -407,7 +409,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--ratio", type=float, default=None,
                    help="Lowe ratio in (0, 1] on the mutual matches of MMA, homography and correct-match statistics (default: off)")
     add_shared_options(p, "--device", "--precision", "--magnification", magnification={
-        "help": "patch side / KeyPoint.size (> 0) for the Exemplar models (default: each model card's)"})
+        "help": "patch side / KeyPoint.size (> 0) for the Exemplar models and the kornia patch descriptors "
+                "(default: each model card's, each peer's own)"})
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -516,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
                      "detector": args.detector, "num_features": args.num_features,
-                     "exemplar_magnification": args.magnification, "exemplar_precision": resolve_precision(args.precision, args.device),
+                     "magnification": args.magnification,
+                     "exemplar_precision": resolve_precision(args.precision, args.device),
                      "pixel_threshold": args.pixel_threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS)},
         "skipped_descriptors": skipped,
