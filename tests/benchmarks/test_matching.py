@@ -1,6 +1,7 @@
 """Descriptor registry and a tiny end-to-end benchmark run."""
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,7 @@ from benchmarks.descriptors import (
     catalogue,
 )
 from benchmarks.matching import OUTPUT_FILES, detect, main
+from benchmarks.metrics import HOMOGRAPHY_KEYS
 from benchmarks.synthetic import make_sequence, sample_photo
 
 from ..conftest import SHARED_DATA
@@ -112,14 +114,21 @@ def test_end_to_end_sift_rootsift(tiny_data, tmp_path, capsys):
     for entry in results["descriptors"].values():
         s = entry["summary"]
         assert 0.3 < s["mAP"] <= 1.0 and 0.3 < s["MMA"][2] <= 1.0 and s["num_pairs"] == 4
+        assert s["H_mean"] == pytest.approx(np.mean([s[k] for k in HOMOGRAPHY_KEYS[:-1]]))
         assert entry["magnification"] is None  # SIFT has no patch magnification
         assert s["MMA"] == sorted(s["MMA"])  # accuracy can only grow with the threshold
         assert entry["time_per_keypoint_ms"] > 0
     assert results["protocol"]["num_features"] == 300
+    assert results["protocol"]["homography_thresholds"] == [1, 3, 5, 10]
+    assert results["protocol"]["homography_fit"]["method"].startswith("MAGSAC++")
+    table_header = printed.out.splitlines()[2]
+    assert re.search(r"MMA@3\s+H@1px\s+H@3px\s+H@5px\s+H@10px\s+H mean\s+correct", table_header), table_header
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("descriptor,scope,kind,sequence,pair,mAP")
+    assert "H@5px,H@10px,H_mean,homography_error" in rows[0]
     assert len(rows) == 1 + 2 * (4 + 2 + 2 + 1)  # per descriptor: 4 pairs, 2 sequences, 2 kinds, overall
-    for png in ("mAP.png", "matching_score.png", "MMA_3px.png", "homography_3px.png", "mma_curves.png"):
+    for png in ("mAP.png", "matching_score.png", "MMA_3px.png", "homography_3px.png", "homography_mean.png",
+                "mma_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
