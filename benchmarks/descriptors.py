@@ -8,9 +8,9 @@ descriptors)``. Names:
 * kornia patch descriptors on 32x32 grey patches of side ``magnification`` x
   ``KeyPoint.size`` (:data:`PATCH_MAGNIFICATION`, MKD's :data:`MKD_MAGNIFICATION`), cut by
   :func:`exemplar_desc.patches.extract_patches`: ``kornia:sift`` (SIFTDescriptor, no
-  weights), ``tfeat``, ``hardnet``, ``sosnet``, ``hynet``, ``mkd`` (MKDDescriptor: concat
-  kernels, PCA-whitening learned on Liberty, 128-D) (pretrained weights through torch hub's
-  cache, ``$TORCH_HOME/hub/checkpoints``);
+  weights), ``tfeat``, ``hardnet``, ``sosnet``, ``hynet`` and ``mkd`` (MKDDescriptor: concat
+  kernels, its ``pcawt`` whitening learned on Liberty, 128-D), whose pretrained weights load
+  through torch hub's cache, ``$TORCH_HOME/hub/checkpoints``;
 * ``xfeatures2d:daisy``, ``xfeatures2d:vgg``, ``xfeatures2d:boostdesc`` when OpenCV's
   contrib build is installed.
 
