@@ -5,10 +5,12 @@ descriptors)``. Names:
 
 * ``exemplar:<model>`` for every model shipped in ``weights/`` (``exemplar_desc.model_io``);
 * ``sift``, ``rootsift`` (:mod:`exemplar_desc.baselines`);
-* kornia patch descriptors on 32x32 grey patches of side 16 x ``KeyPoint.size``, cut by
+* kornia patch descriptors on 32x32 grey patches of side ``magnification`` x
+  ``KeyPoint.size`` (:data:`PATCH_MAGNIFICATION`, MKD's :data:`MKD_MAGNIFICATION`), cut by
   :func:`exemplar_desc.patches.extract_patches`: ``kornia:sift`` (SIFTDescriptor, no
-  weights), ``tfeat``, ``hardnet``, ``sosnet``, ``hynet`` (pretrained weights through
-  torch hub's cache, ``$TORCH_HOME/hub/checkpoints``);
+  weights), ``tfeat``, ``hardnet``, ``sosnet``, ``hynet`` and ``mkd`` (MKDDescriptor: concat
+  kernels, its ``pcawt`` whitening learned on Liberty, 128-D), whose pretrained weights load
+  through torch hub's cache, ``$TORCH_HOME/hub/checkpoints``;
 * ``xfeatures2d:daisy``, ``xfeatures2d:vgg``, ``xfeatures2d:boostdesc`` when OpenCV's
   contrib build is installed.
 
@@ -20,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -33,10 +36,36 @@ from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frame
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PATCH_MAGNIFICATION", "KorniaPatchDescriptor", "catalogue", "build_descriptors", "as_float"]
+__all__ = ["PATCH_MAGNIFICATION", "MKD_MAGNIFICATION", "KorniaPatchDescriptor", "catalogue", "build_descriptors",
+           "as_float"]
 
-PATCH_MAGNIFICATION = 16.0  # patch side in units of KeyPoint.size for the kornia descriptors
-_KORNIA_MODELS = {"tfeat": "TFeat", "hardnet": "HardNet", "sosnet": "SOSNet", "hynet": "HyNet"}
+PATCH_SIZE = 32  # side in pixels of the patches the kornia descriptors get
+PATCH_MAGNIFICATION = 16.0  # patch side in units of KeyPoint.size for the kornia descriptors but MKD (not tuned)
+#: MKD's patch side in units of KeyPoint.size, chosen on the validation set by the rule of
+#: docs/model-development.md (the highest mAP whose MMA@3 is within 0.5 points of the best):
+#: ``python -m benchmarks.matching --validation ../shared/data/train --descriptors mkd --magnification M``
+#: gave mAP / MMA@3 (%) 73.0 / 74.6 at 10, 73.5 / 74.2 at 12, 73.3 / 73.7 at 14, 72.6 / 73.5 at 16.
+MKD_MAGNIFICATION = 12.0
+
+
+@dataclass(frozen=True)
+class _KorniaPeer:
+    """A ``kornia.feature`` class, the arguments that load its pretrained weights, and its magnification."""
+
+    cls: str
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"pretrained": True})
+    magnification: float = PATCH_MAGNIFICATION
+
+
+_KORNIA_MODELS = {
+    "kornia:sift": _KorniaPeer("SIFTDescriptor", {"patch_size": PATCH_SIZE, "rootsift": False}),
+    "tfeat": _KorniaPeer("TFeat"),
+    "hardnet": _KorniaPeer("HardNet"),
+    "sosnet": _KorniaPeer("SOSNet"),
+    "hynet": _KorniaPeer("HyNet"),
+    "mkd": _KorniaPeer("MKDDescriptor", {"patch_size": PATCH_SIZE, "kernel_type": "concat", "whitening": "pcawt",
+                                         "training_set": "liberty", "output_dims": 128}, MKD_MAGNIFICATION),
+}
 _CONTRIB = {"xfeatures2d:daisy": "DAISY_create", "xfeatures2d:vgg": "VGG_create", "xfeatures2d:boostdesc": "BoostDesc_create"}
 
 
@@ -44,7 +73,8 @@ class KorniaPatchDescriptor(Float128Descriptor):
     """A kornia patch network as an OpenCV-style descriptor.
 
     Patches of side ``magnification * KeyPoint.size`` pixels, oriented by ``KeyPoint.angle``,
-    are cut from an anti-aliased pyramid of the grey image in [0, 1] and resampled to 32x32;
+    are cut from an anti-aliased pyramid of the grey image in [0, 1] and resampled to
+    ``PATCH_SIZE`` x ``PATCH_SIZE`` (32x32);
     the network gets them unchanged (the kornia models standardise their input themselves).
     """
 
@@ -65,7 +95,7 @@ class KorniaPatchDescriptor(Float128Descriptor):
         """
         xy, size, angle = keypoints_to_arrays(keypoints)
         frames = keypoint_frames(size, angle, self.magnification)
-        patches = extract_patches(build_pyramid(to_gray_float(image)), xy, frames, 32)
+        patches = extract_patches(build_pyramid(to_gray_float(image)), xy, frames, PATCH_SIZE)
         out = [self.module(patches[s : s + self.batch_size].to(self.device)).cpu()
                for s in range(0, len(patches), self.batch_size)]
         desc = torch.cat(out).numpy() if out else np.zeros((0, self.descriptorSize()), np.float32)
@@ -95,7 +125,7 @@ def catalogue() -> tuple[list[str], dict[str, str]]:
     models, reason = _exemplar_models()
     names = [f"exemplar:{m}" for m in models] or ["exemplar"]
     unavailable = {"exemplar": reason} if reason else {}
-    names += ["sift", "rootsift", "kornia:sift", *_KORNIA_MODELS, *_CONTRIB]
+    names += ["sift", "rootsift", *_KORNIA_MODELS, *_CONTRIB]
     if not hasattr(cv2, "xfeatures2d"):
         for name in _CONTRIB:
             unavailable[name] = "OpenCV contrib build not installed (cv2.xfeatures2d missing)"
@@ -103,20 +133,21 @@ def catalogue() -> tuple[list[str], dict[str, str]]:
 
 
 def _build(name: str, device: str, magnification: float | None, **exemplar_options):
+    """One descriptor by name; ``magnification`` None: the Exemplar card's or the kornia peer's own."""
     if is_exemplar(name):
         return create_descriptor(name, device=device, magnification=magnification, **exemplar_options)
     if name in ("sift", "rootsift"):
         return create_descriptor(name, device=device)
     import kornia.feature as KF
 
-    if name == "kornia:sift":
-        return KorniaPatchDescriptor(KF.SIFTDescriptor(32, rootsift=False), "SIFTDescriptor", device=device)
-    if name in _KORNIA_MODELS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch hub's retry warnings; the failure itself is reported
-            module = getattr(KF, _KORNIA_MODELS[name])(pretrained=True)
-        return KorniaPatchDescriptor(module, _KORNIA_MODELS[name], device=device)
-    return getattr(cv2.xfeatures2d, _CONTRIB[name])()
+    if name not in _KORNIA_MODELS:
+        return getattr(cv2.xfeatures2d, _CONTRIB[name])()
+    peer = _KORNIA_MODELS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch hub's retry warnings; the failure itself is reported
+        module = getattr(KF, peer.cls)(**peer.kwargs)
+    magnification = peer.magnification if magnification is None else magnification
+    return KorniaPatchDescriptor(module, peer.cls, magnification, device=device)
 
 
 def build_descriptors(
@@ -128,7 +159,8 @@ def build_descriptors(
         names: names from :func:`catalogue` (``exemplar:<path or model>`` is accepted too);
             ``None`` means all of them.
         device: torch device for the network descriptors.
-        magnification: patch side / ``KeyPoint.size`` for the Exemplar models (``None``: each card's).
+        magnification: patch side / ``KeyPoint.size`` of the Exemplar models and the kornia patch
+            descriptors (``None``: each card's, each peer's own).
         exemplar_options: more :class:`ExemplarDescriptor` arguments (``precision``, ``batch_size``).
 
     Returns:

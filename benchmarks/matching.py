@@ -36,7 +36,7 @@ from exemplar_desc.descriptor import resolve_precision
 
 from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
 from .descriptors import as_float, build_descriptors, catalogue
-from .metrics import HOMOGRAPHY_THRESHOLDS, MMA_THRESHOLDS, evaluate_pair
+from .metrics import HOMOGRAPHY_FIT, HOMOGRAPHY_KEYS, HOMOGRAPHY_THRESHOLDS, MMA_THRESHOLDS, evaluate_pair
 from .validation import HELD_OUT_FOLDERS, ensure_validation_dataset, held_out_photos
 
 logger = logging.getLogger(__name__)
@@ -44,13 +44,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["detect", "run_benchmark", "summarise", "format_table", "write_outputs", "main"]
 
 DETECTORS = ("sift", "mser")
-_H_KEYS = [f"H@{t}px" for t in HOMOGRAPHY_THRESHOLDS]
 # Plots: file stem -> (axis label, metric of one pair).
 _PLOT_METRICS = {
     "mAP": ("mAP", lambda m: m["mAP"]),
     "matching_score": ("matching score", lambda m: m["matching_score"]),
     "MMA_3px": ("MMA@3px", lambda m: m["MMA"][MMA_THRESHOLDS.index(3)]),
     "homography_3px": ("homography accuracy @3px", lambda m: m["H@3px"]),
+    "homography_mean": ("homography accuracy, mean over 1/3/5/10 px", lambda m: m["H_mean"]),
 }
 OUTPUT_FILES = ("results.json", "results.csv", *[f"{stem}.png" for stem in _PLOT_METRICS], "mma_curves.png")
 
@@ -129,7 +129,7 @@ def _aggregate(pairs: list[dict]) -> dict:
         "matching_score": float(np.mean([p["matching_score"] for p in pairs])),
         "MMA": np.mean([p["MMA"] for p in pairs], axis=0).tolist(),
         "homography_error_median": float(np.median([p["homography_error"] for p in pairs])),
-        **{k: float(np.mean([p[k] for p in pairs])) for k in _H_KEYS},
+        **{k: float(np.mean([p[k] for p in pairs])) for k in HOMOGRAPHY_KEYS},
         "num_correct_matches": float(np.mean([p["num_correct_matches"] for p in pairs])),
         "inlier_error": _nanmean([p["inlier_error"] for p in pairs]),
         "num_pairs": len(pairs),
@@ -161,7 +161,7 @@ def _evaluate_sequence(seq: ImageSequence, described: list, pixel_threshold: flo
 
 def _run_descriptor(name: str, descriptor, sequences: list[ImageSequence], detections: dict, pixel_threshold: float,
                     ratio: float | None, errors: dict, bar) -> dict:
-    """One descriptor on every sequence: ``{"time_per_keypoint_ms", "sequences"}``; a failing
+    """One descriptor on every sequence: ``{"time_per_keypoint_ms", "magnification", "sequences"}``; a failing
     sequence is logged and recorded in ``errors`` under ``name/sequence``."""
     seconds, count, per_seq = 0.0, 0, {}
     norm = descriptor.defaultNorm() if hasattr(descriptor, "defaultNorm") else cv2.NORM_L2
@@ -186,7 +186,8 @@ def _run_descriptor(name: str, descriptor, sequences: list[ImageSequence], detec
             logger.exception("%s on %s failed", name, seq.name)
             errors[f"{name}/{seq.name}"] = f"{type(err).__name__}: {err}"
         bar.update(1)
-    return {"time_per_keypoint_ms": 1000.0 * seconds / count if count else float("nan"), "sequences": per_seq}
+    return {"time_per_keypoint_ms": 1000.0 * seconds / count if count else float("nan"),
+            "magnification": getattr(descriptor, "magnification", None), "sequences": per_seq}
 
 
 def run_benchmark(
@@ -214,7 +215,8 @@ def run_benchmark(
             correct-match statistics (None: off); see :func:`benchmarks.metrics.evaluate_pair`.
 
     Returns:
-        ``{"descriptors": {name: {"time_per_keypoint_ms", "sequences": {seq: {"kind",
+        ``{"descriptors": {name: {"time_per_keypoint_ms", "magnification" (patch side /
+        ``KeyPoint.size``, None for a descriptor without one), "sequences": {seq: {"kind",
         "pairs": {"1-k": metrics}}}}}, "errors": {...}}``; :func:`summarise` adds the summaries.
 
     Raises:
@@ -258,10 +260,11 @@ def _fmt(value: float, percent: bool = True) -> str:
 
 
 def format_table(results: dict) -> str:
-    """Console table: mAP per kind and overall, matching score, MMA@3px, homography accuracy (%), correct
-    matches per pair and their mean error (px), ms per keypoint."""
+    """Console table: mAP per kind and overall, matching score, MMA@3px, homography accuracy at each
+    threshold and their mean ("H mean") (%), correct matches per pair and their mean error (px), ms per keypoint."""
     kinds = [k for k in KINDS if any(k in e.get("per_kind", {}) for e in results["descriptors"].values())]
-    header = ["descriptor", *[f"mAP {k}" for k in kinds], "mAP", "MS", "MMA@3", *_H_KEYS, "correct", "err px", "ms/kp"]
+    header = ["descriptor", *[f"mAP {k}" for k in kinds], "mAP", "MS", "MMA@3",
+              *[k.replace("_", " ") for k in HOMOGRAPHY_KEYS], "correct", "err px", "ms/kp"]
     rows = [header]
     for name, entry in results["descriptors"].items():
         s = entry.get("summary", {})
@@ -270,7 +273,7 @@ def format_table(results: dict) -> str:
             name,
             *[_fmt(entry["per_kind"].get(k, {}).get("mAP", float("nan"))) for k in kinds],
             _fmt(s.get("mAP", float("nan"))), _fmt(s.get("matching_score", float("nan"))), _fmt(mma3),
-            *[_fmt(s.get(k, float("nan"))) for k in _H_KEYS],
+            *[_fmt(s.get(k, float("nan"))) for k in HOMOGRAPHY_KEYS],
             f"{s['num_correct_matches']:.0f}" if "num_correct_matches" in s else "-",
             _fmt(s.get("inlier_error", float("nan")), percent=False),
             _fmt(entry["time_per_keypoint_ms"], percent=False),
@@ -295,13 +298,13 @@ def _json_safe(value):
 
 def _csv_rows(results: dict) -> list[list]:
     header = ["descriptor", "scope", "kind", "sequence", "pair", "mAP", "matching_score",
-              *[f"MMA@{t}px" for t in MMA_THRESHOLDS], *_H_KEYS, "homography_error", "num_correct_matches", "inlier_error",
-              "time_per_keypoint_ms"]
+              *[f"MMA@{t}px" for t in MMA_THRESHOLDS], *HOMOGRAPHY_KEYS, "homography_error", "num_correct_matches",
+              "inlier_error", "time_per_keypoint_ms"]
     rows = [header]
 
     def row(name, scope, kind, seq, pair, m, err_key, ms):
         rows.append([name, scope, kind, seq, pair, m.get("mAP"), m.get("matching_score"), *m.get("MMA", [None] * 10),
-                     *[m.get(k) for k in _H_KEYS], m.get(err_key), m.get("num_correct_matches"),
+                     *[m.get(k) for k in HOMOGRAPHY_KEYS], m.get(err_key), m.get("num_correct_matches"),
                      m.get("inlier_error"), ms])
 
     for name, e in results["descriptors"].items():
@@ -407,7 +410,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--ratio", type=float, default=None,
                    help="Lowe ratio in (0, 1] on the mutual matches of MMA, homography and correct-match statistics (default: off)")
     add_shared_options(p, "--device", "--precision", "--magnification", magnification={
-        "help": "patch side / KeyPoint.size (> 0) for the Exemplar models (default: each model card's)"})
+        "help": "patch side / KeyPoint.size (> 0) for the Exemplar models and the kornia patch descriptors "
+                "(default: each model card's, each peer's own)"})
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -516,9 +520,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
                      "detector": args.detector, "num_features": args.num_features,
-                     "exemplar_magnification": args.magnification, "exemplar_precision": resolve_precision(args.precision, args.device),
+                     "magnification": args.magnification,
+                     "exemplar_precision": resolve_precision(args.precision, args.device),
                      "pixel_threshold": args.pixel_threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
-                     "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS)},
+                     "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS),
+                     "homography_fit": HOMOGRAPHY_FIT},
         "skipped_descriptors": skipped,
         "failed_sequences": bad,
         **summarise(results),

@@ -1,6 +1,7 @@
 """Descriptor registry and a tiny end-to-end benchmark run."""
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -8,13 +9,22 @@ import numpy as np
 import pytest
 
 from benchmarks.datasets import write_sequence
-from benchmarks.descriptors import KorniaPatchDescriptor, as_float, build_descriptors, catalogue
+from benchmarks.descriptors import (
+    MKD_MAGNIFICATION,
+    PATCH_MAGNIFICATION,
+    KorniaPatchDescriptor,
+    as_float,
+    build_descriptors,
+    catalogue,
+)
 from benchmarks.matching import OUTPUT_FILES, detect, main
+from benchmarks.metrics import HOMOGRAPHY_KEYS
 from benchmarks.synthetic import make_sequence, sample_photo
 
 from ..conftest import SHARED_DATA
 
 TORCH_HUB = SHARED_DATA.parent / "peers" / "torch_hub"
+MKD_WEIGHTS = TORCH_HUB / "hub" / "checkpoints" / "mkd-concat-64.pth"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,7 +59,7 @@ def test_unknown_descriptor_lists_available():
 
 def test_unavailable_descriptors_are_listed_with_a_reason():
     names, unavailable = catalogue()
-    assert {"sift", "rootsift", "kornia:sift", "tfeat", "hardnet", "sosnet", "hynet"} <= set(names)
+    assert {"sift", "rootsift", "kornia:sift", "tfeat", "hardnet", "sosnet", "hynet", "mkd"} <= set(names)
     assert any(n.startswith("exemplar") for n in names)
     for name, reason in unavailable.items():
         assert name in names and reason
@@ -68,6 +78,8 @@ def test_kornia_sift_descriptor_on_shared_keypoints():
     out, desc = descriptor.compute(image, kps)
     assert len(out) == len(kps) and desc.shape == (len(kps), 128) and desc.dtype == np.float32
     assert np.all(np.isfinite(desc)) and desc.std() > 0
+    assert descriptor.magnification == PATCH_MAGNIFICATION
+    assert build_descriptors(["kornia:sift"], magnification=7.0)[0]["kornia:sift"].magnification == 7.0
 
 
 def test_binary_descriptors_are_unpacked_for_l2():
@@ -102,13 +114,21 @@ def test_end_to_end_sift_rootsift(tiny_data, tmp_path, capsys):
     for entry in results["descriptors"].values():
         s = entry["summary"]
         assert 0.3 < s["mAP"] <= 1.0 and 0.3 < s["MMA"][2] <= 1.0 and s["num_pairs"] == 4
+        assert s["H_mean"] == pytest.approx(np.mean([s[k] for k in HOMOGRAPHY_KEYS[:-1]]))
+        assert entry["magnification"] is None  # SIFT has no patch magnification
         assert s["MMA"] == sorted(s["MMA"])  # accuracy can only grow with the threshold
         assert entry["time_per_keypoint_ms"] > 0
     assert results["protocol"]["num_features"] == 300
+    assert results["protocol"]["homography_thresholds"] == [1, 3, 5, 10]
+    assert results["protocol"]["homography_fit"]["method"].startswith("MAGSAC++")
+    table_header = printed.out.splitlines()[2]
+    assert re.search(r"MMA@3\s+H@1px\s+H@3px\s+H@5px\s+H@10px\s+H mean\s+correct", table_header), table_header
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("descriptor,scope,kind,sequence,pair,mAP")
+    assert "H@5px,H@10px,H_mean,homography_error" in rows[0]
     assert len(rows) == 1 + 2 * (4 + 2 + 2 + 1)  # per descriptor: 4 pairs, 2 sequences, 2 kinds, overall
-    for png in ("mAP.png", "matching_score.png", "MMA_3px.png", "homography_3px.png", "mma_curves.png"):
+    for png in ("mAP.png", "matching_score.png", "MMA_3px.png", "homography_3px.png", "homography_mean.png",
+                "mma_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
@@ -173,6 +193,32 @@ def test_tfeat_loads_from_torch_hub_cache(monkeypatch):
     assert desc.shape == (len(kps), 128) and np.all(np.isfinite(desc))
 
 
+@pytest.mark.skipif(not MKD_WEIGHTS.is_file(), reason=f"MKD's weights not found at {MKD_WEIGHTS}")
+def test_mkd_loads_from_torch_hub_cache(monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(TORCH_HUB))
+    built, skipped = build_descriptors(["mkd"])
+    assert "mkd" in built, skipped
+    mkd = built["mkd"]
+    assert repr(mkd.module) == ("MKDDescriptor(patch_size=32, kernel_type=concat, whitening=pcawt, "
+                                "training_set=liberty, output_dims=128)")
+    assert mkd.magnification == MKD_MAGNIFICATION
+    image = cv2.resize(sample_photo("camera"), (200, 200), interpolation=cv2.INTER_AREA)
+    kps, _ = detect(image, "sift", 40)
+    _, desc = mkd.compute(image, kps)
+    assert desc.shape == (len(kps), 128) and np.all(np.isfinite(desc))
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)  # MKD's output has unit norm
+    assert build_descriptors(["mkd"], magnification=10.0)[0]["mkd"].magnification == 10.0
+
+
+def test_magnification_reaches_the_kornia_descriptors_and_the_results(tiny_data, tmp_path):
+    assert main(["--data", str(tiny_data), "--descriptors", "kornia:sift,sift", "--magnification", "8",
+                 "--num-features", "50", "--out", str(tmp_path), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["protocol"]["magnification"] == 8.0
+    assert results["descriptors"]["kornia:sift"]["magnification"] == 8.0
+    assert results["descriptors"]["sift"]["magnification"] is None
+
+
 def test_regions_follow_keypoints_that_lost_their_class_id():
     from benchmarks.matching import _source_indices
 
@@ -227,4 +273,4 @@ def test_a_failing_descriptor_is_reported_and_others_still_run(tiny_data, tmp_pa
     table = format_table(results).splitlines()
     assert table[2].split()[0] == "broken" and set(table[2].split()[1:-1]) == {"-"}
     written = write_outputs(results, tmp_path / "out")
-    assert len(written) == 7 and json.loads((tmp_path / "out" / "results.json").read_text())["errors"]
+    assert len(written) == len(OUTPUT_FILES) and json.loads((tmp_path / "out" / "results.json").read_text())["errors"]

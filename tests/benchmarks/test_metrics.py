@@ -1,13 +1,17 @@
 """Matching metrics on hand-made cases with known answers."""
 
+import cv2
 import numpy as np
 import pytest
 
+import benchmarks.metrics as metrics
 from benchmarks.metrics import (
+    HOMOGRAPHY_THRESHOLDS,
     average_precision,
     corner_error,
     ellipse_overlaps,
     evaluate_pair,
+    fit_homography,
     mean_matching_accuracy,
     mutual_nearest_neighbours,
     nearest_neighbours,
@@ -165,3 +169,96 @@ def test_ellipse_criterion_in_evaluate_pair():
     assert r["mAP"] == pytest.approx(1.0)
     r = evaluate_pair(xy1, xy2, d1, d2[::-1].copy(), H, SHAPE, SHAPE, ellipses1=e1, ellipses2=e2)
     assert r["mAP"] < 0.2
+
+
+# --- the homography fit (MAGSAC++) -------------------------------------------------------
+
+WIDE = (480, 640)  # (height, width) of the synthetic homography pairs
+H_WIDE = np.array([[0.9, 0.08, 30.0], [-0.05, 1.05, -12.0], [2e-4, -1e-4, 1.0]])
+
+
+def _noisy_matches(n, outlier_fraction, sigma, seed):
+    """(n, 2) points of image 1, their images by H_WIDE plus N(0, sigma^2) noise per coordinate,
+    the first ``outlier_fraction`` of them replaced by uniform points of image 2; and the inlier mask."""
+    rng = np.random.default_rng(seed)
+    h, w = WIDE
+    xy1 = rng.uniform([0, 0], [w - 1, h - 1], size=(n, 2))
+    xy2 = project(H_WIDE, xy1) + rng.normal(0.0, sigma, size=(n, 2))
+    inlier = np.arange(n) >= round(outlier_fraction * n)
+    xy2[~inlier] = rng.uniform([0, 0], [w - 1, h - 1], size=((~inlier).sum(), 2))
+    return xy1, xy2, inlier
+
+
+def _projection_jacobian(H, xy):
+    """(2N, 8) derivative of the projection of (N, 2) points by H w.r.t. H's first 8 entries (H[2, 2] = 1)."""
+    x, y, one = xy[:, 0], xy[:, 1], np.ones(len(xy))
+    uvw = np.column_stack([xy, one]) @ H.T
+    w, uv = uvw[:, 2], uvw[:, :2] / uvw[:, 2:3]
+    J = np.zeros((len(xy), 2, 8))
+    J[:, 0, 0:3] = np.column_stack([x, y, one]) / w[:, None]
+    J[:, 1, 3:6] = np.column_stack([x, y, one]) / w[:, None]
+    J[:, :, 6:8] = -uv[:, :, None] * np.column_stack([x, y])[:, None, :] / w[:, None, None]
+    return J.reshape(-1, 8)
+
+
+def test_fit_homography_is_deterministic_for_a_seed_and_the_seed_reaches_opencv():
+    xy1, xy2, _ = _noisy_matches(60, 0.8, 2.0, seed=3)  # hard: 12 inliers, so the samples drawn matter
+    first = fit_homography(xy1, xy2, seed=0)
+    cv2.setRNGSeed(12345)  # OpenCV's global generator does not enter USAC
+    cv2.randu(np.zeros(10), 0, 1)
+    assert np.array_equal(fit_homography(xy1, xy2, seed=0), first)
+    # seed 0 is OpenCV's USAC_MAGSAC itself, whose generator state is always 0
+    flag, _ = cv2.findHomography(np.float32(xy1), np.float32(xy2), cv2.USAC_MAGSAC, 3.0, maxIters=10_000,
+                                 confidence=0.999)
+    np.testing.assert_allclose(first, flag, rtol=1e-9, atol=1e-12)
+    others = [fit_homography(xy1, xy2, seed=s) for s in range(1, 6)]
+    assert any(h is None or not np.array_equal(h, first) for h in others)  # the seed is used
+    assert all(np.array_equal(fit_homography(xy1, xy2, seed=s), h) for s, h in zip(range(1, 6), others))
+
+
+def test_fit_homography_recovers_h_with_30_percent_outliers_within_the_linearised_bound():
+    """Bound on the mean corner error of a fit from 280 inliers (noise sigma = 0.5 px) and 120 outliers.
+
+    Linearised at the true H, least squares on the inliers alone is unbiased with parameter
+    covariance sigma^2 (J^T J)^-1 (J: the inliers' projection Jacobian), the Cramer-Rao bound for
+    Gaussian noise. The four corners' errors e (8 values) then have E|e|^2 = sigma^2 tr(Jc (J^T J)^-1
+    Jc^T) = 4 r^2, and the mean corner error is at most sqrt(|e|^2 / 4) (power means). |e|^2 is a
+    weighted sum of chi^2_1 variables; above 9 times its mean it lies with probability at most
+    P(chi^2_1 > 9) = 0.27 % (Szekely & Bakirov 2003), so an efficient fit is within 3 r. MAGSAC++
+    weights its inliers, which costs efficiency: the bound allows a third more, 4 r. 4 r is about
+    0.7 px here, so the pair also counts as a success at 1 px.
+    """
+    xy1, xy2, inlier = _noisy_matches(400, 0.3, 0.5, seed=0)
+    h, w = WIDE
+    corners = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], dtype=np.float64)
+    J, Jc = _projection_jacobian(H_WIDE, xy1[inlier]), _projection_jacobian(H_WIDE, corners)
+    r = 0.5 * np.sqrt(np.trace(Jc @ np.linalg.inv(J.T @ J) @ Jc.T) / 4)
+    oracle, _ = cv2.findHomography(xy1[inlier], xy2[inlier], 0)  # least squares on the true inliers
+    assert corner_error(oracle, H_WIDE, WIDE) <= 3 * r  # the derivation holds on this draw
+    assert corner_error(fit_homography(xy1, xy2), H_WIDE, WIDE) <= 4 * r < 1.0
+    assert corner_error(cv2.findHomography(xy1, xy2, 0)[0], H_WIDE, WIDE) > 10.0  # the outliers matter
+
+
+def test_fit_homography_without_four_matches_or_a_model():
+    assert fit_homography(np.zeros((3, 2)), np.zeros((3, 2))) is None
+    assert fit_homography(np.zeros((10, 2)), np.zeros((10, 2))) is None  # all points equal: no model
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"seed": -1}, "seed"), ({"seed": 0.5}, "seed"), ({"threshold": 0}, "threshold"),
+    ({"max_iters": 0}, "max_iters"), ({"confidence": 1.0}, "confidence"),
+])
+def test_fit_homography_names_a_bad_argument(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} "):
+        fit_homography(np.zeros((5, 2)), np.zeros((5, 2)), **kwargs)
+
+
+def test_homography_accuracy_at_each_threshold_and_their_mean(monkeypatch):
+    """An estimate 5 px off at every corner passes at 5 and 10 px, fails at 1 and 3: H mean 0.5."""
+    shifted = np.array([[1, 0, 3.0], [0, 1, 4.0], [0, 0, 1]]) @ H
+    monkeypatch.setattr(metrics, "fit_homography", lambda pts1, pts2: shifted)
+    xy1, xy2, d1, d2 = _scene()
+    r = evaluate_pair(xy1, xy2, d1, d2, H, SHAPE, SHAPE)
+    assert r["homography_error"] == pytest.approx(5.0)
+    assert [r[f"H@{t}px"] for t in HOMOGRAPHY_THRESHOLDS] == [0.0, 0.0, 1.0, 1.0]
+    assert r["H_mean"] == 0.5
