@@ -62,8 +62,8 @@ def train(
         TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written first (by rank 0).
     """
     cfg.check(data=dist is None or dist.is_main)
-    check(not refit_head or cfg.init is not None, "init", cfg.init, "a head refit keeps the trunk of an init model: name one")
-    check(not (refit_head and resume), "resume", resume, "a head refit takes no training step, so there is nothing to resume")
+    check(not refit_head or cfg.init is not None, "refit_head", refit_head, "a head refit keeps the trunk of an init model: name one")
+    check(not (refit_head and resume), "refit_head", refit_head, "takes no training step, so there is no run to resume")
     if dist is not None:
         device = dist.device
     else:
