@@ -181,7 +181,7 @@ def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.A
     run.add_argument(
         "--refit-head", action="store_true",
         help="take no training step: fit a new head (with the given head options) on the trunk of the --init model "
-             "and write it as a new model",
+             "and write it as a new model (default: off)",
     )
     add_shared_options(run, "--dist-timeout")
     run.add_argument("--out-dir", default="models", help="folder the model and its card are written to (default: %(default)s)")
