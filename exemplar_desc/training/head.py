@@ -147,7 +147,7 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
     )
     try:
         ratio, count = net.head.fit_pairs(pooled, whiten=cfg.whiten, shrinkage=cfg.pair_shrinkage)
-    except ValueError as err:
+    except ValueError as err:  # too few pairs: the whitening exponent and shrinkage were checked with the settings
         raise OptionError("pair_photos", cfg.pair_photos, f"too few positive pairs: {err}") from None
     logger.info("fitted the head's learned whitening on %d positive pairs of %d photos", count, min(cfg.pair_photos, len(images)))
     record = {"pairs": count, "photos": min(cfg.pair_photos, len(images)), "views_per_photo": cfg.pair_views,
