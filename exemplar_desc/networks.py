@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -177,6 +178,20 @@ class ExemplarClassifier(nn.Module):
         return self.classifier(self.fc(self.trunk(x)))
 
 
+def _pair_moments(
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], compress: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 sums over (B, D) batches of pairs (x, y), ``compress``-ed: the number of pairs,
+    sum of x and y (D,), sum of x x^T + y y^T (D, D), sum of (x - y)(x - y)^T (D, D)."""
+    count, total, outer, within = 0, torch.zeros(()), torch.zeros(()), torch.zeros(())
+    for a, b in pairs:
+        a, b = compress(a.double()), compress(b.double())
+        diff = a - b
+        count += len(a)
+        total, outer, within = total + a.sum(0) + b.sum(0), outer + a.T @ a + b.T @ b, within + diff.T @ diff
+    return count, total, outer, within
+
+
 class DescriptorHead(nn.Module):
     """Conv features max-pooled to a ``grid x grid`` layout, power-compressed, PCA-projected, L2-normalised.
 
@@ -211,6 +226,15 @@ class DescriptorHead(nn.Module):
     def _compress(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled if self.power == 1 else pooled.sign() * pooled.abs().pow(self.power)
 
+    def _principal(self, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``dim`` leading eigenpairs of a symmetric (D, D) float64 matrix: (dim,) eigenvalues
+        (descending, clamped at 0) and (D, dim) eigenvectors, each signed so that its largest
+        entry is positive (refits on the same data are identical)."""
+        eigval, eigvec = torch.linalg.eigh(cov)
+        order = torch.argsort(eigval, descending=True)[: self.projection.shape[1]]
+        eigval, eigvec = eigval[order].clamp_min(0), eigvec[:, order]
+        return eigval, eigvec * torch.sign(eigvec[eigvec.abs().argmax(0), torch.arange(eigvec.shape[1])])
+
     @torch.no_grad()
     def fit(self, pooled: torch.Tensor, whiten: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
         """Fit the PCA on (M, F * grid * grid) pooled features.
@@ -228,16 +252,56 @@ class DescriptorHead(nn.Module):
         pooled = self._compress(pooled.double())
         mean = pooled.mean(0)
         cov = torch.cov((pooled - mean).T)
-        eigval, eigvec = torch.linalg.eigh(cov)
-        order = torch.argsort(eigval, descending=True)[: self.projection.shape[1]]
-        eigval, eigvec = eigval[order].clamp_min(0), eigvec[:, order]
-        # Fix each component's sign so that refits on the same data are identical.
-        eigvec = eigvec * torch.sign(eigvec[eigvec.abs().argmax(0), torch.arange(eigvec.shape[1])])
+        eigval, eigvec = self._principal(cov)
         if whiten:
             eigvec = eigvec / torch.sqrt(eigval + eps * eigval.max()) ** whiten
         self.mean.copy_(mean.float())
         self.projection.copy_(eigvec.float())
         return eigval / torch.linalg.eigvalsh(cov).clamp_min(0).sum()
+
+    @torch.no_grad()
+    def fit_pairs(
+        self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], whiten: float = 1.0, shrinkage: float = 0.1, eps: float = 1e-6
+    ) -> tuple[torch.Tensor, int]:
+        """Fit a learned whitening (Radenovic et al., TPAMI 2018) on pooled features of positive pairs.
+
+        With x, y the power-compressed pooled features of the two views of a pair, the
+        within-pair covariance ``C_w = E[(x - y)(x - y)^T]`` is shrunk towards its mean
+        eigenvalue, ``(1 - shrinkage) C_w + shrinkage * trace(C_w) / D * I``; the features,
+        centred by the mean of both views, are multiplied by ``W = C_w^(-whiten / 2)`` and
+        rotated onto the ``dim`` principal axes of the whitened features. The head keeps
+        its form: ``projection = W @ axes``, so the descriptor costs what the PCA head costs.
+
+        Args:
+            pairs: batches of (B, F * grid * grid) pooled features (:meth:`pool`) of the two views.
+            whiten: exponent in [0, 1] on the within-pair whitening (1: Radenovic's, 0: a plain PCA).
+            shrinkage: in [0, 1].
+            eps: eigenvalues of ``C_w`` below ``eps`` x the largest are raised to it.
+
+        Returns:
+            ((dim,) fraction of the whitened features' variance each kept axis explains, number of pairs).
+
+        Raises:
+            ValueError: ``whiten`` or ``shrinkage`` out of [0, 1], or fewer pairs than ``dim``.
+        """
+        for name, value in (("whiten", whiten), ("shrinkage", shrinkage)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        count, total, outer, within = _pair_moments(pairs, self._compress)
+        if count <= self.projection.shape[1]:
+            raise ValueError(f"{count} pairs cannot fit a {self.projection.shape[1]}-D head: it needs more than {self.projection.shape[1]}")
+        mean = total / (2 * count)
+        cov = outer / (2 * count) - torch.outer(mean, mean)
+        within = within / count
+        within = (1 - shrinkage) * within + shrinkage * within.trace() / len(within) * torch.eye(len(within), dtype=within.dtype)
+        eigval, eigvec = torch.linalg.eigh(within)
+        eigval = eigval.clamp_min(eps * eigval.max())
+        whitening = (eigvec * eigval ** (-whiten / 2)) @ eigvec.T
+        whitened = whitening @ cov @ whitening
+        variance, axes = self._principal((whitened + whitened.T) / 2)
+        self.mean.copy_(mean.float())
+        self.projection.copy_((whitening @ axes).float())
+        return variance / torch.linalg.eigvalsh(whitened).clamp_min(0).sum(), count
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F, h, w) conv features -> (B, dim) unit-length descriptors."""

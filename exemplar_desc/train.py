@@ -5,8 +5,11 @@
 2. Train the network to classify random transformations of the seeds
    (:mod:`exemplar_desc.training.loop`).
 3. Fit the descriptor head (PCA) on fresh unlabeled patches, choose the patch
-   magnification on synthetic warps of training images, and write the model and its card
-   into ``--out-dir`` (default ``models/``).
+   magnification on synthetic warps of training images, refit the head as a learned
+   whitening of positive pairs in such warps with ``--whitening pairs``, and write the
+   model and its card into ``--out-dir`` (default ``models/``).
+
+``--refit-head`` skips step 2: the head is fitted on the trunk of the ``--init`` model.
 
 The options are generated from :class:`~exemplar_desc.training.config.TrainConfig`'s fields
 (their help texts, types and defaults) and the transformation families' records; a
@@ -35,8 +38,8 @@ from .images import list_images
 from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
-from .training.config import PCA_SOURCES, TrainConfig
-from .training.head import fit_head, fit_head_on_keypoints
+from .training.config import PCA_SOURCES, WHITENINGS, TrainConfig
+from .training.head import fit_head, fit_head_on_keypoints, fit_head_on_pairs
 from .training.init_model import architecture_option, load_init_model
 from .training.loop import train
 from .training.magnification import tune_magnification
@@ -81,6 +84,7 @@ SPELLING: dict[str, dict[str, Any]] = {
     "num_threads": {"flag": "--threads", "metavar": "N"},
     "time_budget_minutes": {"flag": "--time-budget", "metavar": "MINUTES"},
     "pca_source": {"choices": PCA_SOURCES},
+    "whitening": {"choices": WHITENINGS},
 }
 
 
@@ -174,6 +178,11 @@ def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.A
         help="continue from WORKDIR/checkpoint.pt with the same settings (a finished run only refits the head with the "
              "given head options)",
     )
+    run.add_argument(
+        "--refit-head", action="store_true",
+        help="take no training step: fit a new head (with the given head options) on the trunk of the --init model "
+             "and write it as a new model (default: off)",
+    )
     add_shared_options(run, "--dist-timeout")
     run.add_argument("--out-dir", default="models", help="folder the model and its card are written to (default: %(default)s)")
     run.add_argument("--name", help="model name (default: the architecture's name)")
@@ -227,6 +236,7 @@ def build_card(
     magnification: float,
     tuning: dict | None,
     preset: str | None = None,
+    pairs: dict | None = None,
 ) -> dict:
     """The model card of a trained descriptor (without the weights' name and sha256, added by save_model).
 
@@ -236,6 +246,7 @@ def build_card(
         explained: fraction of the pooled features' variance the PCA keeps.
         tuning: the magnification tuning record, None when --magnification was given.
         preset: the ``--preset`` the run started from, None for none.
+        pairs: the record of the pairs whitening (:func:`fit_head_on_pairs`), None for the pca one.
     """
     last = result["log"][-1] if result["log"] else {}
     return {
@@ -251,8 +262,10 @@ def build_card(
             "dim": cfg.head_dim,
             "power": cfg.head_power,
             "whiten": cfg.whiten,
+            "whitening": cfg.whitening,
             "pca_patches": cfg.pca_patches,
             "pca_source": cfg.pca_source,
+            "pairs": pairs,
             "explained_variance": round(explained, 4),
         },
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
@@ -260,6 +273,7 @@ def build_card(
             "command": "python -m exemplar_desc.train " + " ".join(shlex.quote(a) for a in argv),
             "preset": preset,
             "resumed": resumed,
+            "refit_head": result["refit_head"],
             "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
             "num_classes": cfg.num_classes,
             "seed_scales": list(cfg.seed_scales),
@@ -331,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir = check_output_dir("workdir", args.workdir)
             out_dir = check_output_dir("out_dir", args.out_dir)
             dist = init_distributed(cfg.device, args.dist_timeout)
-            result = train(cfg, workdir, resume=args.resume, dist=dist)
+            result = train(cfg, workdir, resume=args.resume, dist=dist, refit_head=args.refit_head)
         finally:
             close_distributed()
     except TrainingInterrupted as err:
@@ -359,21 +373,25 @@ def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], re
     """Fit the head, choose the magnification, write the model and its card (rank 0); returns 0."""
     net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
     # Read once: STL-10's file may hold 100,000 images.
-    needs_images = cfg.magnification is None or cfg.pca_source == "keypoints"
+    needs_images = cfg.magnification is None or cfg.pca_source == "keypoints" or cfg.whitening == "pairs"
     images, source = _training_images(cfg) if needs_images else (None, None)
     magnification, tuning = _magnification(cfg, net, images, source)
+    pairs = None
     if cfg.pca_source == "keypoints":  # the magnification was tuned with the surrogate fit
         explained = fit_head_on_keypoints(net, images, magnification, cfg)
-    card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning, preset=args.preset)
+    if cfg.whitening == "pairs":
+        explained, pairs = fit_head_on_pairs(net, images, magnification, cfg)
+    card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning, preset=args.preset, pairs=pairs)
+    if args.refit_head:
+        card["training"]["trunk_training"] = load_init_model(cfg.init)[1].get("training")
     last = result["log"][-1] if result["log"] else {}
     card_path = save_model(net, card, out_dir, args.name or cfg.arch)
     print(f"model written to {card_path} and {card_path.with_suffix('.pt')}")
     print(
         f"surrogate validation accuracy {last.get('val_accuracy', float('nan')):.3f} over {cfg.num_classes} classes; "
-        f"magnification {magnification:g}; PCA keeps {explained:.1%} of the variance"
+        f"magnification {magnification:g}; the head keeps {explained:.1%} of the variance"
     )
     return 0
-
 
 if __name__ == "__main__":
     # record: under torchrun, a failing rank's traceback appears in the job's error summary.

@@ -14,11 +14,15 @@ from .init_model import describe_architecture, load_init_model
 from .seeds import PAPER_SEED_SCALES, stl10_image_count
 from .transforms import FAMILY_RECORDS, TransformConfig
 
-__all__ = ["TrainConfig", "PCA_SOURCES"]
+__all__ = ["TrainConfig", "PCA_SOURCES", "WHITENINGS"]
 
 #: What the descriptor head's PCA is fitted on: fresh surrogate samples (transformed seed
 #: patches), or patches at SIFT keypoints of the training images (exemplar_desc.training.head).
 PCA_SOURCES = ("surrogate", "keypoints")
+#: How the head's linear map is fitted: a PCA (whitened by ``whiten``), or a learned whitening
+#: of positive pairs of keypoint patches in synthetic views of the training photos
+#: (exemplar_desc.training.pairs; DescriptorHead.fit_pairs).
+WHITENINGS = ("pca", "pairs")
 
 
 def _setting(default: Any, help: str, unset: str | None = None) -> Any:
@@ -64,7 +68,16 @@ class TrainConfig:
     head_grid: int = _setting(4, "max-pooling grid of the descriptor (G x G cells)")
     head_dim: int = _setting(128, "descriptor dimension after the PCA")
     head_power: float = _setting(0.5, "exponent in (0, 1] on the pooled features before the PCA (0.5: square root, 1: none)")
-    whiten: float = _setting(0.25, "PCA whitening exponent in [0, 1]: component k divided by sqrt(eigenvalue_k)^W (0: none, 1: full)")
+    whiten: float = _setting(
+        0.25, "whitening exponent W in [0, 1] (0: none, 1: full): with the pca whitening, component k divided by "
+        "sqrt(eigenvalue_k)^W; with pairs, the features multiplied by C^(-W/2), C the within-pair covariance")
+    whitening: str = _setting(
+        "pca", "the head's linear map: pca (on pca_source's patches), or pairs: a learned whitening of positive pairs, "
+        "SIFT keypoints of training photos re-detected in synthetic views of them (homography, blur, gamma, gain), "
+        "then a PCA (Radenovic et al. 2018)")
+    pair_photos: int = _setting(200, "training photos the positive pairs of the pairs whitening come from")
+    pair_views: int = _setting(3, "synthetic views per photo for the positive pairs")
+    pair_shrinkage: float = _setting(0.1, "shrinkage in [0, 1] of the within-pair covariance towards its mean eigenvalue")
     pca_patches: int = _setting(20000, "fresh patches the PCA is fitted on")
     pca_source: str = _setting(
         "surrogate", "what the PCA is fitted on: surrogate samples, or patches at SIFT keypoints of the training images "
@@ -103,6 +116,9 @@ class TrainConfig:
         pooled = arch.convs[self.head_layer][0] * self.head_grid**2
         check_number("head_dim", self.head_dim, low=1, high=pooled, integer=True)
         check(self.pca_source in PCA_SOURCES, "pca_source", self.pca_source, f"expected one of {', '.join(PCA_SOURCES)}")
+        check(self.whitening in WHITENINGS, "whitening", self.whitening, f"expected one of {', '.join(WHITENINGS)}")
+        check(self.whitening == "pca" or self.pca_source == "surrogate", "pca_source", self.pca_source,
+              "the pairs whitening is fitted on its pairs; pca_source keypoints applies to the pca whitening only")
         for family in FAMILY_RECORDS:
             family.check(getattr(self.transforms, family.name))
 
@@ -114,7 +130,7 @@ _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _BOUNDS: dict[str, dict[str, Any]] = {
     "stl10_max_images": {"low": 1, "integer": True},
     "num_classes": {"low": 2, "integer": True},
-    **{name: {"low": 1, "integer": True} for name in ("seeds_per_image", "samples_per_class", "epochs", "batch_size", "pca_patches", "val_per_class")},
+    **{name: {"low": 1, "integer": True} for name in ("seeds_per_image", "samples_per_class", "epochs", "batch_size", "pca_patches", "val_per_class", "pair_photos", "pair_views")},
     "lr": {"low": 0, "low_open": True},
     "momentum": {"low": 0, "high": 1, "high_open": True},
     "weight_decay": {"low": 0},
@@ -125,6 +141,7 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "head_grid": {"low": 1, "integer": True},
     "head_power": {"low": 0, "low_open": True, "high": 1},
     "whiten": {"low": 0, "high": 1},
+    "pair_shrinkage": {"low": 0, "high": 1},
     "magnification": {"low": 0, "low_open": True},
 }
 

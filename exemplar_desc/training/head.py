@@ -17,11 +17,12 @@ from ..networks import DescriptorNet, ExemplarClassifier
 from ..patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches
 from .config import TrainConfig
 from .magnification import read_gray
+from .pairs import PAIR_SETTINGS, warped_pairs
 from .transforms import SurrogateSampler, sample_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fit_head", "fit_head_on_keypoints", "keypoint_patches"]
+__all__ = ["fit_head", "fit_head_on_keypoints", "fit_head_on_pairs", "keypoint_patches"]
 
 
 @torch.no_grad()
@@ -117,3 +118,38 @@ def fit_head_on_keypoints(
                           f"the {dim}-D head needs more than {dim}")
     logger.info("fitting the head's PCA on %d patches at SIFT keypoints of the training images", len(pooled))
     return float(net.head.fit(pooled, whiten=cfg.whiten).sum())
+
+
+@torch.no_grad()
+def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], magnification: float, cfg: TrainConfig) -> tuple[float, dict]:
+    """Refit ``net``'s head (in place) as a learned whitening of positive pairs (:meth:`DescriptorHead.fit_pairs`).
+
+    The pairs are SIFT keypoints of ``cfg.pair_photos`` training photos re-detected in
+    ``cfg.pair_views`` synthetic views of each (:func:`.pairs.warped_pairs`), cut at
+    ``magnification``, no labels.
+
+    Args:
+        net: descriptor network, on any device.
+        images: as for :func:`keypoint_patches`.
+        magnification: patch side in units of ``KeyPoint.size``, the model's.
+        cfg: gives ``pair_photos``, ``pair_views``, ``pair_shrinkage``, ``whiten``, ``patch_size`` and ``seed``.
+
+    Returns:
+        (fraction of the whitened features' variance the head keeps, the card's record of the fit).
+
+    Raises:
+        OptionError (``pair_photos``): the photos gave no more pairs than the head has dimensions.
+    """
+    device = net.eval().head.mean.device
+    pooled = (
+        (net.head.pool(net.features(a.to(device))).cpu(), net.head.pool(net.features(b.to(device))).cpu())
+        for a, b in warped_pairs(images, cfg.pair_photos, cfg.pair_views, magnification, cfg.patch_size, cfg.seed)
+    )
+    try:
+        ratio, count = net.head.fit_pairs(pooled, whiten=cfg.whiten, shrinkage=cfg.pair_shrinkage)
+    except ValueError as err:  # too few pairs: the whitening exponent and shrinkage were checked with the settings
+        raise OptionError("pair_photos", cfg.pair_photos, f"too few positive pairs: {err}") from None
+    logger.info("fitted the head's learned whitening on %d positive pairs of %d photos", count, min(cfg.pair_photos, len(images)))
+    record = {"pairs": count, "photos": min(cfg.pair_photos, len(images)), "views_per_photo": cfg.pair_views,
+              "shrinkage": cfg.pair_shrinkage, "whiten": cfg.whiten, **PAIR_SETTINGS}
+    return float(ratio.sum()), record

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..atomic import atomic_write
-from ..checks import OptionError, check_device
+from ..checks import OptionError, check, check_device
 from ..distributed import Distributed
 from ..networks import ExemplarClassifier, resolve_architecture
 from .checkpoint import TrainState, read_checkpoint, restore_state, save_checkpoint
@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["train", "train_step"]
 
 
-def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool = True, dist: Distributed | None = None) -> dict:
+def train(
+    cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool = True, dist: Distributed | None = None,
+    refit_head: bool = False,
+) -> dict:
     """Run the surrogate-class training; returns a summary with the trained classifier.
 
     Writes ``workdir/checkpoint.pt`` every ``cfg.checkpoint_minutes`` and at each epoch's end,
@@ -50,12 +53,17 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
         dist: this rank's place in a torchrun job (:func:`.distributed.init_distributed`),
             None for a single process. Every rank calls train(); rank 0 samples the seed
             patches (broadcast to the others), validates, logs and writes the files.
+        refit_head: take no step: the summary holds the ``init`` model's trunk (and the
+            surrogate sampler), for a new head on it; nothing is written.
 
     Raises:
-        OptionError: a bad setting or checkpoint to resume (``resume``), before any work.
+        OptionError: a bad setting or checkpoint to resume (``resume``), before any work;
+            ``refit_head`` without an ``init`` model or with ``resume``.
         TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written first (by rank 0).
     """
     cfg.check(data=dist is None or dist.is_main)
+    check(not refit_head or cfg.init is not None, "refit_head", refit_head, "a head refit keeps the trunk of an init model: name one")
+    check(not (refit_head and resume), "refit_head", refit_head, "takes no training step, so there is no run to resume")
     if dist is not None:
         device = dist.device
     else:
@@ -65,10 +73,12 @@ def train(cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool 
         torch.random.default_generator.manual_seed(cfg.seed)
         if cuda:
             torch.cuda.default_generators[cuda[0]].manual_seed(cfg.seed)
-        return _train(cfg, device, workdir, resume, progress, dist)
+        return _train(cfg, device, workdir, resume, progress, dist, refit_head)
 
 
-def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool, dist: Distributed | None) -> dict:
+def _train(
+    cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool, dist: Distributed | None, refit_head: bool
+) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     main_rank = dist is None or dist.is_main
@@ -86,7 +96,7 @@ def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, 
     state = _start_state(cfg, device, workdir, checkpoint, dist)
 
     validation = None
-    if main_rank:
+    if main_rank and not refit_head:
         # Held-out surrogate samples: fixed transformations, never trained on.
         val_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         val_y = torch.arange(cfg.num_classes, device=device).repeat(cfg.val_per_class)
@@ -94,9 +104,10 @@ def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, 
         validation = (val_x, val_y)
         workdir.mkdir(parents=True, exist_ok=True)
 
-    stop: dict = {}
-    with stop_on_signals(stop):
-        _run_steps(state, cfg, sampler, validation, workdir, checkpoint is not None and "model" not in checkpoint, progress, stop, dist)
+    if not refit_head:
+        stop: dict = {}
+        with stop_on_signals(stop):
+            _run_steps(state, cfg, sampler, validation, workdir, checkpoint is not None and "model" not in checkpoint, progress, stop, dist)
     return {
         "model": state.model,
         "sampler": sampler,
@@ -111,6 +122,7 @@ def _train(cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, 
         "seed_time_s": state.session_start - started,
         "log": state.log,
         "init": state.init,
+        "refit_head": refit_head,
     }
 
 

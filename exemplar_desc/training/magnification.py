@@ -23,7 +23,7 @@ from ..patches import build_pyramid, keypoint_frames, keypoints_to_arrays
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["random_homography", "read_gray", "tune_magnification", "CANDIDATES"]
+__all__ = ["random_homography", "synthetic_view", "downscale", "project", "read_gray", "tune_magnification", "CANDIDATES"]
 
 CANDIDATES = (6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0)
 
@@ -44,7 +44,40 @@ def random_homography(width: int, height: int, rng: np.random.Generator, strengt
     return cv2.getPerspectiveTransform(src, dst).astype(np.float64)
 
 
-def _project(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
+def downscale(gray: np.ndarray, max_side: int) -> np.ndarray:
+    """(H, W) uint8 image shrunk (area interpolation) so that its longer side is at most ``max_side`` pixels."""
+    factor = min(1.0, max_side / max(gray.shape))
+    return cv2.resize(gray, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+
+
+def synthetic_view(gray: np.ndarray, rng: np.random.Generator, light: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic second view of a photo whose ground truth is exact.
+
+    A random homography (:func:`random_homography`), then a Gaussian blur of sigma drawn
+    in [0, 2.5] pixels (none below 0.3); with ``light``, then a change of light: gamma in
+    [1/1.5, 1.5] and gain in [0.6, 1.5], both log-uniform (drawn after the blur, so the
+    views without light are those of the same ``rng`` state with it).
+
+    Args:
+        gray: (H, W) uint8 grey photo.
+
+    Returns:
+        ((H, W) uint8 warped view, (3, 3) float64 homography mapping ``gray``'s pixels (x, y) to the view's).
+    """
+    h, w = gray.shape
+    hom = random_homography(w, h, rng)
+    warped = cv2.warpPerspective(cv2.GaussianBlur(gray, (0, 0), 0.7), hom, (w, h), flags=cv2.INTER_LINEAR)
+    sigma = rng.uniform(0, 2.5)
+    if sigma > 0.3:
+        warped = cv2.GaussianBlur(warped, (0, 0), sigma)
+    if light:
+        gamma, gain = np.exp(rng.uniform(-np.log(1.5), np.log(1.5))), np.exp(rng.uniform(np.log(0.6), np.log(1.5)))
+        warped = np.clip(255 * gain * (warped / 255.0) ** gamma + 0.5, 0, 255).astype(np.uint8)
+    return warped, hom
+
+
+def project(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """(N, 2) pixels (x, y) mapped by the (3, 3) homography ``h``; (N, 2) float64."""
     return cv2.perspectiveTransform(xy.reshape(-1, 1, 2).astype(np.float64), h).reshape(-1, 2)
 
 
@@ -91,14 +124,8 @@ def tune_magnification(
         gray = read_gray(images[index])
         if gray is None:
             continue
-        factor = min(1.0, max_side / max(gray.shape))
-        gray = cv2.resize(gray, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
-        h, w = gray.shape
-        hom = random_homography(w, h, rng)
-        warped = cv2.warpPerspective(cv2.GaussianBlur(gray, (0, 0), 0.7), hom, (w, h), flags=cv2.INTER_LINEAR)
-        sigma = rng.uniform(0, 2.5)
-        if sigma > 0.3:
-            warped = cv2.GaussianBlur(warped, (0, 0), sigma)
+        gray = downscale(gray, max_side)
+        warped, hom = synthetic_view(gray, rng)
         kps = [sift.detect(gray, None), sift.detect(warped, None)]
         if min(len(k) for k in kps) < min_keypoints:
             continue
@@ -116,7 +143,7 @@ def tune_magnification(
                 descs.append(describe_frames(net, pyramid, xy, keypoint_frames(size, angle, m)))
                 points.append(xy)
             matches, _ = mutual_nearest_neighbours(*descs)
-            err = np.linalg.norm(_project(hom, points[0][matches[:, 0]]) - points[1][matches[:, 1]], axis=1)
+            err = np.linalg.norm(project(hom, points[0][matches[:, 0]]) - points[1][matches[:, 1]], axis=1)
             accuracies.append(float((err <= threshold).mean()) if len(matches) else 0.0)
         scores[m] = float(np.mean(accuracies))
         logger.info("magnification %g: mean matching accuracy@%gpx %.3f", m, threshold, scores[m])
