@@ -285,6 +285,7 @@ def build_card(
             "batch_size": cfg.batch_size,
             "world_size": result["world_size"],
             "global_batch_size": cfg.batch_size * result["world_size"],
+            "loss": {"type": cfg.loss, **({"margin": cfg.margin, "triplet_weight": cfg.triplet_weight} if cfg.matching else {})},
             "optimizer": {"type": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "official steps"},
             "transforms": cfg.transforms.to_dict(),
             "device": result["trained_on"],
