@@ -32,5 +32,8 @@ setup(
             "exemplar-extract = exemplar_desc.extract:main",
         ]
     },
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "onnx": ["onnx>=1.14"],  # python -m exemplar_desc.export (torch's TorchScript exporter needs nothing else)
+        "test": ["pytest>=7", "onnx>=1.14"],
+    },
 )

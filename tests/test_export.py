@@ -1,0 +1,99 @@
+"""The ONNX export: cv2.dnn reads the file and gives ExemplarPatchDescriptor's descriptors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exemplar_desc import ExemplarPatchDescriptor
+from exemplar_desc.model_io import DEFAULT_MODEL, load_model, sha256_of
+from exemplar_desc.onnx_export import INPUT_NAME, OUTPUT_NAME, OnnxDescriptorGraph, export_onnx
+from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays
+
+from .conftest import shared_data
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """The default model as an ONNX file."""
+    path = tmp_path_factory.mktemp("onnx") / "exemplar.onnx"
+    export_onnx(None, path)
+    return path
+
+
+def run_cv2(path: Path, patches: np.ndarray) -> np.ndarray:
+    """(N, D) descriptors of (N, 1, P, P) float32 patches from ``cv2.dnn``."""
+    net = cv2.dnn.readNetFromONNX(str(path))
+    net.setInput(patches)
+    return net.forward()
+
+
+def assert_same_descriptors(path: Path, model: str | Path | None, patches: np.ndarray) -> np.ndarray:
+    """cv2.dnn on the file against ExemplarPatchDescriptor; returns the cosines.
+
+    The two differ by float32 rounding in a different order of operations, about 1e-6 per
+    entry of a unit vector; 1e-4 leaves room for other BLAS kernels and is still far below
+    any change of the computation (a missing step moves entries by 1e-2 or more).
+    """
+    with torch.no_grad():
+        expected = ExemplarPatchDescriptor(model)(torch.from_numpy(patches)).numpy()
+    got = run_cv2(path, patches)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    cosine = (got * expected).sum(1)
+    assert cosine.min() > 0.999
+    return cosine
+
+
+def test_cv2_dnn_describes_photo_patches_as_the_patch_descriptor(exported):
+    image = cv2.imread(str(shared_data("oxford", "graf", "img1.ppm")))
+    keypoints = cv2.SIFT_create(nfeatures=200).detect(image, None)
+    xy, size, angle = keypoints_to_arrays(keypoints)
+    frames = keypoint_frames(size, angle, float(load_model(None)[1]["magnification"]))
+    patches = extract_patches(build_pyramid(gray_tensor(image)), xy, frames).numpy()
+    assert 200 <= len(patches) <= 210
+    assert_same_descriptors(exported, None, patches)
+
+
+@pytest.mark.parametrize("n", [1, 257])
+def test_dynamic_batch(exported, n):
+    patches = np.random.default_rng(n).random((n, 1, 32, 32), dtype=np.float32)
+    assert_same_descriptors(exported, None, patches)
+
+
+def test_metadata_and_signature(exported):
+    proto = onnx.load(str(exported))
+    card = load_model(None)[1]
+    assert {p.key: p.value for p in proto.metadata_props} == {
+        "model": DEFAULT_MODEL, "sha256": card["sha256"], "magnification": "10.0", "patch_size": "32", "descriptor_size": "128",
+    }
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (inp, out)]
+    assert (inp.name, out.name) == (INPUT_NAME, OUTPUT_NAME) and dims == [["N", 1, 32, 32], ["N", 128]]
+
+
+@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "random"])
+def test_other_models(tmp_path, random_model, model):
+    model = random_model if model == "random" else model  # a card path, a head without power compression
+    metadata = export_onnx(model, tmp_path / "m.onnx")
+    card = load_model(model)[1]
+    assert metadata["model"] == card["name"] and metadata["magnification"] == repr(float(card["magnification"]))
+    patches = np.random.default_rng(0).random((64, 1, 32, 32), dtype=np.float32)
+    assert_same_descriptors(tmp_path / "m.onnx", model, patches)
+
+
+def test_a_grid_that_does_not_divide_the_feature_map_is_refused(tmp_path, random_model):
+    net, card = load_model(random_model)  # its 8x8 map of 32-pixel patches
+    card["head"]["grid"] = 3
+    torch.save({**net.state_dict(), "head.mean": torch.zeros(128 * 9), "head.projection": torch.ones(128 * 9, 128)},
+               tmp_path / "grid3.pt")
+    card.update(weights_file="grid3.pt", sha256=sha256_of(tmp_path / "grid3.pt"))
+    (tmp_path / "grid3.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="8x8 feature map .* not a multiple of the 3x3 pooling grid"):
+        OnnxDescriptorGraph(tmp_path / "grid3.json")
