@@ -30,6 +30,7 @@ setup(
             "exemplar-sfm = exemplar_desc.sfm.__main__:main",
             "exemplar-match = exemplar_desc.viewer:main",
             "exemplar-extract = exemplar_desc.extract:main",
+            "exemplar-export = exemplar_desc.export:main",
         ]
     },
     extras_require={

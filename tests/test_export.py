@@ -1,8 +1,9 @@
-"""The ONNX export: cv2.dnn reads the file and gives ExemplarPatchDescriptor's descriptors."""
+"""The ONNX export: cv2.dnn reads the file and gives ExemplarPatchDescriptor's descriptors; its command line."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import cv2
@@ -12,10 +13,12 @@ import pytest
 import torch
 
 from exemplar_desc import ExemplarPatchDescriptor
+from exemplar_desc.export import main
 from exemplar_desc.model_io import DEFAULT_MODEL, load_model, sha256_of
 from exemplar_desc.onnx_export import INPUT_NAME, OUTPUT_NAME, OnnxDescriptorGraph, export_onnx
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays
 
+from .cli_checks import assert_bad_option
 from .conftest import shared_data
 
 
@@ -97,3 +100,47 @@ def test_a_grid_that_does_not_divide_the_feature_map_is_refused(tmp_path, random
     (tmp_path / "grid3.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="8x8 feature map .* not a multiple of the 3x3 pooling grid"):
         OnnxDescriptorGraph(tmp_path / "grid3.json")
+
+
+def test_command_line_writes_the_file_and_replaces_an_existing_one(tmp_path, capsys):
+    out = tmp_path / "exemplar.onnx"
+    out.write_bytes(b"an older file")
+    assert main(["--format", "onnx", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == f"{DEFAULT_MODEL} (magnification 10.0, patch_size 32, descriptor_size 128) -> {out}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["exemplar.onnx"]  # no temporary file left
+    assert run_cv2(out, np.zeros((2, 1, 32, 32), np.float32)).shape == (2, 128)
+
+
+@pytest.fixture
+def corrupted_model(tmp_path, random_model) -> Path:
+    """A card whose weights file lost its last bytes."""
+    folder = tmp_path / "corrupted"
+    folder.mkdir()
+    for suffix in (".json", ".pt"):
+        data = random_model.with_suffix(suffix).read_bytes()
+        (folder / random_model.with_suffix(suffix).name).write_bytes(data[:-100] if suffix == ".pt" else data)
+    return folder / random_model.name
+
+
+@pytest.mark.parametrize(
+    "argv, option, value",
+    [
+        (["--format", "tflite", "--out", "OUT/x.onnx"], "--format", "tflite"),
+        (["--format", "onnx", "--out", "OUT"], "--out", "OUT"),
+        (["--format", "onnx", "--out", "OUT/x.pb"], "--out", "OUT/x.pb"),
+        (["--format", "onnx", "--out", "OUT/x.onnx", "--model", "no-such-model"], "--model", "no-such-model"),
+        (["--format", "onnx", "--out", "OUT/x.onnx", "--model", "OUT/none.json"], "--model", "OUT/none.json"),
+        (["--format", "onnx", "--out", "OUT/x.onnx", "--model", "CORRUPTED"], "--model", "CORRUPTED"),
+    ],
+)
+def test_bad_options(tmp_path, capsys, corrupted_model, argv, option, value):
+    def fill(text: str) -> str:
+        return text.replace("CORRUPTED", str(corrupted_model)).replace("OUT", str(tmp_path))
+
+    assert_bad_option(main, [fill(a) for a in argv], option, fill(value), capsys, tmp_path)
+
+
+def test_missing_onnx_package_is_reported_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    assert_bad_option(main, ["--format", "onnx", "--out", str(tmp_path / "x.onnx")], "--format", "onnx", capsys, tmp_path)
