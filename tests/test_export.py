@@ -1,8 +1,10 @@
-"""The ONNX export: cv2.dnn reads the file and gives ExemplarPatchDescriptor's descriptors; its command line."""
+"""The ONNX export: cv2.dnn reads the file and gives ExemplarPatchDescriptor's descriptors; its command line;
+the OpenCV-only program of docs/onnx.md against ExemplarDescriptor.compute."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from exemplar_desc import ExemplarPatchDescriptor
+from exemplar_desc import ExemplarDescriptor, ExemplarPatchDescriptor
 from exemplar_desc.export import main
 from exemplar_desc.model_io import DEFAULT_MODEL, load_model, sha256_of
 from exemplar_desc.onnx_export import INPUT_NAME, OUTPUT_NAME, OnnxDescriptorGraph, export_onnx
@@ -20,6 +22,7 @@ from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, k
 
 from .cli_checks import assert_bad_option
 from .conftest import shared_data
+from .test_recipes import FENCE, REPO, run_block
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +147,26 @@ def test_bad_options(tmp_path, capsys, corrupted_model, argv, option, value):
 def test_missing_onnx_package_is_reported_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
     assert_bad_option(main, ["--format", "onnx", "--out", str(tmp_path / "x.onnx")], "--format", "onnx", capsys, tmp_path)
+
+
+def test_the_guides_opencv_program_describes_as_compute(exported, tmp_path):
+    page = (REPO / "docs" / "onnx.md").read_text()
+    assert "python -m exemplar_desc.export --format onnx --out exemplar.onnx" in page  # the file the block reads
+    (language, code), = [block for block in FENCE.findall(page) if block[0] == "python"]
+    metadata = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
+    constants = re.search(r"^MAGNIFICATION, PATCH = ([\d.]+), (\d+)", code, re.M)
+    assert constants and constants.groups() == (metadata["magnification"], metadata["patch_size"])
+    image = shared_data("oxford", "graf", "img1.ppm")
+    out = tmp_path / "features.npz"
+    printed = run_block(language, code, MODEL=exported, IMAGE=image, OUT=out)
+    saved = np.load(out)
+    keypoints = [cv2.KeyPoint(x, y, size, angle) for x, y, size, angle in saved["keypoints"]]
+    assert f"{len(keypoints)} keypoints, descriptors ({len(keypoints)}, 128)" in printed and len(keypoints) >= 2000
+    _, expected = ExemplarDescriptor(precision="fp32").compute(cv2.imread(str(image)), keypoints)
+    cosine = (saved["descriptors"] * expected).sum(1)
+    # The guide's geometry is compute's; what may differ is where cv2.warpAffine puts a sample.
+    # OpenCV 5.0.0 puts it exactly (min 0.9999998 measured); OpenCV 4.x rounds it to 1/32
+    # pixel, at most 1/64 per axis (min 0.99990, mean 0.99998 measured with 4.10.0). The bounds
+    # are what moving every sample of compute's own patches by 1/32 pixel along both axes costs
+    # (min 0.9993, mean 0.99986 on these keypoints): twice the worst rounding of OpenCV 4.x.
+    assert cosine.min() >= 0.999 and cosine.mean() >= 0.9998, (cosine.min(), cosine.mean())
