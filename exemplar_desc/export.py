@@ -13,6 +13,7 @@ atomically; an existing one is replaced.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def _check_options(args: argparse.Namespace) -> tuple[Path, OnnxDescriptorGraph]
     suffix = FORMATS[args.format]
     check(out.suffix.lower() == suffix, "out", args.out, f"must end with {suffix} for --format {args.format}")
     try:
-        import onnx  # noqa: F401  (checked here, so a missing package is reported before any work)
+        importlib.import_module("onnx")  # needed by the export; a missing package is reported before any work
     except ImportError:
         raise OptionError("format", args.format, "needs the onnx package: pip install 'exemplar_desc[onnx]'") from None
     try:
