@@ -77,6 +77,9 @@ def test_fit_pairs_rotates_onto_the_principal_axes_of_the_whitened_features():
     off = cov - torch.diag(variances)
     assert off.abs().max() <= 1e-5 * variances.max()
     assert torch.all(ratio > 0) and ratio.sum() <= 1 + 1e-9
+    full = DescriptorHead(in_channels=4, grid=2, dim=16, power=1.0)
+    ratio, _ = full.fit_pairs([(x.float(), y.float())], whiten=1.0, shrinkage=0.3)
+    assert math.isclose(ratio.sum(), 1, rel_tol=1e-12)  # every axis kept: all the whitened features' variance
 
 
 def test_fit_pairs_without_whitening_is_the_pca_of_both_views():
