@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import cv2
 import numpy as np
@@ -132,12 +133,18 @@ def test_match_frames_keeps_consistent_detections_once():
     assert match_frames((xy0[:0], xy1), (frames0[:0], frames1), hom).shape == (0, 2)
 
 
-def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_model, photo_bgr):
+def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_model, photo_bgr, capsys, monkeypatch):
     out = tmp_path / "out"
     argv = [str(folder), "--init", str(random_model), *TINY, "--whitening", "pairs", "--pair-photos", "3", "--pair-views", "1",
             "--whiten", "1", "--pair-shrinkage", "0.2", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--name", "pairs"]
+    # With --magnification no tuning needs a surrogate PCA head, so none is fitted.
+    monkeypatch.setattr(train_module, "fit_head_on_surrogates", lambda *args: pytest.fail("surrogate PCA fitted for nothing"))
     assert train_module.main(argv) == 0
     card = json.loads((out / "pairs.json").read_text())
+    # No training step, so no surrogate validation accuracy to report.
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(re.escape(f"head refitted on the trunk of the init model {random_model} (no training step, so no surrogate "
+                                  "validation accuracy); magnification 8; the head keeps ") + r"[\d.]+% of the variance", line), line
     init_card = json.loads(random_model.read_text())
     head, training = card["head"], card["training"]
     assert head["whitening"] == "pairs" and head["whiten"] == 1.0 and head["dim"] == 16
