@@ -3,7 +3,6 @@
 import json
 import re
 
-import cv2
 import numpy as np
 import pytest
 import skimage.data
@@ -18,14 +17,6 @@ from exemplar_desc.training.config import TrainConfig
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
         "--pca-patches", "256", "--head-dim", "16", "--device", "cpu", "--threads", "1", "--magnification", "8"]
 PHOTOS = ("astronaut", "coffee", "chelsea")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS:
-        cv2.imwrite(str(path / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
-    return path
 
 
 def test_keypoint_patches_are_standardised_and_spread_over_the_images():

@@ -7,7 +7,6 @@ import re
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 import torch
 
 from exemplar_desc import ExemplarDescriptor
@@ -19,18 +18,9 @@ from exemplar_desc.training.magnification import project, random_homography
 from exemplar_desc.training.pairs import homography_jacobian, match_frames
 from tests.cli_checks import assert_bad_option
 
-PHOTOS = ("astronaut", "coffee", "chelsea")
 #: A refit of a 16-D head with few surrogate classes; --magnification skips the tuning.
 TINY = ["--refit-head", "--num-classes", "8", "--seeds-per-image", "8", "--pca-patches", "256", "--head-dim", "16",
         "--device", "cpu", "--threads", "1", "--magnification", "8"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS:
-        cv2.imwrite(str(path / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
-    return path
 
 
 def _pairs(n: int, dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
