@@ -30,7 +30,11 @@ setup(
             "exemplar-sfm = exemplar_desc.sfm.__main__:main",
             "exemplar-match = exemplar_desc.viewer:main",
             "exemplar-extract = exemplar_desc.extract:main",
+            "exemplar-export = exemplar_desc.export:main",
         ]
     },
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "onnx": ["onnx>=1.14"],  # python -m exemplar_desc.export (torch's TorchScript exporter needs nothing else)
+        "test": ["pytest>=7", "onnx>=1.14"],
+    },
 )

@@ -279,14 +279,16 @@ class DescriptorHead(nn.Module):
     def _compress(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled if self.power == 1 else pooled.sign() * pooled.abs().pow(self.power)
 
-    def _principal(self, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``dim`` leading eigenpairs of a symmetric (D, D) float64 matrix: (dim,) eigenvalues
-        (descending, clamped at 0) and (D, dim) eigenvectors, each signed so that its largest
-        entry is positive (refits on the same data are identical)."""
+    def _principal(self, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``dim`` leading eigenpairs of a symmetric (D, D) float64 matrix, from one eigendecomposition:
+        (dim,) eigenvalues (descending, clamped at 0), (D, dim) eigenvectors, each signed so that
+        its largest entry is positive (refits on the same data are identical), and the () total
+        variance, the sum of all D eigenvalues clamped at 0 (the denominator of the explained ratios)."""
         eigval, eigvec = torch.linalg.eigh(cov)
+        total = eigval.clamp_min(0).sum()
         order = torch.argsort(eigval, descending=True)[: self.projection.shape[1]]
         eigval, eigvec = eigval[order].clamp_min(0), eigvec[:, order]
-        return eigval, eigvec * torch.sign(eigvec[eigvec.abs().argmax(0), torch.arange(eigvec.shape[1])])
+        return eigval, eigvec * torch.sign(eigvec[eigvec.abs().argmax(0), torch.arange(eigvec.shape[1])]), total
 
     @torch.no_grad()
     def fit(self, pooled: torch.Tensor, whiten: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
@@ -305,12 +307,12 @@ class DescriptorHead(nn.Module):
         pooled = self._compress(pooled.double())
         mean = pooled.mean(0)
         cov = torch.cov((pooled - mean).T)
-        eigval, eigvec = self._principal(cov)
+        eigval, eigvec, total = self._principal(cov)
         if whiten:
             eigvec = eigvec / torch.sqrt(eigval + eps * eigval.max()) ** whiten
         self.mean.copy_(mean.float())
         self.projection.copy_(eigvec.float())
-        return eigval / torch.linalg.eigvalsh(cov).clamp_min(0).sum()
+        return eigval / total
 
     @torch.no_grad()
     def fit_pairs(
@@ -351,10 +353,10 @@ class DescriptorHead(nn.Module):
         eigval = eigval.clamp_min(eps * eigval.max())
         whitening = (eigvec * eigval ** (-whiten / 2)) @ eigvec.T
         whitened = whitening @ cov @ whitening
-        variance, axes = self._principal((whitened + whitened.T) / 2)
+        variance, axes, total = self._principal((whitened + whitened.T) / 2)
         self.mean.copy_(mean.float())
         self.projection.copy_((whitening @ axes).float())
-        return variance / torch.linalg.eigvalsh(whitened).clamp_min(0).sum(), count
+        return variance / total, count
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F, h, w) conv features -> (B, dim) unit-length descriptors."""

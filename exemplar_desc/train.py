@@ -5,9 +5,10 @@
 2. Train the network to classify random transformations of the seeds
    (:mod:`exemplar_desc.training.loop`).
 3. Fit the descriptor head (PCA) on fresh unlabeled patches, choose the patch
-   magnification on synthetic warps of training images, refit the head as a learned
-   whitening of positive pairs in such warps with ``--whitening pairs``, and write the
-   model and its card into ``--out-dir`` (default ``models/``).
+   magnification on synthetic warps of training images (with that head), fit the head on
+   patches at SIFT keypoints of the training images with ``--pca-source keypoints``, or as
+   a learned whitening of positive pairs in such warps with ``--whitening pairs``, and
+   write the model and its card into ``--out-dir`` (default ``models/``).
 
 ``--refit-head`` skips step 2: the head is fitted on the trunk of the ``--init`` model.
 
@@ -39,7 +40,7 @@ from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
 from .training.config import PCA_SOURCES, WHITENINGS, TrainConfig
-from .training.head import fit_head, fit_head_on_keypoints, fit_head_on_pairs
+from .training.head import build_descriptor_net, fit_head_on_keypoints, fit_head_on_pairs, fit_head_on_surrogates
 from .training.init_model import architecture_option, load_init_model
 from .training.loop import train
 from .training.magnification import tune_magnification
@@ -372,26 +373,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], result: dict, out_dir: Path) -> int:
     """Fit the head, choose the magnification, write the model and its card (rank 0); returns 0."""
-    net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
+    net = build_descriptor_net(result["model"], cfg)
+    # The keypoints PCA and the pairs whitening are fitted at the chosen magnification; the
+    # surrogate PCA is fitted when it is the head, or for the tuning, which describes patches with it.
+    refit = cfg.pca_source == "keypoints" or cfg.whitening == "pairs"
+    if not refit or cfg.magnification is None:
+        explained = fit_head_on_surrogates(net, result["sampler"], cfg, result["device"], result["generator"])
     # Read once: STL-10's file may hold 100,000 images.
-    needs_images = cfg.magnification is None or cfg.pca_source == "keypoints" or cfg.whitening == "pairs"
-    images, source = _training_images(cfg) if needs_images else (None, None)
+    images, source = _training_images(cfg) if refit or cfg.magnification is None else (None, None)
     magnification, tuning = _magnification(cfg, net, images, source)
     pairs = None
-    if cfg.pca_source == "keypoints":  # the magnification was tuned with the surrogate fit
+    if cfg.pca_source == "keypoints":
         explained = fit_head_on_keypoints(net, images, magnification, cfg)
     if cfg.whitening == "pairs":
         explained, pairs = fit_head_on_pairs(net, images, magnification, cfg)
     card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning, preset=args.preset, pairs=pairs)
     if args.refit_head:
         card["training"]["trunk_training"] = load_init_model(cfg.init)[1].get("training")
-    last = result["log"][-1] if result["log"] else {}
+        summary = f"head refitted on the trunk of the init model {cfg.init} (no training step, so no surrogate validation accuracy)"
+    else:
+        last = result["log"][-1] if result["log"] else {}
+        summary = f"surrogate validation accuracy {last.get('val_accuracy', float('nan')):.3f} over {cfg.num_classes} classes"
     card_path = save_model(net, card, out_dir, args.name or cfg.arch)
     print(f"model written to {card_path} and {card_path.with_suffix('.pt')}")
-    print(
-        f"surrogate validation accuracy {last.get('val_accuracy', float('nan')):.3f} over {cfg.num_classes} classes; "
-        f"magnification {magnification:g}; the head keeps {explained:.1%} of the variance"
-    )
+    print(f"{summary}; magnification {magnification:g}; the head keeps {explained:.1%} of the variance")
     return 0
 
 if __name__ == "__main__":

@@ -63,6 +63,11 @@ def test_head_pca_and_normalisation():
         head(features)
     ratio = head.fit(head.pool(features))
     assert ratio.shape == (4,) and torch.all(ratio[:-1] >= ratio[1:])
+    # Each ratio is a kept eigenvalue of the covariance over the sum of all of them (its trace).
+    cov = torch.cov(head.pool(features).double().T)
+    assert torch.allclose(ratio, torch.linalg.eigvalsh(cov).flip(0)[:4] / cov.trace(), rtol=1e-12, atol=0)
+    full = DescriptorHead(in_channels=8, grid=2, dim=32)
+    assert torch.isclose(full.fit(full.pool(features)).sum(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-12, atol=0)
     out = head(features)
     assert out.shape == (200, 4)
     assert torch.allclose(out.norm(dim=1), torch.ones(200), atol=1e-5)

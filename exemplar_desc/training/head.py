@@ -22,7 +22,7 @@ from .transforms import SurrogateSampler, sample_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fit_head", "fit_head_on_keypoints", "fit_head_on_pairs", "keypoint_patches"]
+__all__ = ["build_descriptor_net", "fit_head_on_surrogates", "fit_head_on_keypoints", "fit_head_on_pairs", "keypoint_patches"]
 
 
 @torch.no_grad()
@@ -33,18 +33,39 @@ def _pooled(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> torch.Tensor
     return torch.cat(pooled) if pooled else torch.empty(0)
 
 
-def fit_head(
-    classifier: ExemplarClassifier, sampler: SurrogateSampler, cfg: TrainConfig, device: torch.device, gen: torch.Generator
-) -> tuple[DescriptorNet, float]:
-    """Build the descriptor network from a trained classifier and fit its PCA on fresh surrogate samples.
+def build_descriptor_net(classifier: ExemplarClassifier, cfg: TrainConfig) -> DescriptorNet:
+    """The descriptor network of a trained classifier, its head not yet fitted.
+
+    Args:
+        classifier: the trained surrogate-class classifier, on any device.
+        cfg: gives ``head_layer``, ``head_grid``, ``head_dim`` and ``head_power``.
 
     Returns:
-        (descriptor network on the CPU in eval mode, fraction of variance the kept components explain).
+        Descriptor network on the CPU in eval mode: the classifier's trunk up to ``cfg.head_layer``
+        (weights and batch-norm statistics copied) and a head of zeros, fitted by
+        :func:`fit_head_on_surrogates`, :func:`fit_head_on_keypoints` or :func:`fit_head_on_pairs`.
     """
-    arch = classifier.trunk.arch
-    net = DescriptorNet(arch, cfg.head_layer, cfg.head_grid, cfg.head_dim, cfg.head_power)
+    net = DescriptorNet(classifier.trunk.arch, cfg.head_layer, cfg.head_grid, cfg.head_dim, cfg.head_power)
     net.trunk.load_state_dict(classifier.trunk.state_dict(), strict=False)
-    net = net.to(device).eval()
+    return net.eval()
+
+
+def fit_head_on_surrogates(
+    net: DescriptorNet, sampler: SurrogateSampler, cfg: TrainConfig, device: torch.device, gen: torch.Generator
+) -> float:
+    """Fit ``net``'s PCA (in place) on ``cfg.pca_patches`` fresh surrogate samples, drawn with ``gen``.
+
+    Args:
+        net: descriptor network from :func:`build_descriptor_net`; it runs on ``device`` and is left on the CPU.
+        sampler: the run's surrogate classes.
+        cfg: gives ``pca_patches`` and ``whiten``.
+        device: the device the features are computed on (``gen``'s).
+        gen: generator of the samples' classes and transformations.
+
+    Returns:
+        Fraction of variance the kept components explain.
+    """
+    net.to(device)
 
     def batches() -> Iterator[torch.Tensor]:
         for start in range(0, cfg.pca_patches, 1024):
@@ -53,7 +74,8 @@ def fit_head(
             yield sample_patches(sampler, ids, gen)
 
     ratio = net.head.fit(_pooled(net, batches()), whiten=cfg.whiten)
-    return net.cpu(), float(ratio.sum())
+    net.cpu()
+    return float(ratio.sum())
 
 
 def keypoint_patches(
@@ -100,7 +122,7 @@ def fit_head_on_keypoints(
     surrogate samples.
 
     Args:
-        net: descriptor network from :func:`fit_head`, on any device.
+        net: descriptor network from :func:`build_descriptor_net`, on any device.
         images: as for :func:`keypoint_patches`.
         magnification: patch side in units of ``KeyPoint.size``, the model's.
         cfg: gives ``pca_patches``, ``patch_size``, ``seed`` and ``whiten``.

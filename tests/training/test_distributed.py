@@ -10,9 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import pytest
-import skimage.data
 import torch
 
 import exemplar_desc
@@ -21,14 +19,6 @@ from exemplar_desc import train as train_module
 REPO = Path(exemplar_desc.__file__).resolve().parents[1]
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--batch-size", "16", "--pca-patches", "256",
         "--head-dim", "16", "--magnification", "8", "--device", "cpu", "--name", "m"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos")
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        cv2.imwrite(str(path / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
-    return path
 
 
 def _torchrun(*args: str) -> list[str]:
@@ -57,9 +47,9 @@ def _check_run(work: Path, out: Path, world_size: int) -> dict:
     return card
 
 
-def test_torchrun_two_processes(folder, tmp_path):
+def test_torchrun_two_processes(folder_of_four, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    args = [str(folder), *TINY, "--samples-per-class", "32", "--epochs", "3", "--workdir", str(work), "--out-dir", str(out)]
+    args = [str(folder_of_four), *TINY, "--samples-per-class", "32", "--epochs", "3", "--workdir", str(work), "--out-dir", str(out)]
     done = subprocess.run(_torchrun("--standalone", "--nproc_per_node", "2") + args, env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     card = _check_run(work, out, 2)
@@ -68,9 +58,9 @@ def test_torchrun_two_processes(folder, tmp_path):
     assert done.stdout.count("model written to") == 1  # rank 0 alone prints and writes
 
 
-def test_two_nodes_over_loopback(folder, tmp_path):
+def test_two_nodes_over_loopback(folder_of_four, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    args = [str(folder), *TINY, "--samples-per-class", "32", "--epochs", "3", "--workdir", str(work), "--out-dir", str(out)]
+    args = [str(folder_of_four), *TINY, "--samples-per-class", "32", "--epochs", "3", "--workdir", str(work), "--out-dir", str(out)]
     port = str(_free_port())
     nodes = [
         subprocess.Popen(
@@ -94,9 +84,9 @@ def _two_ranks_until_checkpoint(args: list[str], work: Path) -> subprocess.Popen
     return job
 
 
-def test_interrupted_two_process_run_resumes_in_one(folder, tmp_path):
+def test_interrupted_two_process_run_resumes_in_one(folder_of_four, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    args = [str(folder), *TINY, "--samples-per-class", "60", "--epochs", "3", "--checkpoint-minutes", "0.002",
+    args = [str(folder_of_four), *TINY, "--samples-per-class", "60", "--epochs", "3", "--checkpoint-minutes", "0.002",
             "--workdir", str(work), "--out-dir", str(out)]
     job = _two_ranks_until_checkpoint(args, work)
     job.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
@@ -125,9 +115,9 @@ def _rank_pid(work: Path, rank: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
-def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(folder, tmp_path):
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(folder_of_four, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    args = [str(folder), *TINY, "--samples-per-class", "2000", "--checkpoint-minutes", "0.002",
+    args = [str(folder_of_four), *TINY, "--samples-per-class", "2000", "--checkpoint-minutes", "0.002",
             "--workdir", str(work), "--out-dir", str(out)]
     job = _two_ranks_until_checkpoint(args, work)
     os.kill(_rank_pid(work, 1), signal.SIGTERM)  # rank 0 gets no signal: it learns of it from rank 1
@@ -141,9 +131,9 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(folder, tmp_path
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
-def test_a_rank_that_dies_ends_the_job(folder, tmp_path):
+def test_a_rank_that_dies_ends_the_job(folder_of_four, tmp_path):
     work = tmp_path / "work"
-    args = [str(folder), *TINY, "--samples-per-class", "2000", "--checkpoint-minutes", "0.002", "--workdir", str(work), "--out-dir", str(tmp_path / "out")]
+    args = [str(folder_of_four), *TINY, "--samples-per-class", "2000", "--checkpoint-minutes", "0.002", "--workdir", str(work), "--out-dir", str(tmp_path / "out")]
     job = _two_ranks_until_checkpoint(args, work)
     os.kill(_rank_pid(work, 1), signal.SIGKILL)
     killed = time.time()

@@ -1,8 +1,8 @@
 """The head's PCA fitted on patches at SIFT keypoints of the training images (--pca-source keypoints)."""
 
 import json
+import re
 
-import cv2
 import numpy as np
 import pytest
 import skimage.data
@@ -10,21 +10,13 @@ import torch
 
 from exemplar_desc import train as train_module
 from exemplar_desc.model_io import load_model
-from exemplar_desc.training.head import fit_head_on_keypoints, keypoint_patches
+from exemplar_desc.training.head import fit_head_on_keypoints, fit_head_on_surrogates, keypoint_patches
 from exemplar_desc.training.config import TrainConfig
 
 #: A run of 8 classes and 2 steps, a 16-D head; --magnification skips the tuning.
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
         "--pca-patches", "256", "--head-dim", "16", "--device", "cpu", "--threads", "1", "--magnification", "8"]
 PHOTOS = ("astronaut", "coffee", "chelsea")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS:
-        cv2.imwrite(str(path / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
-    return path
 
 
 def test_keypoint_patches_are_standardised_and_spread_over_the_images():
@@ -58,10 +50,22 @@ def test_too_few_keypoints_is_a_clear_error(random_model):
         fit_head_on_keypoints(net, [blank], magnification=8, cfg=TrainConfig(pca_patches=256))
 
 
-def test_cli_refits_the_head_on_keypoints_and_records_it(folder, tmp_path):
+def test_cli_refits_the_head_on_keypoints_and_records_it(folder, tmp_path, capsys, monkeypatch):
+    fits = []
+
+    def counted(*args):
+        fits.append(args)
+        return fit_head_on_surrogates(*args)
+
+    monkeypatch.setattr(train_module, "fit_head_on_surrogates", counted)
     common = [str(folder), *TINY, "--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
     assert train_module.main([*common, "--name", "surrogate"]) == 0
+    assert len(fits) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"surrogate validation accuracy \d\.\d{3} over 8 classes; magnification 8; the head keeps [\d.]+% of the variance",
+                        lines[-1]), lines[-1]
     assert train_module.main([*common, "--resume", "--pca-source", "keypoints", "--name", "keypoints"]) == 0
+    assert len(fits) == 1  # the magnification is given: the keypoints PCA alone is fitted
     cards = {name: json.loads((tmp_path / "out" / f"{name}.json").read_text()) for name in ("surrogate", "keypoints")}
     assert cards["surrogate"]["head"]["pca_source"] == "surrogate"
     assert cards["keypoints"]["head"]["pca_source"] == "keypoints"

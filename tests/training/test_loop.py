@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import cv2
 import numpy as np
@@ -15,11 +16,10 @@ from exemplar_desc.training.seeds import load_seed_contexts, load_stl10_unlabele
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
+def image_folder(tmp_path_factory, folder_of_four):
+    """The four photos in a subfolder, a grey JPEG, an unreadable one and a text file."""
     folder = tmp_path_factory.mktemp("images")
-    (folder / "sub").mkdir()
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        cv2.imwrite(str(folder / "sub" / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
+    shutil.copytree(folder_of_four, folder / "sub")
     cv2.imwrite(str(folder / "camera.jpg"), skimage.data.camera())
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     (folder / "notes.txt").write_text("ignored")

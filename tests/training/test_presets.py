@@ -4,9 +4,7 @@ import dataclasses
 import json
 import shlex
 
-import cv2
 import pytest
-import skimage.data
 
 from exemplar_desc import train as train_module
 from exemplar_desc.model_io import resolve_card_path
@@ -109,11 +107,7 @@ def test_transform_config_is_generated_from_the_records():
     assert all(getattr(off, family.name) == family.identity for family in FAMILY_RECORDS)
 
 
-def test_the_card_records_the_preset(tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for name in ("astronaut", "coffee", "chelsea"):
-        cv2.imwrite(str(folder / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
+def test_the_card_records_the_preset(folder, tmp_path):
     tiny = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
             "--pca-patches", "256", "--head-dim", "16", "--device", "cpu", "--threads", "1", "--magnification", "8"]
     args = [str(folder), "--preset", "paper", *tiny, "--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), "--name", "m"]

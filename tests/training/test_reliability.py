@@ -30,14 +30,6 @@ def _rgb(name):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS[:4]:
-        cv2.imwrite(str(path / f"{name}.png"), cv2.cvtColor(_rgb(name), cv2.COLOR_RGB2BGR))
-    return path
-
-
-@pytest.fixture(scope="module")
 def stl10(tmp_path_factory):
     """A fake unlabeled_X.bin: the photos resized to 96x96, stored column-major per channel as STL-10 does."""
     images = np.stack([cv2.resize(_rgb(name), (96, 96), interpolation=cv2.INTER_AREA) for name in PHOTOS])
@@ -65,27 +57,27 @@ def test_stl10_alone_trains_and_tunes_the_magnification_on_its_photos(stl10, tmp
 
 
 @pytest.fixture(scope="module")
-def seed0_card(folder, tmp_path_factory):
+def seed0_card(folder_of_four, tmp_path_factory):
     """Card of an uninterrupted 2-epoch tiny run with --seed 0."""
-    status, card_path = _run([str(folder), *TINY, "--epochs", "2", "--magnification", "8"], tmp_path_factory.mktemp("seed0"), "a")
+    status, card_path = _run([str(folder_of_four), *TINY, "--epochs", "2", "--magnification", "8"], tmp_path_factory.mktemp("seed0"), "a")
     assert status == 0
     return json.loads(card_path.read_text())
 
 
-def test_one_seed_gives_the_same_weights_bit_for_bit(folder, seed0_card, tmp_path):
-    status, card_path = _run([str(folder), *TINY, "--epochs", "2", "--magnification", "8"], tmp_path, "b")
+def test_one_seed_gives_the_same_weights_bit_for_bit(folder_of_four, seed0_card, tmp_path):
+    status, card_path = _run([str(folder_of_four), *TINY, "--epochs", "2", "--magnification", "8"], tmp_path, "b")
     assert status == 0
     assert json.loads(card_path.read_text())["sha256"] == seed0_card["sha256"]
-    status, card_path = _run([str(folder), *TINY, "--epochs", "2", "--magnification", "8", "--seed", "1"], tmp_path, "c")
+    status, card_path = _run([str(folder_of_four), *TINY, "--epochs", "2", "--magnification", "8", "--seed", "1"], tmp_path, "c")
     assert status == 0
     assert json.loads(card_path.read_text())["sha256"] != seed0_card["sha256"]
 
 
-def test_training_leaves_the_global_generator_alone(folder, tmp_path):
+def test_training_leaves_the_global_generator_alone(folder_of_four, tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    cfg = TrainConfig(images=(str(folder),), num_classes=8, seeds_per_image=8, samples_per_class=4, batch_size=16, device="cpu")
+    cfg = TrainConfig(images=(str(folder_of_four),), num_classes=8, seeds_per_image=8, samples_per_class=4, batch_size=16, device="cpu")
     train(cfg, tmp_path / "w", progress=False)
     assert torch.equal(torch.rand(3), expected)
 
@@ -104,10 +96,10 @@ def _signal_after_step(monkeypatch, step: int, signum: int):
     return real_step
 
 
-def test_sigint_writes_a_checkpoint_and_resume_finishes_the_same_run(folder, seed0_card, tmp_path, monkeypatch, capsys):
+def test_sigint_writes_a_checkpoint_and_resume_finishes_the_same_run(folder_of_four, seed0_card, tmp_path, monkeypatch, capsys):
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in the background
     real_step = _signal_after_step(monkeypatch, 3, signal.SIGINT)
-    args = [str(folder), *TINY, "--epochs", "2", "--magnification", "8"]
+    args = [str(folder_of_four), *TINY, "--epochs", "2", "--magnification", "8"]
     status, card_path = _run(args, tmp_path, "i")
     err = capsys.readouterr().err
     assert status == 130
@@ -126,17 +118,17 @@ def test_sigint_writes_a_checkpoint_and_resume_finishes_the_same_run(folder, see
     assert card["sha256"] == seed0_card["sha256"]
 
 
-def test_sigterm_stops_train_with_a_checkpoint(folder, tmp_path, monkeypatch):
+def test_sigterm_stops_train_with_a_checkpoint(folder_of_four, tmp_path, monkeypatch):
     _signal_after_step(monkeypatch, 2, signal.SIGTERM)
-    cfg = TrainConfig(images=(str(folder),), num_classes=8, seeds_per_image=8, samples_per_class=16, batch_size=16, device="cpu")
+    cfg = TrainConfig(images=(str(folder_of_four),), num_classes=8, seeds_per_image=8, samples_per_class=16, batch_size=16, device="cpu")
     with pytest.raises(TrainingInterrupted, match="SIGTERM at step 2") as info:
         train(cfg, tmp_path / "w", progress=False)
     assert info.value.signum == signal.SIGTERM
     assert torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
-def test_resume_names_the_changed_options(folder, tmp_path, capsys):
-    args = [str(folder), *TINY, "--magnification", "8", "--workdir", str(tmp_path / "w"), "--out-dir", str(tmp_path / "o")]
+def test_resume_names_the_changed_options(folder_of_four, tmp_path, capsys):
+    args = [str(folder_of_four), *TINY, "--magnification", "8", "--workdir", str(tmp_path / "w"), "--out-dir", str(tmp_path / "o")]
     assert train_module.main(args) == 0
     capsys.readouterr()
     assert train_module.main([*args, "--resume", "--lr", "0.02", "--rotation", "10"]) == 2
@@ -214,10 +206,10 @@ def bad_base(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case, extra, option", BAD_OPTIONS, ids=[case for case, _, _ in BAD_OPTIONS])
-def test_bad_option_is_one_error_line_before_any_work(case, extra, option, folder, bad_base, capsys):
+def test_bad_option_is_one_error_line_before_any_work(case, extra, option, folder_of_four, bad_base, capsys):
     out, work = bad_base / f"out-{case}", bad_base / f"work-{case}"
     before = sorted(p.relative_to(bad_base) for p in bad_base.rglob("*"))
-    args = [str(folder), *TINY, "--out-dir", str(out), "--workdir", str(work), *(a.format(base=bad_base) for a in extra)]
+    args = [str(folder_of_four), *TINY, "--out-dir", str(out), "--workdir", str(work), *(a.format(base=bad_base) for a in extra)]
     started = time.perf_counter()
     try:
         status = train_module.main(args)

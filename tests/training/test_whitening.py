@@ -2,11 +2,11 @@
 
 import json
 import math
+import re
 
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 import torch
 
 from exemplar_desc import ExemplarDescriptor
@@ -18,18 +18,9 @@ from exemplar_desc.training.magnification import project, random_homography
 from exemplar_desc.training.pairs import homography_jacobian, match_frames
 from tests.cli_checks import assert_bad_option
 
-PHOTOS = ("astronaut", "coffee", "chelsea")
 #: A refit of a 16-D head with few surrogate classes; --magnification skips the tuning.
 TINY = ["--refit-head", "--num-classes", "8", "--seeds-per-image", "8", "--pca-patches", "256", "--head-dim", "16",
         "--device", "cpu", "--threads", "1", "--magnification", "8"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS:
-        cv2.imwrite(str(path / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
-    return path
 
 
 def _pairs(n: int, dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,6 +68,9 @@ def test_fit_pairs_rotates_onto_the_principal_axes_of_the_whitened_features():
     off = cov - torch.diag(variances)
     assert off.abs().max() <= 1e-5 * variances.max()
     assert torch.all(ratio > 0) and ratio.sum() <= 1 + 1e-9
+    full = DescriptorHead(in_channels=4, grid=2, dim=16, power=1.0)
+    ratio, _ = full.fit_pairs([(x.float(), y.float())], whiten=1.0, shrinkage=0.3)
+    assert math.isclose(ratio.sum(), 1, rel_tol=1e-12)  # every axis kept: all the whitened features' variance
 
 
 def test_fit_pairs_without_whitening_is_the_pca_of_both_views():
@@ -129,12 +123,18 @@ def test_match_frames_keeps_consistent_detections_once():
     assert match_frames((xy0[:0], xy1), (frames0[:0], frames1), hom).shape == (0, 2)
 
 
-def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_model, photo_bgr):
+def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_model, photo_bgr, capsys, monkeypatch):
     out = tmp_path / "out"
     argv = [str(folder), "--init", str(random_model), *TINY, "--whitening", "pairs", "--pair-photos", "3", "--pair-views", "1",
             "--whiten", "1", "--pair-shrinkage", "0.2", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--name", "pairs"]
+    # With --magnification no tuning needs a surrogate PCA head, so none is fitted.
+    monkeypatch.setattr(train_module, "fit_head_on_surrogates", lambda *args: pytest.fail("surrogate PCA fitted for nothing"))
     assert train_module.main(argv) == 0
     card = json.loads((out / "pairs.json").read_text())
+    # No training step, so no surrogate validation accuracy to report.
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert re.fullmatch(re.escape(f"head refitted on the trunk of the init model {random_model} (no training step, so no surrogate "
+                                  "validation accuracy); magnification 8; the head keeps ") + r"[\d.]+% of the variance", line), line
     init_card = json.loads(random_model.read_text())
     head, training = card["head"], card["training"]
     assert head["whitening"] == "pairs" and head["whiten"] == 1.0 and head["dim"] == 16
