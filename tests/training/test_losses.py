@@ -3,9 +3,7 @@
 import json
 import math
 
-import cv2
 import pytest
-import skimage.data
 import torch
 
 from exemplar_desc import train as train_module
@@ -18,14 +16,6 @@ from exemplar_desc.training.losses import attach_matching_head, hardest_triplet_
 #: A run of 8 classes and a few steps, a 16-D head; --magnification skips the tuning.
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
         "--pca-patches", "256", "--head-dim", "16", "--device", "cpu", "--threads", "1", "--magnification", "8"]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos")
-    for name in ("astronaut", "coffee", "chelsea"):
-        cv2.imwrite(str(path / f"{name}.png"), cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR))
-    return path
 
 
 def test_the_triplet_loss_is_hardnets_on_hand_made_pairs():
