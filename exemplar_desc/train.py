@@ -34,7 +34,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from .checks import check, check_number, check_output_dir
 from .cli import ArgumentParser, add_shared_options, flag_names, report, settings_from_args
 from .distributed import close_distributed, init_distributed, rank_from_env, world_size_from_env
-from .images import list_images
+from .images import gather_images
 from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
@@ -302,8 +302,8 @@ def build_card(
 
 
 def _training_images(cfg: TrainConfig) -> tuple[list[Path] | np.ndarray, str]:
-    """The image folders' photos, or STL-10's when there are none, and what they are."""
-    images = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
+    """The photos of the image folders and files, or STL-10's when there are none, and what they are."""
+    images = gather_images(cfg.images)
     if images:
         return images, "image folders"
     return load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images), "STL-10 (96x96)"

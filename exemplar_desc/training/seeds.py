@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..images import list_images
+from ..images import gather_images
 
 if TYPE_CHECKING:  # config.py imports this module
     from .config import TrainConfig
@@ -172,10 +172,10 @@ def sample_seeds(
 
 
 def load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) -> torch.Tensor:
-    """(num, 3, context, context) uint8 seed crops from the image folders and STL-10 file of a checked ``cfg``."""
+    """(num, 3, context, context) uint8 seed crops from the image folders and files and the STL-10 file of a checked ``cfg``."""
     sources: list[tuple[Iterator[np.ndarray], int]] = []
-    for folder in cfg.images:
-        paths = [Path(folder) / name for name in list_images(folder)]
+    if cfg.images:
+        paths = gather_images(cfg.images)
         sources.append((iter_rgb_images(paths, cfg.max_side), len(paths)))
     if cfg.stl10:
         stl = load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images)
