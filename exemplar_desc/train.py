@@ -48,7 +48,8 @@ from .training.seeds import load_stl10_unlabeled
 from .training.signals import TrainingInterrupted
 from .training.transforms import FAMILIES, FAMILY_RECORDS, TransformConfig
 
-__all__ = ["build_parser", "parse_args", "config_from_args", "build_card", "main"]
+__all__ = ["build_parser", "parse_args", "config_defaults", "add_config_options", "add_family_options", "config_from_args",
+           "command_line", "build_card", "finish_model", "describe_run", "main"]
 
 
 def _parse_range(text: str) -> tuple[float, float]:
@@ -110,13 +111,16 @@ def _value_type(hint: Any) -> Callable[[str], Any]:
     return parse
 
 
-def _defaults(preset: str | None) -> dict[str, Any]:
+def config_defaults(preset: str | None, **settings: Any) -> dict[str, Any]:
     """The parser's defaults by destination: TrainConfig's or the preset's, families included.
 
     ``arch`` stays None unless the preset sets it: the ``--init`` model's architecture then
     applies (:func:`config_from_args`).
+
+    Args:
+        settings: fields or families (by name) on top of the preset's (:meth:`Preset.config`).
     """
-    config = PRESETS[preset].config() if preset is not None else TrainConfig()
+    config = PRESETS[preset].config(**settings) if preset is not None else TrainConfig(**settings)
     values = {f.name: getattr(config, f.name) for f in fields(TrainConfig)}
     values.update(config.transforms.to_dict())
     if preset is None or "arch" not in PRESETS[preset].settings:
@@ -124,26 +128,33 @@ def _defaults(preset: str | None) -> dict[str, Any]:
     return values
 
 
-def _add_config_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    """One option per TrainConfig field (its metadata's help), ``--device`` and ``--magnification`` shared."""
+def add_config_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: dict[str, Any], names: typing.Iterable[str],
+    spelling: dict[str, dict[str, Any]] = SPELLING,
+) -> None:
+    """One option per TrainConfig field of ``names`` (its metadata's help), ``--device`` and ``--magnification`` shared.
+
+    Args:
+        defaults: by destination, from :func:`config_defaults`.
+        spelling: per field, as :data:`SPELLING` (``help`` also replaces the field's help text).
+    """
     hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        if f.name in NOT_OPTIONS:
-            continue
-        spelling = dict(SPELLING.get(f.name, {}))
-        flag = spelling.pop("flag", "--" + f.name.replace("_", "-"))
+    for f in (f for f in fields(TrainConfig) if f.name in set(names)):
+        spelled = dict(spelling.get(f.name, {}))
+        flag = spelled.pop("flag", "--" + f.name.replace("_", "-"))
         default = defaults[f.name]
-        unset = spelling.pop("unset", f.metadata["unset"])
-        keywords = {"default": default, "help": f"{f.metadata['help']} (default: {unset if default is None else _shown(default)})"}
+        unset = spelled.pop("unset", f.metadata["unset"])
+        text = spelled.pop("help", f.metadata["help"])
+        keywords = {"default": default, "help": f"{text} (default: {unset if default is None else _shown(default)})"}
         if not flag.startswith("--"):
-            parser.add_argument(f.name, **keywords, **spelling)
+            parser.add_argument(f.name, **keywords, **spelled)
         elif f.name in SHARED:
-            add_shared_options(parser, flag, **{f.name: {"type": _value_type(hints[f.name]), **keywords, **spelling}})
+            add_shared_options(parser, flag, **{f.name: {"type": _value_type(hints[f.name]), **keywords, **spelled}})
         else:
-            parser.add_argument(flag, dest=f.name, **{"type": _value_type(hints[f.name]), **keywords, **spelling})
+            parser.add_argument(flag, dest=f.name, **{"type": _value_type(hints[f.name]), **keywords, **spelled})
 
 
-def _add_family_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def add_family_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     """One option per transformation family (its record's help and bounds), and ``--without``."""
     group = parser.add_argument_group(
         "transformations", "ranges of the random transformations of the seeds (the paper's by default); a family at its identity is off")
@@ -169,8 +180,8 @@ def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.A
         help="start from a named recipe; the options given override its settings (none unsets one, e.g. --init none): "
              + "; ".join(f"{name}: {value.summary}" for name, value in PRESETS.items()) + " (default: none, the paper's settings)",
     )
-    defaults = _defaults(preset)
-    _add_config_options(p, defaults)
+    defaults = config_defaults(preset)
+    add_config_options(p, defaults, [f.name for f in fields(TrainConfig) if f.name not in NOT_OPTIONS])
     run = p.add_argument_group("run and output")
     run.add_argument("--workdir", default="runs/train", help="checkpoint and log folder (default: %(default)s)")
     run.add_argument(
@@ -186,7 +197,7 @@ def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.A
     add_shared_options(run, "--dist-timeout")
     run.add_argument("--out-dir", default="models", help="folder the model and its card are written to (default: %(default)s)")
     run.add_argument("--name", help="model name (default: the architecture's name)")
-    _add_family_options(p, defaults)
+    add_family_options(p, defaults)
     return p
 
 
@@ -202,15 +213,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
     return parser, parser.parse_intermixed_args(argv)  # folders may come before and after options
 
 
-def config_from_args(args: argparse.Namespace, data: bool = True) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, data: bool = True, **given: Any) -> TrainConfig:
     """TrainConfig from parsed command-line arguments, checked (:meth:`TrainConfig.check`; ``data``: the data paths too).
+
+    Args:
+        given: fields a command sets itself, over the options of the same destination
+            (the adaptation command's training photos and classes).
 
     Raises:
         OptionError: the first bad option, named by its field.
     """
     transforms = settings_from_args(TransformConfig, args).without(*args.without)
-    cfg = settings_from_args(TrainConfig, args, images=tuple(args.images), seed_scales=tuple(args.seed_scales),
-                             arch=_arch_option(args), transforms=transforms)
+    derived = {"images": tuple(getattr(args, "images", ())), "seed_scales": tuple(args.seed_scales), "arch": _arch_option(args),
+               "transforms": transforms}
+    cfg = settings_from_args(TrainConfig, args, **{**derived, **given})
     cfg.check(data=data)
     return cfg
 
@@ -226,9 +242,14 @@ def _arch_option(args: argparse.Namespace) -> str:
     return name
 
 
+def command_line(program: str, argv: list[str]) -> str:
+    """The command a card records, so the run can be repeated: ``program`` and ``argv``, quoted for the shell."""
+    return " ".join([program, *(shlex.quote(a) for a in argv)])
+
+
 def build_card(
     cfg: TrainConfig,
-    argv: list[str],
+    command: str,
     resumed: bool,
     result: dict,
     net: DescriptorNet,
@@ -241,7 +262,7 @@ def build_card(
     """The model card of a trained descriptor (without the weights' name and sha256, added by save_model).
 
     Args:
-        argv: the command line's arguments, recorded so the run can be repeated.
+        command: the command line (:func:`command_line`), recorded so the run can be repeated.
         result: what :func:`exemplar_desc.training.loop.train` returned.
         explained: fraction of the pooled features' variance the PCA keeps.
         tuning: the magnification tuning record, None when --magnification was given.
@@ -270,7 +291,7 @@ def build_card(
         },
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
         "training": {
-            "command": "python -m exemplar_desc.train " + " ".join(shlex.quote(a) for a in argv),
+            "command": command,
             "preset": preset,
             "resumed": resumed,
             "refit_head": result["refit_head"],
@@ -370,8 +391,17 @@ def main(argv: list[str] | None = None) -> int:
         return _report(err, parser)
 
 
-def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], result: dict, out_dir: Path) -> int:
-    """Fit the head, choose the magnification, write the model and its card (rank 0); returns 0."""
+def finish_model(cfg: TrainConfig, result: dict, command: str, resumed: bool, preset: str | None) -> tuple[DescriptorNet, dict]:
+    """Fit the head and choose the magnification of a finished run (rank 0); nothing is written.
+
+    Args:
+        result: what :func:`exemplar_desc.training.loop.train` returned.
+        command, resumed, preset: recorded in the card (:func:`build_card`).
+
+    Returns:
+        The descriptor network (CPU, eval mode) and its card, for
+        :func:`exemplar_desc.model_io.save_model`.
+    """
     net, explained = fit_head(result["model"], result["sampler"], cfg, result["device"], result["generator"])
     # Read once: STL-10's file may hold 100,000 images.
     needs_images = cfg.magnification is None or cfg.pca_source == "keypoints" or cfg.whitening == "pairs"
@@ -382,16 +412,29 @@ def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], re
         explained = fit_head_on_keypoints(net, images, magnification, cfg)
     if cfg.whitening == "pairs":
         explained, pairs = fit_head_on_pairs(net, images, magnification, cfg)
-    card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning, preset=args.preset, pairs=pairs)
-    if args.refit_head:
+    card = build_card(cfg, command, resumed, result, net, explained, magnification, tuning, preset=preset, pairs=pairs)
+    if result["refit_head"]:
         card["training"]["trunk_training"] = load_init_model(cfg.init)[1].get("training")
-    last = result["log"][-1] if result["log"] else {}
+    return net, card
+
+
+def describe_run(card: dict) -> str:
+    """One line on a written model: its surrogate validation accuracy, magnification and the head's variance."""
+    training, head = card["training"], card["head"]
+    accuracy = training["final_surrogate_val_accuracy"]
+    return (
+        f"surrogate validation accuracy {float('nan') if accuracy is None else accuracy:.3f} over {training['num_classes']} "
+        f"classes; magnification {card['magnification']:g}; the head keeps {head['explained_variance']:.1%} of the variance"
+    )
+
+
+def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], result: dict, out_dir: Path) -> int:
+    """Fit the head, choose the magnification, write the model and its card (rank 0); returns 0."""
+    command = command_line("python -m exemplar_desc.train", argv)
+    net, card = finish_model(cfg, result, command, args.resume, args.preset)
     card_path = save_model(net, card, out_dir, args.name or cfg.arch)
     print(f"model written to {card_path} and {card_path.with_suffix('.pt')}")
-    print(
-        f"surrogate validation accuracy {last.get('val_accuracy', float('nan')):.3f} over {cfg.num_classes} classes; "
-        f"magnification {magnification:g}; the head keeps {explained:.1%} of the variance"
-    )
+    print(describe_run(card))
     return 0
 
 if __name__ == "__main__":
