@@ -132,14 +132,15 @@ def add_config_options(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: dict[str, Any], names: typing.Iterable[str],
     spelling: dict[str, dict[str, Any]] = SPELLING,
 ) -> None:
-    """One option per TrainConfig field of ``names`` (its metadata's help), ``--device`` and ``--magnification`` shared.
+    """One option per TrainConfig field of ``names``, in that order (its metadata's help), ``--device`` and ``--magnification`` shared.
 
     Args:
         defaults: by destination, from :func:`config_defaults`.
         spelling: per field, as :data:`SPELLING` (``help`` also replaces the field's help text).
     """
     hints = typing.get_type_hints(TrainConfig)
-    for f in (f for f in fields(TrainConfig) if f.name in set(names)):
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for f in (by_name[name] for name in names):
         spelled = dict(spelling.get(f.name, {}))
         flag = spelled.pop("flag", "--" + f.name.replace("_", "-"))
         default = defaults[f.name]
