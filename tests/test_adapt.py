@@ -16,8 +16,6 @@ import json
 import cv2
 import numpy as np
 import pytest
-import skimage.data
-import torch
 
 from benchmarks.comparison import format_comparison, is_better
 from benchmarks.descriptors import build_descriptors
@@ -25,15 +23,15 @@ from benchmarks.validation import VALIDATION_KINDS
 from exemplar_desc import ExemplarDescriptor
 from exemplar_desc import adapt as adapt_module
 from exemplar_desc.checks import OptionError
-from exemplar_desc.model_io import DEFAULT_MODEL, load_model, save_model
-from exemplar_desc.networks import DescriptorNet, resolve_architecture
-from exemplar_desc.patches import normalize_patches
+from exemplar_desc.model_io import DEFAULT_MODEL, load_model
 from exemplar_desc.registry import check_descriptor_name
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.holdout import MIN_HELD_OUT, collect_photos, held_out_count, photos_needed, split_photos
 from exemplar_desc.training.init_model import load_init_model, model_settings
 from exemplar_desc.training.presets import ADAPT, PRESETS
 from exemplar_desc.training.seeds import count_seeds, load_seed_contexts
+
+from .conftest import save_small_model, write_quarter_photos
 
 #: A few training steps on few classes, a small PCA, one thread: seconds, not minutes.
 TINY = ["--minutes", "0.05", "--samples-per-class", "4", "--epochs", "1", "--batch-size", "16", "--seeds-per-image", "8",
@@ -42,31 +40,7 @@ TINY = ["--minutes", "0.05", "--samples-per-class", "4", "--epochs", "1", "--bat
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """12 photos: the quarters of three scikit-image photos at half size (75 x 112 to 128 x 128 px)."""
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("astronaut", "coffee", "chelsea"):
-        image = cv2.cvtColor(getattr(skimage.data, name)(), cv2.COLOR_RGB2BGR)
-        h, w = image.shape[0] // 2, image.shape[1] // 2
-        for i, (y, x) in enumerate(((0, 0), (0, w), (h, 0), (h, w))):
-            quarter = cv2.resize(image[y : y + h, x : x + w], None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
-            cv2.imwrite(str(folder / f"{name}-{i}.png"), quarter)
-    return folder
-
-
-def _base(folder, name: str, collapsed: bool):
-    """Card path of a 'fast' network with random weights and a 16-D head on a 2 x 2 grid, fitted on random patches;
-    ``collapsed``: its projection then keeps one direction, so every descriptor is the same up to sign."""
-    torch.manual_seed(0)
-    arch = resolve_architecture("fast")
-    net = DescriptorNet(arch, grid=2, dim=16, power=0.5).eval()
-    with torch.no_grad():
-        net.head.fit(net.head.pool(net.features(normalize_patches(torch.rand(512, 1, 32, 32)))))
-        if collapsed:
-            net.head.projection.zero_()
-            net.head.projection[:, 0] = 1.0
-    card = {"architecture": arch.to_dict(), "patch_size": 32, "magnification": 8.0,
-            "head": {"layer": net.layer, "grid": 2, "dim": 16, "power": 0.5}}
-    return save_model(net, card, folder, name)
+    return write_quarter_photos(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +152,7 @@ def test_bad_options_are_one_error_line_and_nothing_written(photos, tmp_path, ca
 def better(photos, run_dirs):
     """(the base's card path, what the command printed) of the run from the collapsed base, into ``ROOT/better``."""
     work, root = run_dirs
-    base = _base(root / "bases", "collapsed", collapsed=True)
+    base = save_small_model(root / "bases", "collapsed", collapsed=True)
     argv = [str(photos), "--name", "mine", "--base", str(base), *TINY, "--workdir", str(work), "--out-dir", str(root / "better")]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -221,7 +195,7 @@ def test_the_adapted_card_works_wherever_a_model_goes(run_dirs, photos, better):
 
 def test_an_adapted_model_that_is_not_better_is_not_written(photos, run_dirs, capsys):
     work, root = run_dirs
-    base = _base(root / "bases", "fitted", collapsed=False)
+    base = save_small_model(root / "bases", "fitted")
     out_dir = root / "worse"
     argv = [str(photos), "--name", "mine", "--base", str(base), "--head-dim", "1", *TINY, "--workdir", str(work),
             "--out-dir", str(out_dir)]
