@@ -21,8 +21,8 @@ __all__ = ["SCORES", "DECISION_RULE", "score_descriptors", "is_better", "format_
 #: The numbers kept per kind and overall, in percent, and the benchmark's summary field of each.
 SCORES = {"mAP": "mAP", "MMA@3": "MMA", "H mean": "H_mean"}
 #: The rule of :func:`is_better`, as the report and the model card state it.
-DECISION_RULE = ("written only if its mAP and its MMA@3 over all held-out pairs are both higher than the base model's "
-                 "(in percent, as recorded: to 0.01); H mean and the kinds are reported, not decided on")
+DECISION_RULE = ("the adapted model is written only if its mAP and its MMA@3 over all held-out pairs are both higher "
+                 "than the base model's (in percent, as recorded: to 0.01); H mean and the kinds are reported, not decided on")
 
 
 def _percent(summary: dict, field: str) -> float | None:

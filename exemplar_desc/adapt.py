@@ -268,9 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
     0: the adapted model written, or the base model kept because the adapted one is not
-    better (the report is written either way); 2: a bad option, too few photos or seed
-    patches (one ``error:`` line, before any work, nothing written); 128 + signal number
-    (130 for SIGINT, 143 for SIGTERM): interrupted, nothing written to ``--out-dir``.
+    better (the report is written either way); 1: the comparison failed (a model could not
+    describe a held-out sequence; nothing written to ``--out-dir``); 2: a bad option, too
+    few photos or seed patches (one ``error:`` line, before any work, nothing written);
+    128 + signal number (130 for SIGINT, 143 for SIGTERM): interrupted, nothing written to
+    ``--out-dir``.
     """
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -290,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + err.signum
     except ValueError as err:
         return report(err, parser)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@
 The options are generated from :class:`~exemplar_desc.training.config.TrainConfig`'s fields
 (their help texts, types and defaults) and the transformation families' records; a
 ``--preset`` replaces the defaults before the command line is read, so explicit options win.
+The adaptation command (:mod:`exemplar_desc.adapt`) builds its options and writes its
+model with the same pieces (:func:`add_config_options`, :func:`finish_model`).
 """
 
 from __future__ import annotations
