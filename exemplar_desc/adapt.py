@@ -158,6 +158,9 @@ def _plan(args: argparse.Namespace) -> _Run:
     cfg = config_from_args(args, images=images, num_classes=classes)
     check(cfg.time_budget_minutes is not None, "time_budget_minutes", "none", "an adaptation stops at its time budget: give it")
     workdir = check_output_dir("workdir", args.workdir or Path("runs", "adapt", args.name))
+    holding = [entry for entry in args.photos if Path(entry).is_dir() and workdir.resolve().is_relative_to(Path(entry).resolve())]
+    check(not holding, "workdir", str(workdir), f"lies in the photo folder {holding[0] if holding else ''}, so its held-out "
+          "sequences would be taken for photos next time: give a folder outside it")
     return _Run(args, photos, training, held_out, cfg, workdir, check_output_dir("out_dir", args.out_dir))
 
 

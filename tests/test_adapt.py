@@ -139,13 +139,15 @@ def _status(argv: list[str]) -> int:
     (["--minutes", "none"], "error: --minutes 'none': an adaptation stops at its time budget"),
     (["--hold-out", "0.6"], "error: --hold-out 0.6: must be a finite number > 0 and <= 0.5"),
     (["--num-classes", "1000"], "error: --num-classes 1000: the 6 training photos give only"),  # counted before training
+    (["--workdir", "{photos}/work"], "error: --workdir '{photos}/work': lies in the photo folder {photos}"),
 ])
 def test_bad_options_are_one_error_line_and_nothing_written(photos, tmp_path, capsys, options, message):
+    options = [option.format(photos=photos) for option in options]
     argv = [str(photos), "--name", "x", *TINY, "--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out"), *options]
     assert _status(argv) == 2
     err = capsys.readouterr().err.rsplit("\r", 1)[-1]  # after the seed count's progress bar, which clears itself
-    assert err.startswith(message) and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+    assert err.startswith(message.format(photos=photos)) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists() and not (photos / "work").exists()
 
 
 @pytest.fixture(scope="module")
