@@ -23,7 +23,7 @@ import torch
 
 from exemplar_desc.matching import match_descriptors
 
-from .conftest import shared_data
+from .conftest import save_small_model, shared_data, write_quarter_photos
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "docs" / "recipes"
@@ -63,7 +63,7 @@ def number(pattern: str, text: str) -> float:
 
 
 def test_every_recipe_has_code():
-    pages = {"match-two-photos.md", "hloc.md", "colmap.md", "train-your-own.md"}
+    pages = {"match-two-photos.md", "hloc.md", "colmap.md", "train-your-own.md", "adapt-to-your-photos.md"}
     assert pages <= {p.name for p in RECIPES.glob("*.md")}
     for page in pages:
         assert code_blocks(page), page
@@ -205,3 +205,21 @@ def test_train_your_own(tmp_path):
     # stays near the shipped one (382 inliers against 381 measured); a network with random
     # weights and a fitted PCA reaches 236 (0.62 of the shipped model's).
     assert int(rows[0][3]) >= 0.85 * int(rows[1][3]), out
+
+
+def test_adapt_to_your_photos(tmp_path):
+    (adapt_lang, adapt_code), (use_lang, use_code) = code_blocks("adapt-to-your-photos.md")
+    assert (adapt_lang, use_lang) == ("bash", "python")
+    photos = write_quarter_photos(tmp_path / "photos")  # 12 small photos: the fewest the default split takes
+    # A base whose head is collapsed, so the adapted model is better and written; a few
+    # training steps of a small network, a small head: seconds.
+    base = save_small_model(tmp_path, "collapsed", collapsed=True)
+    options = (f"--base {base} --samples-per-class 4 --epochs 1 --batch-size 16 --seeds-per-image 8 --pca-patches 256 "
+               "--threads 1 --device cpu")
+    names = {"NAME": "mine", "MODELS": tmp_path / "models"}
+    printed = run_block(adapt_lang, adapt_code, timeout=300, PHOTOS=photos, MINUTES=0.05, RUN=tmp_path / "run",
+                        OPTIONS=options, **names)
+    card = tmp_path / "models" / "mine.json"
+    assert f"model written to {card} and " in printed and "overall" in printed, printed
+    printed = run_block(use_lang, use_code, **names)
+    assert "better: True" in printed and "using ExemplarDescriptor(model='mine'" in printed, printed

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import OptionError, check, check_device, check_number
-from ..images import list_images
+from ..images import gather_images
 from ..networks import ARCHITECTURES, Architecture, architecture_from_dict, resolve_architecture
 from .init_model import describe_architecture, load_init_model
 from .seeds import PAPER_SEED_SCALES, stl10_image_count
@@ -43,7 +43,7 @@ class TrainConfig:
     transformation families (:data:`.transforms.FAMILY_RECORDS`).
     """
 
-    images: tuple[str, ...] = _setting((), "folders of unlabeled images (searched recursively)")
+    images: tuple[str, ...] = _setting((), "folders of unlabeled images (searched recursively), or image files")
     stl10: str | None = _setting(None, "STL-10's unlabeled_X.bin (96x96x3 uint8, column-major)", "none")
     stl10_max_images: int | None = _setting(None, "use only the first N STL-10 images", "all")
     max_side: int = _setting(512, "longer image side in pixels the images are downscaled to before seeds are taken")
@@ -163,14 +163,14 @@ _BOUNDS: dict[str, dict[str, Any]] = {
 
 
 def _check_data(cfg: TrainConfig, data: bool) -> None:
-    """Some training data given; with ``data``, the folders hold images and the STL-10 file is one."""
+    """Some training data given; with ``data``, the folders hold images, the files are images and the STL-10 file is one."""
     check(bool(cfg.images or cfg.stl10), "images", list(cfg.images), "no training data: give at least one image folder or an STL-10 file")
-    for folder in cfg.images if data else ():
-        check(Path(folder).is_dir(), "images", folder, "not a folder")
+    for entry in cfg.images if data else ():
+        check(Path(entry).exists(), "images", entry, "no such folder or file")
         try:
-            list_images(folder)
+            gather_images([entry])
         except ValueError as err:
-            raise OptionError("images", folder, str(err)) from None
+            raise OptionError("images", entry, str(err)) from None
     if cfg.stl10 is not None and data:
         try:
             stl10_image_count(cfg.stl10)

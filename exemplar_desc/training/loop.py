@@ -36,7 +36,7 @@ from .transforms import SurrogateSampler, sample_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "train_step"]
+__all__ = ["train", "train_step", "training_device"]
 
 
 def train(
@@ -66,16 +66,22 @@ def train(
     cfg.check(data=dist is None or dist.is_main)
     check(not refit_head or cfg.init is not None, "refit_head", refit_head, "a head refit keeps the trunk of an init model: name one")
     check(not (refit_head and resume), "refit_head", refit_head, "takes no training step, so there is no run to resume")
-    if dist is not None:
-        device = dist.device
-    else:
-        device = check_device("device", cfg.device, allow_auto=True) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device if dist is not None else training_device(cfg.device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.random.default_generator.manual_seed(cfg.seed)
         if cuda:
             torch.cuda.default_generators[cuda[0]].manual_seed(cfg.seed)
         return _train(cfg, device, workdir, resume, progress, dist, refit_head)
+
+
+def training_device(name: str) -> torch.device:
+    """The device a single-process run trains on, from ``TrainConfig.device``: ``auto`` is cuda when there is one.
+
+    Raises:
+        OptionError (``device``): a malformed name or a device this machine lacks.
+    """
+    return check_device("device", name, allow_auto=True) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _train(
