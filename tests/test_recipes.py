@@ -78,8 +78,10 @@ def test_match_two_photos(tmp_path):
     inliers = number(r"(\d+) homography inliers", out)
     # 532 measured; matches of unrelated descriptors give a few dozen chance inliers.
     assert inliers >= 200, out
-    # The fit must agree with the sequence's true homography to within RANSAC's 3-pixel threshold.
-    assert number(r"corners within ([\d.]+) px", out) <= 3.0, out
+    # Most inliers are true matches: within 3 px under the sequence's true homography (456 of
+    # 532 measured; RANSAC's 3-px threshold around its own fit also admits some wrong ones).
+    correct = number(r"(\d+) of the inliers within 3 px", out)
+    assert correct >= 200 and correct >= 0.8 * inliers, out
 
     png = tmp_path / "matches.png"
     out = run_block(bash_lang, bash_code, IMG1=graf / "img1.ppm", IMG2=graf / "img3.ppm", OUT=png)
