@@ -84,7 +84,7 @@ def test_count_seeds_is_the_most_classes_a_run_can_have(photos):
 def test_the_adapt_preset_is_the_shipped_stage_from_the_default_with_its_head():
     fast = PRESETS["exemplar-fast-t005"].settings
     assert {k: v for k, v in ADAPT.settings.items() if fast.get(k) != v} == {
-        "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet"}
+        "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet", "whitening": "pairs", "whiten": 1.0}
     _, card = load_init_model(DEFAULT_MODEL)
     layers = len(card["architecture"]["spec"].split("-")) - 1  # the convolutions
     preset, from_card = ADAPT.config(), ADAPT.config(**model_settings(card))

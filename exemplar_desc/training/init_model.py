@@ -85,6 +85,7 @@ def model_settings(card: dict) -> dict[str, Any]:
     head = card["head"]
     settings = {field: head[key] for key, field in _HEAD_FIELDS.items() if head.get(key) is not None}
     settings.setdefault("head_power", 1.0)  # as load_model builds a card without it
+    settings.setdefault("whitening", "pca")  # cards older than the pairs whitening
     pairs = head.get("pairs") or {}
     if "views_per_photo" in pairs:
         settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"])

@@ -90,11 +90,12 @@ ADAPT = Preset(
     stage of the shipped default's network (``exemplar-fast-t005``, above) run once more,
     from the shipped default itself (``init``: ``DEFAULT_MODEL``), for 15 minutes, with the
     softmax+triplet loss, which trains the distance matching compares as well as the
-    surrogate classes. The command keeps the rest and takes the head and the magnification
-    from the model it adapts (the preset's own head settings are ``exemplar-fast-t005``'s,
-    a PCA with whitening 0.5, not the shipped default's learned whitening), and gives a
-    small folder fewer classes than 2000 when its photos give fewer seeds.""",
-    MappingProxyType({**FAST_T005.settings, "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet"}),
+    surrogate classes, and the shipped default's head: the learned whitening of positive
+    pairs (W 1, shrinkage 0.1). The command takes the head and the magnification from the
+    model it adapts (for the default, these settings), and gives a small folder fewer
+    classes than 2000 when its photos give fewer seeds.""",
+    MappingProxyType({**FAST_T005.settings, "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet",
+                      "whitening": "pairs", "whiten": 1.0}),
 )
 
 #: The presets by name.
