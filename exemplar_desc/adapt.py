@@ -97,6 +97,9 @@ def build_parser(defaults: dict[str, Any], add_help: bool = True) -> ArgumentPar
     p.add_argument("--hold-out", type=float, default=0.2, metavar="FRACTION",
                    help=f"share of the photos held out to measure the gain on, in (0, 0.5], at least {MIN_HELD_OUT} "
                         "photos (default: %(default)s)")
+    p.add_argument("--head-only", action="store_true",
+                   help="take no training step: fit only a new head on the base model's trunk, the way the base's head was "
+                        "fitted (for the default, the learned whitening of positive pairs, here from your training photos)")
     p.add_argument("--hold-out-seed", type=int, default=0, metavar="S", help="seed of the choice of held-out photos (default: %(default)s)")
     training = p.add_argument_group("training", "the adapt preset's settings (python -m exemplar_desc.train --preset adapt), "
                                                 "which any option of the training command overrides")
@@ -209,7 +212,8 @@ def _record(run: _Run, command: str, classes: dict, kinds: dict[str, str], score
         "training_photos": len(run.training),
         "held_out": {"count": len(run.held_out), "fraction": run.args.hold_out, "seed": run.args.hold_out_seed,
                      "photos": run.held_out, "kinds": kinds},
-        "minutes": run.cfg.time_budget_minutes,
+        "minutes": 0 if run.args.head_only else run.cfg.time_budget_minutes,
+        "head_only": run.args.head_only,
         "loss": run.cfg.loss,
         "num_classes": classes,
         "comparison": {"sequences": "benchmarks.validation.ensure_sequences, one per held-out photo",
@@ -235,7 +239,7 @@ def _adapt(run: _Run, command: str, base_card: dict) -> int:
           f"{classes['seed_patches']} seed patches)")
     run = replace(run, cfg=cfg)
     sequences, kinds = _held_out_sequences(run)
-    net, card = finish_model(cfg, train(cfg, run.workdir), command, resumed=False, preset=ADAPT.name)
+    net, card = finish_model(cfg, train(cfg, run.workdir, refit_head=run.args.head_only), command, resumed=False, preset=ADAPT.name)
     candidate = save_model(net, card, run.workdir / "candidate", run.args.name)
     scores = _score(run, candidate, sequences)
     print(format_comparison(scores["base"], scores["adapted"]))
@@ -264,7 +268,9 @@ def _describe_plan(run: _Run) -> str:
     """What the run will adapt on: the photos, their split and the base model."""
     return (f"{len(run.photos.photos)} photos in {run.photos.root}: {len(run.training)} to train on, {len(run.held_out)} held out "
             f"(--hold-out {run.args.hold_out:g}, at least {MIN_HELD_OUT}; --hold-out-seed {run.args.hold_out_seed}): "
-            f"{', '.join(run.held_out)}\nadapting {run.cfg.init} for {run.cfg.time_budget_minutes:g} minutes with loss {run.cfg.loss}")
+            f"{', '.join(run.held_out)}\nadapting {run.cfg.init} " + (
+                "by a new head on its trunk (--head-only)" if run.args.head_only
+                else f"for {run.cfg.time_budget_minutes:g} minutes with loss {run.cfg.loss}"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from benchmarks.comparison import format_comparison, is_better
 from benchmarks.descriptors import build_descriptors
@@ -207,3 +208,19 @@ def test_an_adapted_model_that_is_not_better_is_not_written(photos, run_dirs, ca
     assert sorted(p.name for p in out_dir.iterdir()) == ["mine.adapt.json"]  # the report only
     report = json.loads((out_dir / "mine.adapt.json").read_text())
     assert report["model"] is None and report["adaptation"]["decision"]["better"] is False
+
+
+def test_head_only_fits_a_new_head_on_the_bases_trunk(photos, run_dirs, capsys):
+    work, root = run_dirs
+    base = save_small_model(root / "bases", "collapsed", collapsed=True)
+    out_dir = root / "head-only"
+    argv = [str(photos), "--name", "mine", "--base", str(base), "--head-only", *TINY, "--workdir", str(work), "--out-dir", str(out_dir)]
+    assert adapt_module.main(argv) == 0
+    assert "by a new head on its trunk (--head-only)" in capsys.readouterr().out
+    record = json.loads((out_dir / "mine.adapt.json").read_text())["adaptation"]
+    assert record["head_only"] and record["minutes"] == 0
+    assert record["decision"]["better"]  # any fitted head beats the collapsed one
+    adapted, card = load_model(out_dir / "mine.json")
+    assert card["training"]["refit_head"] and card["training"]["steps"] == 0
+    trunk = load_model(base)[0].trunk.state_dict()
+    assert all(torch.equal(value, trunk[key]) for key, value in adapted.trunk.state_dict().items())  # no training step
