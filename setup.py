@@ -27,6 +27,7 @@ setup(
     entry_points={
         "console_scripts": [
             "exemplar-train = exemplar_desc.train:main",
+            "exemplar-adapt = exemplar_desc.adapt:main",
             "exemplar-sfm = exemplar_desc.sfm.__main__:main",
             "exemplar-match = exemplar_desc.viewer:main",
             "exemplar-extract = exemplar_desc.extract:main",

@@ -31,6 +31,10 @@ the photo's size. Everything is drawn from a generator seeded by the photo's nam
 sequences are the same bytes on every run; they are written in the Oxford layout under a
 cache folder named by the generator version and the photos' content, and read back by
 :func:`benchmarks.datasets.load_sequences`.
+
+The generator takes any photos (:func:`ensure_sequences`, given the photos and their
+kinds): the adaptation command (:mod:`exemplar_desc.adapt`) measures its gain on sequences
+made this way from the user's held-out photos.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
-from exemplar_desc.images import decode_bgr, list_images, read_image_bytes
+from exemplar_desc.images import decode_bgr, list_images, read_image_bytes, resize_to_max
 
 from .datasets import load_sequences, write_sequence
 from .synthetic import _about_centre, _camera_shake, _similarity, _viewpoint, _warp
@@ -53,7 +58,7 @@ from .synthetic import _about_centre, _camera_shake, _similarity, _viewpoint, _w
 logger = logging.getLogger(__name__)
 
 __all__ = ["HELD_OUT_FOLDERS", "VALIDATION_KINDS", "held_out_photos", "sequence_name", "make_validation_sequence",
-           "ensure_validation_dataset"]
+           "kinds_in_turn", "ensure_sequences", "ensure_validation_dataset"]
 
 HELD_OUT_FOLDERS = ("kodak24", "mcmaster")
 VALIDATION_KINDS = ("viewpoint", "zoom+rotation", "light", "noise", "JPEG", "blur")
@@ -216,8 +221,57 @@ def make_validation_sequence(image: np.ndarray, kind: str, seed: int) -> tuple[l
     return images, homographies
 
 
+def kinds_in_turn(photos: Sequence[str]) -> list[tuple[str, str]]:
+    """Each photo with the kind of its sequence: :data:`VALIDATION_KINDS` in turn over the photos in their order."""
+    return [(name, VALIDATION_KINDS[i % len(VALIDATION_KINDS)]) for i, name in enumerate(photos)]
+
+
+def ensure_sequences(photo_root: str | Path, plan: Sequence[tuple[str, str]], cache: str | Path, max_side: int | None = None,
+                     progress: bool = False) -> Path:
+    """Generate one sequence per photo of ``plan`` under ``cache`` unless a complete copy is there.
+
+    Args:
+        photo_root: the folder the photos' names are relative to.
+        plan: (photo name with ``/`` separators, kind) pairs, e.g. from :func:`kinds_in_turn`;
+            each photo is image 1 of a sequence of its kind (:func:`make_validation_sequence`,
+            seeded by the photo's name).
+        cache: cache folder; the sequences go into a sub-folder named by the generator
+            version and a digest of the photos' names and bytes (and of ``max_side`` when given).
+        max_side: photos whose longer side exceeds it are downscaled to it (area
+            interpolation) before their sequences are made; None: taken as they are.
+        progress: a progress bar on stderr.
+
+    Returns:
+        The folder holding one sub-folder per sequence (Oxford layout).
+
+    Raises:
+        ValueError: two photos whose sequence folders would have one name (:func:`sequence_name`);
+            an unreadable photo (:class:`exemplar_desc.images.UnreadableImageError`).
+    """
+    folders = [sequence_name(name, kind) for name, kind in plan]
+    clashes = sorted({folder for folder in folders if folders.count(folder) > 1})
+    if clashes:
+        raise ValueError(f"photos whose sequence folders would share a name: {', '.join(clashes)}")
+    data, digest = {}, hashlib.sha1(_VERSION.encode())
+    for name, _ in plan:
+        data[name], sha1 = read_image_bytes(Path(photo_root) / name)
+        digest.update(f"{name}:{sha1};".encode())
+    if max_side is not None:
+        digest.update(f"max_side:{max_side};".encode())
+    root = Path(cache) / f"{_VERSION}-{digest.hexdigest()[:12]}"
+    present = {s.name for s in load_sequences(root)[0]} if root.is_dir() else set()
+    for (name, kind), folder in tqdm(list(zip(plan, folders)), desc="sequences", unit="seq", disable=not progress, leave=False):
+        if folder in present:
+            continue
+        logger.info("generating validation sequence %s from %s", folder, name)
+        image, _ = resize_to_max(decode_bgr(data[name], name), max_side)
+        images, homographies = make_validation_sequence(image, kind, zlib.crc32(name.encode()))
+        write_sequence(root / folder, images, homographies)
+    return root
+
+
 def ensure_validation_dataset(train_root: str | Path, cache: str | Path, photos: Sequence[str] | None = None) -> Path:
-    """Generate the validation sequences under ``cache`` unless a complete copy is there.
+    """Generate the validation sequences under ``cache`` unless a complete copy is there (:func:`ensure_sequences`).
 
     Args:
         train_root: the training-photo root holding :data:`HELD_OUT_FOLDERS`.
@@ -234,24 +288,11 @@ def ensure_validation_dataset(train_root: str | Path, cache: str | Path, photos:
             that is not held out.
     """
     every = held_out_photos(train_root)
-    plan = [(name, VALIDATION_KINDS[i % len(VALIDATION_KINDS)]) for i, name in enumerate(every)]
+    plan = kinds_in_turn(every)
     if photos is not None:
         unknown = sorted(set(photos) - set(every))
         if unknown:
             raise ValueError(f"not held-out photos of {train_root}: {', '.join(unknown)}")
         wanted = set(photos)
         plan = [(name, kind) for name, kind in plan if name in wanted]
-    data, digest = {}, hashlib.sha1(_VERSION.encode())
-    for name, _ in plan:
-        data[name], sha1 = read_image_bytes(Path(train_root) / name)
-        digest.update(f"{name}:{sha1};".encode())
-    root = Path(cache) / f"{_VERSION}-{digest.hexdigest()[:12]}"
-    present = {s.name for s in load_sequences(root)[0]} if root.is_dir() else set()
-    for name, kind in plan:
-        folder = sequence_name(name, kind)
-        if folder in present:
-            continue
-        logger.info("generating validation sequence %s from %s", folder, name)
-        images, homographies = make_validation_sequence(decode_bgr(data[name], name), kind, zlib.crc32(name.encode()))
-        write_sequence(root / folder, images, homographies)
-    return root
+    return ensure_sequences(train_root, plan, cache)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "list_images", "read_image_bytes", "decode_gray", "decode_bgr",
-           "resize_to_max"]
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "list_images", "gather_images", "read_image_bytes", "decode_gray",
+           "decode_bgr", "resize_to_max"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -49,6 +50,33 @@ def list_images(image_dir: str | Path) -> list[str]:
             f"no images in {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)} files, recursively)"
         )
     return names
+
+
+def gather_images(entries: Sequence[str | Path]) -> list[Path]:
+    """The image files that folders (searched recursively) and image files name, in the entries' order.
+
+    Args:
+        entries: folders, whose images come in :func:`list_images`' order, and image files
+            (by extension, case-insensitive), taken as they are.
+
+    Returns:
+        ``folder / name`` for each image of a folder, and each file as given.
+
+    Raises:
+        FileNotFoundError: an entry that is neither a folder nor a file.
+        ValueError: a folder without images, or a file without an image extension.
+    """
+    paths: list[Path] = []
+    for entry in map(Path, entries):
+        if entry.is_file():
+            if entry.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(f"{str(entry)!r} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            paths.append(entry)
+        elif entry.is_dir():
+            paths += [entry / name for name in list_images(entry)]
+        else:
+            raise FileNotFoundError(f"{str(entry)!r} is neither an image folder nor an image file")
+    return paths
 
 
 def read_image_bytes(path: str | Path) -> tuple[bytes, str]:

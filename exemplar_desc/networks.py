@@ -27,6 +27,7 @@ __all__ = [
     "architecture_from_dict",
     "ConvTrunk",
     "ExemplarClassifier",
+    "MatchingHead",
     "DescriptorHead",
     "DescriptorNet",
     "count_flops",
@@ -174,8 +175,60 @@ class ExemplarClassifier(nn.Module):
         self.fc = nn.Sequential(*layers)
         self.classifier = nn.Linear(flat, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.fc(self.trunk(x)))
+        #: A :class:`MatchingHead` set for the matching losses: forward then also returns descriptors.
+        self.matching: MatchingHead | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, P, P) patches -> (B, num_classes) logits; with a matching head, (logits, (B, dim) descriptors).
+
+        With a probe-only matching head the classifier sees detached features: it learns to
+        classify (its accuracy is logged) without training the trunk.
+        """
+        if self.matching is None:
+            return self.classifier(self.fc(self.trunk(x)))
+        layer = self.matching.layer % len(self.trunk.blocks)
+        features = self.trunk(x, upto=layer)
+        rest = features
+        for block in self.trunk.blocks[layer + 1 :]:
+            rest = block(rest)
+        if self.matching.probe_only:
+            rest = rest.detach()
+        return self.classifier(self.fc(rest)), self.matching(features)
+
+
+class MatchingHead(nn.Module):
+    """The descriptor head in training form, for the matching losses: its projection is learned.
+
+    Same map as :class:`DescriptorHead` (max-pool grid, power compression, centring,
+    projection, L2 normalisation), with the projection a parameter, so that the matching
+    loss trains the trunk through the descriptor that matching uses. The power is applied
+    to features clamped at ``1e-6`` (post-ReLU features are >= 0; at 0 the power's
+    gradient is infinite).
+
+    Args:
+        layer: conv layer (0-based, negative from the end) whose feature maps it describes.
+        head: the head it starts from: its grid, power, mean and projection are copied.
+        probe_only: the surrogate classifier trains on detached features (loss ``triplet`` alone).
+
+    Shape:
+        - Input: (B, F, h, w) feature maps of ``layer``.
+        - Output: (B, dim) unit-length descriptors.
+    """
+
+    def __init__(self, layer: int, head: "DescriptorHead", probe_only: bool = False) -> None:
+        super().__init__()
+        self.layer = layer
+        self.grid = head.grid
+        self.power = head.power
+        self.probe_only = probe_only
+        self.register_buffer("mean", head.mean.detach().clone())
+        self.projection = nn.Parameter(head.projection.detach().clone())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_max_pool2d(features, self.grid).flatten(1).clamp_min(1e-6)
+        if self.power != 1:
+            pooled = pooled.pow(self.power)
+        return F.normalize((pooled - self.mean) @ self.projection, dim=1)
 
 
 def _pair_moments(

@@ -15,6 +15,8 @@
 The options are generated from :class:`~exemplar_desc.training.config.TrainConfig`'s fields
 (their help texts, types and defaults) and the transformation families' records; a
 ``--preset`` replaces the defaults before the command line is read, so explicit options win.
+The adaptation command (:mod:`exemplar_desc.adapt`) builds its options and writes its
+model with the same pieces (:func:`add_config_options`, :func:`finish_model`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from .checks import check, check_number, check_output_dir
 from .cli import ArgumentParser, add_shared_options, flag_names, report, settings_from_args
 from .distributed import close_distributed, init_distributed, rank_from_env, world_size_from_env
-from .images import list_images
+from .images import gather_images
 from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
@@ -49,7 +51,8 @@ from .training.seeds import load_stl10_unlabeled
 from .training.signals import TrainingInterrupted
 from .training.transforms import FAMILIES, FAMILY_RECORDS, TransformConfig
 
-__all__ = ["build_parser", "parse_args", "config_from_args", "build_card", "main"]
+__all__ = ["build_parser", "parse_args", "config_defaults", "add_config_options", "add_family_options", "config_from_args",
+           "command_line", "build_card", "finish_model", "describe_run", "main"]
 
 
 def _parse_range(text: str) -> tuple[float, float]:
@@ -111,13 +114,16 @@ def _value_type(hint: Any) -> Callable[[str], Any]:
     return parse
 
 
-def _defaults(preset: str | None) -> dict[str, Any]:
+def config_defaults(preset: str | None, **settings: Any) -> dict[str, Any]:
     """The parser's defaults by destination: TrainConfig's or the preset's, families included.
 
     ``arch`` stays None unless the preset sets it: the ``--init`` model's architecture then
     applies (:func:`config_from_args`).
+
+    Args:
+        settings: fields or families (by name) on top of the preset's (:meth:`Preset.config`).
     """
-    config = PRESETS[preset].config() if preset is not None else TrainConfig()
+    config = PRESETS[preset].config(**settings) if preset is not None else TrainConfig(**settings)
     values = {f.name: getattr(config, f.name) for f in fields(TrainConfig)}
     values.update(config.transforms.to_dict())
     if preset is None or "arch" not in PRESETS[preset].settings:
@@ -125,26 +131,34 @@ def _defaults(preset: str | None) -> dict[str, Any]:
     return values
 
 
-def _add_config_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    """One option per TrainConfig field (its metadata's help), ``--device`` and ``--magnification`` shared."""
+def add_config_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, defaults: dict[str, Any], names: typing.Iterable[str],
+    spelling: dict[str, dict[str, Any]] = SPELLING,
+) -> None:
+    """One option per TrainConfig field of ``names``, in that order (its metadata's help), ``--device`` and ``--magnification`` shared.
+
+    Args:
+        defaults: by destination, from :func:`config_defaults`.
+        spelling: per field, as :data:`SPELLING` (``help`` also replaces the field's help text).
+    """
     hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        if f.name in NOT_OPTIONS:
-            continue
-        spelling = dict(SPELLING.get(f.name, {}))
-        flag = spelling.pop("flag", "--" + f.name.replace("_", "-"))
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for f in (by_name[name] for name in names):
+        spelled = dict(spelling.get(f.name, {}))
+        flag = spelled.pop("flag", "--" + f.name.replace("_", "-"))
         default = defaults[f.name]
-        unset = spelling.pop("unset", f.metadata["unset"])
-        keywords = {"default": default, "help": f"{f.metadata['help']} (default: {unset if default is None else _shown(default)})"}
+        unset = spelled.pop("unset", f.metadata["unset"])
+        text = spelled.pop("help", f.metadata["help"])
+        keywords = {"default": default, "help": f"{text} (default: {unset if default is None else _shown(default)})"}
         if not flag.startswith("--"):
-            parser.add_argument(f.name, **keywords, **spelling)
+            parser.add_argument(f.name, **keywords, **spelled)
         elif f.name in SHARED:
-            add_shared_options(parser, flag, **{f.name: {"type": _value_type(hints[f.name]), **keywords, **spelling}})
+            add_shared_options(parser, flag, **{f.name: {"type": _value_type(hints[f.name]), **keywords, **spelled}})
         else:
-            parser.add_argument(flag, dest=f.name, **{"type": _value_type(hints[f.name]), **keywords, **spelling})
+            parser.add_argument(flag, dest=f.name, **{"type": _value_type(hints[f.name]), **keywords, **spelled})
 
 
-def _add_family_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+def add_family_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     """One option per transformation family (its record's help and bounds), and ``--without``."""
     group = parser.add_argument_group(
         "transformations", "ranges of the random transformations of the seeds (the paper's by default); a family at its identity is off")
@@ -170,8 +184,8 @@ def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.A
         help="start from a named recipe; the options given override its settings (none unsets one, e.g. --init none): "
              + "; ".join(f"{name}: {value.summary}" for name, value in PRESETS.items()) + " (default: none, the paper's settings)",
     )
-    defaults = _defaults(preset)
-    _add_config_options(p, defaults)
+    defaults = config_defaults(preset)
+    add_config_options(p, defaults, [f.name for f in fields(TrainConfig) if f.name not in NOT_OPTIONS])
     run = p.add_argument_group("run and output")
     run.add_argument("--workdir", default="runs/train", help="checkpoint and log folder (default: %(default)s)")
     run.add_argument(
@@ -187,7 +201,7 @@ def build_parser(preset: str | None = None, add_help: bool = True) -> argparse.A
     add_shared_options(run, "--dist-timeout")
     run.add_argument("--out-dir", default="models", help="folder the model and its card are written to (default: %(default)s)")
     run.add_argument("--name", help="model name (default: the architecture's name)")
-    _add_family_options(p, defaults)
+    add_family_options(p, defaults)
     return p
 
 
@@ -203,15 +217,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Names
     return parser, parser.parse_intermixed_args(argv)  # folders may come before and after options
 
 
-def config_from_args(args: argparse.Namespace, data: bool = True) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, data: bool = True, **given: Any) -> TrainConfig:
     """TrainConfig from parsed command-line arguments, checked (:meth:`TrainConfig.check`; ``data``: the data paths too).
+
+    Args:
+        given: fields a command sets itself, over the options of the same destination
+            (the adaptation command's training photos and classes).
 
     Raises:
         OptionError: the first bad option, named by its field.
     """
     transforms = settings_from_args(TransformConfig, args).without(*args.without)
-    cfg = settings_from_args(TrainConfig, args, images=tuple(args.images), seed_scales=tuple(args.seed_scales),
-                             arch=_arch_option(args), transforms=transforms)
+    derived = {"images": tuple(getattr(args, "images", ())), "seed_scales": tuple(args.seed_scales), "arch": _arch_option(args),
+               "transforms": transforms}
+    cfg = settings_from_args(TrainConfig, args, **{**derived, **given})
     cfg.check(data=data)
     return cfg
 
@@ -227,9 +246,14 @@ def _arch_option(args: argparse.Namespace) -> str:
     return name
 
 
+def command_line(program: str, argv: list[str]) -> str:
+    """The command a card records, so the run can be repeated: ``program`` and ``argv``, quoted for the shell."""
+    return " ".join([program, *(shlex.quote(a) for a in argv)])
+
+
 def build_card(
     cfg: TrainConfig,
-    argv: list[str],
+    command: str,
     resumed: bool,
     result: dict,
     net: DescriptorNet,
@@ -242,7 +266,7 @@ def build_card(
     """The model card of a trained descriptor (without the weights' name and sha256, added by save_model).
 
     Args:
-        argv: the command line's arguments, recorded so the run can be repeated.
+        command: the command line (:func:`command_line`), recorded so the run can be repeated.
         result: what :func:`exemplar_desc.training.loop.train` returned.
         explained: fraction of the pooled features' variance the PCA keeps.
         tuning: the magnification tuning record, None when --magnification was given.
@@ -271,7 +295,7 @@ def build_card(
         },
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
         "training": {
-            "command": "python -m exemplar_desc.train " + " ".join(shlex.quote(a) for a in argv),
+            "command": command,
             "preset": preset,
             "resumed": resumed,
             "refit_head": result["refit_head"],
@@ -286,6 +310,7 @@ def build_card(
             "batch_size": cfg.batch_size,
             "world_size": result["world_size"],
             "global_batch_size": cfg.batch_size * result["world_size"],
+            "loss": {"type": cfg.loss, **({"margin": cfg.margin, "triplet_weight": cfg.triplet_weight} if cfg.matching else {})},
             "optimizer": {"type": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "official steps"},
             "transforms": cfg.transforms.to_dict(),
             "device": result["trained_on"],
@@ -302,8 +327,8 @@ def build_card(
 
 
 def _training_images(cfg: TrainConfig) -> tuple[list[Path] | np.ndarray, str]:
-    """The image folders' photos, or STL-10's when there are none, and what they are."""
-    images = [Path(folder) / name for folder in cfg.images for name in list_images(folder)]
+    """The photos of the image folders and files, or STL-10's when there are none, and what they are."""
+    images = gather_images(cfg.images)
     if images:
         return images, "image folders"
     return load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images), "STL-10 (96x96)"
@@ -370,8 +395,17 @@ def main(argv: list[str] | None = None) -> int:
         return _report(err, parser)
 
 
-def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], result: dict, out_dir: Path) -> int:
-    """Fit the head, choose the magnification, write the model and its card (rank 0); returns 0."""
+def finish_model(cfg: TrainConfig, result: dict, command: str, resumed: bool, preset: str | None) -> tuple[DescriptorNet, dict]:
+    """Fit the head and choose the magnification of a finished run (rank 0); nothing is written.
+
+    Args:
+        result: what :func:`exemplar_desc.training.loop.train` returned.
+        command, resumed, preset: recorded in the card (:func:`build_card`).
+
+    Returns:
+        The descriptor network (CPU, eval mode) and its card, for
+        :func:`exemplar_desc.model_io.save_model`.
+    """
     net = build_descriptor_net(result["model"], cfg)
     # The keypoints PCA and the pairs whitening are fitted at the chosen magnification; the
     # surrogate PCA is fitted when it is the head, or for the tuning, which describes patches with it.
@@ -386,16 +420,30 @@ def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], re
         explained = fit_head_on_keypoints(net, images, magnification, cfg)
     if cfg.whitening == "pairs":
         explained, pairs = fit_head_on_pairs(net, images, magnification, cfg)
-    card = build_card(cfg, argv, args.resume, result, net, explained, magnification, tuning, preset=args.preset, pairs=pairs)
-    if args.refit_head:
+    card = build_card(cfg, command, resumed, result, net, explained, magnification, tuning, preset=preset, pairs=pairs)
+    if result["refit_head"]:
         card["training"]["trunk_training"] = load_init_model(cfg.init)[1].get("training")
-        summary = f"head refitted on the trunk of the init model {cfg.init} (no training step, so no surrogate validation accuracy)"
+    return net, card
+
+
+def describe_run(card: dict) -> str:
+    """One line on a written model: its surrogate validation accuracy (none after a head refit), magnification and the head's variance."""
+    training, head = card["training"], card["head"]
+    if training["refit_head"]:
+        summary = f"head refitted on the trunk of the init model {training['init']['model']} (no training step, so no surrogate validation accuracy)"
     else:
-        last = result["log"][-1] if result["log"] else {}
-        summary = f"surrogate validation accuracy {last.get('val_accuracy', float('nan')):.3f} over {cfg.num_classes} classes"
+        accuracy = training["final_surrogate_val_accuracy"]
+        summary = f"surrogate validation accuracy {float('nan') if accuracy is None else accuracy:.3f} over {training['num_classes']} classes"
+    return f"{summary}; magnification {card['magnification']:g}; the head keeps {head['explained_variance']:.1%} of the variance"
+
+
+def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], result: dict, out_dir: Path) -> int:
+    """Fit the head, choose the magnification, write the model and its card (rank 0); returns 0."""
+    command = command_line("python -m exemplar_desc.train", argv)
+    net, card = finish_model(cfg, result, command, args.resume, args.preset)
     card_path = save_model(net, card, out_dir, args.name or cfg.arch)
     print(f"model written to {card_path} and {card_path.with_suffix('.pt')}")
-    print(f"{summary}; magnification {magnification:g}; the head keeps {explained:.1%} of the variance")
+    print(describe_run(card))
     return 0
 
 if __name__ == "__main__":

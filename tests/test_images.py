@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from exemplar_desc.images import UnreadableImageError, decode_gray, list_images
+from exemplar_desc.images import UnreadableImageError, decode_gray, gather_images, list_images
 
 
 def test_list_images_is_recursive_sorted_relative_and_filters(tmp_path):
@@ -20,6 +20,21 @@ def test_list_images_is_recursive_sorted_relative_and_filters(tmp_path):
         list_images(tmp_path / "empty")
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "missing")
+
+
+
+def test_gather_images_takes_folders_and_files_in_order(tmp_path):
+    image = np.zeros((8, 8), np.uint8)
+    for name in ("d/b.png", "d/a.png", "single.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / name), image)
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert gather_images([tmp_path / "single.jpg", tmp_path / "d"]) == [
+        tmp_path / "single.jpg", tmp_path / "d" / "a.png", tmp_path / "d" / "b.png"]
+    with pytest.raises(ValueError, match="not an image file"):
+        gather_images([tmp_path / "notes.txt"])
+    with pytest.raises(FileNotFoundError, match="neither"):
+        gather_images([tmp_path / "missing"])
 
 
 def test_decode_gray_rejects_garbage_and_truncated_jpeg():

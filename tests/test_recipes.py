@@ -23,7 +23,7 @@ import torch
 
 from exemplar_desc.matching import match_descriptors
 
-from .conftest import shared_data
+from .conftest import save_small_model, shared_data, write_quarter_photos
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "docs" / "recipes"
@@ -63,7 +63,7 @@ def number(pattern: str, text: str) -> float:
 
 
 def test_every_recipe_has_code():
-    pages = {"match-two-photos.md", "hloc.md", "colmap.md", "train-your-own.md"}
+    pages = {"match-two-photos.md", "hloc.md", "colmap.md", "train-your-own.md", "adapt-to-your-photos.md"}
     assert pages <= {p.name for p in RECIPES.glob("*.md")}
     for page in pages:
         assert code_blocks(page), page
@@ -76,15 +76,17 @@ def test_match_two_photos(tmp_path):
 
     out = run_block(python_lang, python_code)
     inliers = number(r"(\d+) homography inliers", out)
-    # 483 measured; matches of unrelated descriptors give a few dozen chance inliers.
+    # 532 measured; matches of unrelated descriptors give a few dozen chance inliers.
     assert inliers >= 200, out
-    # The fit must agree with the sequence's true homography to within RANSAC's 3-pixel threshold.
-    assert number(r"corners within ([\d.]+) px", out) <= 3.0, out
+    # Most inliers are true matches: within 3 px under the sequence's true homography (456 of
+    # 532 measured; RANSAC's 3-px threshold around its own fit also admits some wrong ones).
+    correct = number(r"(\d+) of the inliers within 3 px", out)
+    assert correct >= 200 and correct >= 0.8 * inliers, out
 
     png = tmp_path / "matches.png"
     out = run_block(bash_lang, bash_code, IMG1=graf / "img1.ppm", IMG2=graf / "img3.ppm", OUT=png)
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["exemplar"], ["sift"])}
-    # Same keypoints for both: the Exemplar descriptor's inliers exceed SIFT's (758 against 587 measured).
+    # Same keypoints for both: the Exemplar descriptor's inliers exceed SIFT's (761 against 587 measured).
     assert int(rows["exemplar"][3]) > int(rows["sift"][3]), out
     assert png.stat().st_size > 0
 
@@ -205,3 +207,21 @@ def test_train_your_own(tmp_path):
     # stays near the shipped one (382 inliers against 381 measured); a network with random
     # weights and a fitted PCA reaches 236 (0.62 of the shipped model's).
     assert int(rows[0][3]) >= 0.85 * int(rows[1][3]), out
+
+
+def test_adapt_to_your_photos(tmp_path):
+    (adapt_lang, adapt_code), (use_lang, use_code) = code_blocks("adapt-to-your-photos.md")
+    assert (adapt_lang, use_lang) == ("bash", "python")
+    photos = write_quarter_photos(tmp_path / "photos")  # 12 small photos: the fewest the default split takes
+    # A base whose head is collapsed, so the adapted model is better and written; a few
+    # training steps of a small network, a small head: seconds.
+    base = save_small_model(tmp_path, "collapsed", collapsed=True)
+    options = (f"--base {base} --samples-per-class 4 --epochs 1 --batch-size 16 --seeds-per-image 8 --pca-patches 256 "
+               "--threads 1 --device cpu")
+    names = {"NAME": "mine", "MODELS": tmp_path / "models"}
+    printed = run_block(adapt_lang, adapt_code, timeout=300, PHOTOS=photos, MINUTES=0.05, RUN=tmp_path / "run",
+                        OPTIONS=options, **names)
+    card = tmp_path / "models" / "mine.json"
+    assert f"model written to {card} and " in printed and "overall" in printed, printed
+    printed = run_block(use_lang, use_code, **names)
+    assert "better: True" in printed and "using ExemplarDescriptor(model='mine'" in printed, printed

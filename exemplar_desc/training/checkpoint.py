@@ -123,7 +123,9 @@ class CheckpointMismatch(OptionError):
 
 def config_record(cfg: TrainConfig) -> dict:
     """JSON-able record of the settings that must match for a resumed run (those that shape the training)."""
-    record = {k: v for k, v in vars(cfg).items() if k not in RESUME_FREE and k != "transforms"}
+    # A matching loss trains through the head, so the head's form shapes the training too.
+    free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power"} if cfg.matching else set())
+    record = {k: v for k, v in vars(cfg).items() if k not in free and k != "transforms"}
     record["images"], record["seed_scales"] = list(record["images"]), list(record["seed_scales"])
     record["transforms"] = cfg.transforms.to_dict()
     return json.loads(json.dumps(record))

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import OptionError, check, check_device, check_number
-from ..images import list_images
+from ..images import gather_images
 from ..networks import ARCHITECTURES, Architecture, architecture_from_dict, resolve_architecture
 from .init_model import describe_architecture, load_init_model
 from .seeds import PAPER_SEED_SCALES, stl10_image_count
 from .transforms import FAMILY_RECORDS, TransformConfig
 
-__all__ = ["TrainConfig", "PCA_SOURCES", "WHITENINGS"]
+__all__ = ["TrainConfig", "PCA_SOURCES", "WHITENINGS", "LOSSES"]
 
 #: What the descriptor head's PCA is fitted on: fresh surrogate samples (transformed seed
 #: patches), or patches at SIFT keypoints of the training images (exemplar_desc.training.head).
@@ -23,6 +23,9 @@ PCA_SOURCES = ("surrogate", "keypoints")
 #: of positive pairs of keypoint patches in synthetic views of the training photos
 #: (exemplar_desc.training.pairs; DescriptorHead.fit_pairs).
 WHITENINGS = ("pca", "pairs")
+#: The training losses (exemplar_desc.training.losses): the paper's softmax over surrogate
+#: classes, HardNet's triplet margin loss over two views of each seed, or their sum.
+LOSSES = ("softmax", "softmax+triplet", "triplet")
 
 
 def _setting(default: Any, help: str, unset: str | None = None) -> Any:
@@ -40,7 +43,7 @@ class TrainConfig:
     transformation families (:data:`.transforms.FAMILY_RECORDS`).
     """
 
-    images: tuple[str, ...] = _setting((), "folders of unlabeled images (searched recursively)")
+    images: tuple[str, ...] = _setting((), "folders of unlabeled images (searched recursively), or image files")
     stl10: str | None = _setting(None, "STL-10's unlabeled_X.bin (96x96x3 uint8, column-major)", "none")
     stl10_max_images: int | None = _setting(None, "use only the first N STL-10 images", "all")
     max_side: int = _setting(512, "longer image side in pixels the images are downscaled to before seeds are taken")
@@ -55,6 +58,11 @@ class TrainConfig:
     lr: float = _setting(0.01, "base learning rate of SGD, on the official step schedule; not scaled with the global batch")
     momentum: float = _setting(0.9, "SGD momentum in [0, 1)")
     weight_decay: float = _setting(0.004, "SGD weight decay (L2)")
+    loss: str = _setting(
+        "softmax", "training loss: softmax over the surrogate classes (the paper's), triplet: HardNet's hardest-in-batch "
+        "triplet margin loss on two views of each seed through a learned descriptor head, or softmax+triplet (their sum)")
+    margin: float = _setting(1.0, "margin of the triplet loss, in L2 distance between unit descriptors (0, 2]")
+    triplet_weight: float = _setting(1.0, "weight of the triplet term in softmax+triplet")
     patch_size: int = _setting(32, "side of the network's input patches in pixels")
     context: int = _setting(80, "side of the context crop kept around each seed in pixels")
     val_per_class: int = _setting(1, "held-out surrogate samples per class for the validation accuracy")
@@ -89,6 +97,11 @@ class TrainConfig:
         "start fresh, and arch must give the model's architecture", "random weights")
     transforms: TransformConfig = TransformConfig()
 
+    @property
+    def matching(self) -> bool:
+        """Whether the loss has the matching (triplet) term: batches then hold two views of each seed."""
+        return "triplet" in self.loss
+
     def check(self, data: bool = True) -> None:
         """Check every setting before any work is done.
 
@@ -116,6 +129,7 @@ class TrainConfig:
         pooled = arch.convs[self.head_layer][0] * self.head_grid**2
         check_number("head_dim", self.head_dim, low=1, high=pooled, integer=True)
         check(self.pca_source in PCA_SOURCES, "pca_source", self.pca_source, f"expected one of {', '.join(PCA_SOURCES)}")
+        _check_loss(self)
         check(self.whitening in WHITENINGS, "whitening", self.whitening, f"expected one of {', '.join(WHITENINGS)}")
         check(self.whitening == "pca" or self.pca_source == "surrogate", "pca_source", self.pca_source,
               "the pairs whitening is fitted on its pairs; pca_source keypoints applies to the pca whitening only")
@@ -142,24 +156,36 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "head_power": {"low": 0, "low_open": True, "high": 1},
     "whiten": {"low": 0, "high": 1},
     "pair_shrinkage": {"low": 0, "high": 1},
+    "margin": {"low": 0, "low_open": True, "high": 2},
+    "triplet_weight": {"low": 0, "low_open": True},
     "magnification": {"low": 0, "low_open": True},
 }
 
 
 def _check_data(cfg: TrainConfig, data: bool) -> None:
-    """Some training data given; with ``data``, the folders hold images and the STL-10 file is one."""
+    """Some training data given; with ``data``, the folders hold images, the files are images and the STL-10 file is one."""
     check(bool(cfg.images or cfg.stl10), "images", list(cfg.images), "no training data: give at least one image folder or an STL-10 file")
-    for folder in cfg.images if data else ():
-        check(Path(folder).is_dir(), "images", folder, "not a folder")
+    for entry in cfg.images if data else ():
+        check(Path(entry).exists(), "images", entry, "no such folder or file")
         try:
-            list_images(folder)
+            gather_images([entry])
         except ValueError as err:
-            raise OptionError("images", folder, str(err)) from None
+            raise OptionError("images", entry, str(err)) from None
     if cfg.stl10 is not None and data:
         try:
             stl10_image_count(cfg.stl10)
         except (FileNotFoundError, ValueError) as err:
             raise OptionError("stl10", cfg.stl10, str(err)) from None
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    """A known loss; a triplet loss's batches hold two views of B/2 distinct classes."""
+    check(cfg.loss in LOSSES, "loss", cfg.loss, f"expected one of {', '.join(LOSSES)}")
+    if cfg.matching:
+        check(cfg.batch_size % 2 == 0 and cfg.batch_size >= 4, "batch_size", cfg.batch_size,
+              f"loss {cfg.loss} takes two views of each seed: the batch size must be even and at least 4")
+        check(cfg.num_classes >= cfg.batch_size // 2, "num_classes", cfg.num_classes,
+              f"loss {cfg.loss} takes batch_size / 2 = {cfg.batch_size // 2} distinct classes per batch: give at least that many")
 
 
 def _check_arch(cfg: TrainConfig) -> Architecture:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -12,7 +13,7 @@ from ..networks import ARCHITECTURES, Architecture, DescriptorNet, ExemplarClass
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_init_model", "architecture_option", "describe_architecture", "init_trunk"]
+__all__ = ["load_init_model", "architecture_option", "describe_architecture", "init_trunk", "model_settings"]
 
 
 def load_init_model(model: str) -> tuple[DescriptorNet, dict]:
@@ -64,3 +65,29 @@ def init_trunk(model: ExemplarClassifier, init: str) -> dict:
         logger.warning("init model %s keeps %d of %d convolutions (up to its head layer); the others start fresh", init, copied, total)
     logger.info("trunk initialised from %s (sha256 %s...)", init, card["sha256"][:12])
     return {"model": init, "sha256": card["sha256"], "conv_layers": f"{copied} of {total}"}
+
+
+#: Keys of a model card's ``head`` and the TrainConfig fields they set.
+_HEAD_FIELDS = {"layer": "head_layer", "grid": "head_grid", "dim": "head_dim", "power": "head_power", "whiten": "whiten",
+                "whitening": "whitening", "pca_patches": "pca_patches", "pca_source": "pca_source"}
+
+
+def model_settings(card: dict) -> dict[str, Any]:
+    """TrainConfig settings that give a new model a saved model's descriptor: its head and magnification.
+
+    A run with them on a model's trunk (``init``) fits the same form of head (layer, grid,
+    dimension, power), the same way (whitening, patches, the pairs' views and shrinkage),
+    and describes patches of the same size, so the two models compare like for like.
+
+    Args:
+        card: the model's card (:func:`load_init_model`); keys older cards lack keep TrainConfig's defaults.
+    """
+    head = card["head"]
+    settings = {field: head[key] for key, field in _HEAD_FIELDS.items() if head.get(key) is not None}
+    settings.setdefault("head_power", 1.0)  # as load_model builds a card without it
+    settings.setdefault("whitening", "pca")  # cards older than the pairs whitening
+    pairs = head.get("pairs") or {}
+    if "views_per_photo" in pairs:
+        settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"])
+    settings["magnification"] = float(card["magnification"])
+    return settings

@@ -3,7 +3,8 @@
 Seed patches are sampled from unlabeled images (and/or STL-10's ``unlabeled_X.bin``); each
 seed is a surrogate class. The network learns to classify random transformations of the
 seeds (fresh samples every step, generated on the training device) with the paper's SGD
-settings by default. The settings are :class:`.config.TrainConfig`; the state and its
+settings by default; a matching loss (:mod:`.losses`) also trains the distance between two
+views of a seed. The settings are :class:`.config.TrainConfig`; the state and its
 checkpoint :mod:`.checkpoint`. The command line is :mod:`exemplar_desc.train`.
 """
 
@@ -27,6 +28,7 @@ from ..networks import ExemplarClassifier, resolve_architecture
 from .checkpoint import TrainState, read_checkpoint, restore_state, save_checkpoint
 from .config import TrainConfig
 from .init_model import init_trunk
+from .losses import attach_matching_head, hardest_triplet_loss, paired_class_ids
 from .schedule import SYNC_EVERY, RunClock, lr_at
 from .seeds import load_seed_contexts
 from .signals import TrainingInterrupted, stop_on_signals
@@ -34,7 +36,7 @@ from .transforms import SurrogateSampler, sample_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train", "train_step"]
+__all__ = ["train", "train_step", "training_device"]
 
 
 def train(
@@ -64,16 +66,22 @@ def train(
     cfg.check(data=dist is None or dist.is_main)
     check(not refit_head or cfg.init is not None, "refit_head", refit_head, "a head refit keeps the trunk of an init model: name one")
     check(not (refit_head and resume), "refit_head", refit_head, "takes no training step, so there is no run to resume")
-    if dist is not None:
-        device = dist.device
-    else:
-        device = check_device("device", cfg.device, allow_auto=True) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.device if dist is not None else training_device(cfg.device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.random.default_generator.manual_seed(cfg.seed)
         if cuda:
             torch.cuda.default_generators[cuda[0]].manual_seed(cfg.seed)
         return _train(cfg, device, workdir, resume, progress, dist, refit_head)
+
+
+def training_device(name: str) -> torch.device:
+    """The device a single-process run trains on, from ``TrainConfig.device``: ``auto`` is cuda when there is one.
+
+    Raises:
+        OptionError (``device``): a malformed name or a device this machine lacks.
+    """
+    return check_device("device", name, allow_auto=True) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _train(
@@ -132,6 +140,8 @@ def _start_state(cfg: TrainConfig, device: torch.device, workdir: Path, checkpoi
     model = ExemplarClassifier(resolve_architecture(cfg.arch), cfg.num_classes, patch_size=cfg.patch_size)
     # A resumed run takes its weights from the checkpoint, never again from the init model.
     init = init_trunk(model, cfg.init) if cfg.init is not None and checkpoint is None else None
+    if cfg.matching:
+        attach_matching_head(model, cfg)
     model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     network = model
@@ -156,9 +166,10 @@ def _device_description(device: torch.device, world_size: int = 1) -> str:
     return name if world_size == 1 else f"{world_size} x {name}"
 
 
-def train_step(state: TrainState, sampler: SurrogateSampler, batch_size: int, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One SGD step on ``batch_size`` fresh samples of this rank; nothing waits for the device.
+def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One SGD step on ``cfg.batch_size`` fresh samples of this rank; nothing waits for the device.
 
+    With a matching loss (``cfg.matching``) the batch holds two views of each of B/2 seeds.
     Under DistributedDataParallel the backward pass averages the gradients over the ranks,
     so each step uses the global batch.
 
@@ -166,13 +177,21 @@ def train_step(state: TrainState, sampler: SurrogateSampler, batch_size: int, lr
         (loss () float32, logits (B, num_classes), class ids (B,) int64), all on the training device.
     """
     device = state.generator.device
-    ids = torch.randint(sampler.num_classes, (batch_size,), generator=state.generator, device=device)
+    if cfg.matching:
+        ids = paired_class_ids(sampler.num_classes, cfg.batch_size, state.generator)
+    else:
+        ids = torch.randint(sampler.num_classes, (cfg.batch_size,), generator=state.generator, device=device)
     x = sample_patches(sampler, ids, state.generator).contiguous(memory_format=torch.channels_last)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        logits = state.network(x)
+        out = state.network(x)
+        logits = out[0] if cfg.matching else out
         loss = F.cross_entropy(logits.float(), ids)
+        if cfg.matching:
+            first, second = out[1].float().chunk(2)
+            # "triplet" alone: the softmax term trains only the probe on detached features.
+            loss = loss + cfg.triplet_weight * hardest_triplet_loss(first, second, cfg.margin)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
@@ -211,7 +230,7 @@ def _run_steps(
     bar = tqdm(total=state.step + remaining, initial=state.step, desc="training", unit="step", disable=not (progress and main_rank), dynamic_ncols=True)
     while not finished:
         epoch_before = state.samples // epoch_samples
-        loss, logits, ids = train_step(state, sampler, cfg.batch_size, lr_at(clock.progress(), cfg.lr), amp)
+        loss, logits, ids = train_step(state, sampler, cfg, lr_at(clock.progress(), cfg.lr), amp)
         if dist is None or state.step % SYNC_EVERY == 0:
             stopping = clock.sync()
         finished = clock.progress() >= 1.0
@@ -245,6 +264,7 @@ def _end_epoch(state: TrainState, val_x: torch.Tensor, val_y: torch.Tensor, amp:
     for start in range(0, len(val_x), 1024):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             logits = model(val_x[start : start + 1024])
+        logits = logits[0] if isinstance(logits, tuple) else logits
         correct += (logits.argmax(1) == val_y[start : start + 1024]).sum()
     model.train()
     val_acc = int(correct) / max(1, len(val_x))  # one wait for the device, at the end

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from ..model_io import DEFAULT_MODEL
 from .config import TrainConfig
 from .transforms import FAMILIES, TransformConfig
 
-__all__ = ["Preset", "PRESETS"]
+__all__ = ["Preset", "PRESETS", "ADAPT"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,10 @@ PAPER = Preset(
 
 FAST_T005 = Preset(
     "exemplar-fast-t005",
-    "the last training stage of the shipped default model, exemplar-fast-t005 (fine-tunes exemplar-fast-t01)",
-    """The recipe of the shipped default model's card (``training.command``), its last stage.
+    "the last training stage of exemplar-fast-t005, the shipped default's network (fine-tunes exemplar-fast-t01)",
+    """The recipe of ``exemplar-fast-t005``'s card (``training.command``), its last stage.
 
-    The shipped model was trained in three stages, each starting from the one before:
+    ``exemplar-fast-t005`` was trained in three stages, each starting from the one before:
     ``exemplar-fast`` (from random weights, 8000 classes, translation 0.2), then
     ``exemplar-fast-t01`` (translation 0.1, 25 minutes) and ``exemplar-fast-t005``
     (translation 0.05, 70 minutes). Only the last stage is this preset: it starts from the
@@ -63,7 +64,10 @@ FAST_T005 = Preset(
     ``training.data``: BSDS300, Urban100 and T91) one command repeats it. The earlier
     stages' commands are in their own cards. The time budget sets the run's length, so the
     number of steps depends on the machine: the shipped run made 13,495 steps of 256
-    samples on one CPU thread (``num_threads`` 1, a machine setting the preset leaves alone).""",
+    samples on one CPU thread (``num_threads`` 1, a machine setting the preset leaves alone).
+    The shipped default, ``exemplar-fast-t005-pairs``, is this network with a new head (a
+    whitening learned from positive pairs), fitted by ``--refit-head --init
+    exemplar-fast-t005``; the command is in its card.""",
     MappingProxyType({
         "init": "exemplar-fast-t01",
         "num_classes": 2000,
@@ -79,6 +83,21 @@ FAST_T005 = Preset(
     }),
 )
 
+ADAPT = Preset(
+    "adapt",
+    "fine-tune the shipped default on your own photos for 15 minutes with softmax+triplet (python -m exemplar_desc.adapt)",
+    """The recipe of the adaptation command, ``python -m exemplar_desc.adapt``: the last
+    stage of the shipped default's network (``exemplar-fast-t005``, above) run once more,
+    from the shipped default itself (``init``: ``DEFAULT_MODEL``), for 15 minutes, with the
+    softmax+triplet loss, which trains the distance matching compares as well as the
+    surrogate classes, and the shipped default's head: the learned whitening of positive
+    pairs (W 1, shrinkage 0.1). The command takes the head and the magnification from the
+    model it adapts (for the default, these settings), and gives a small folder fewer
+    classes than 2000 when its photos give fewer seeds.""",
+    MappingProxyType({**FAST_T005.settings, "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet",
+                      "whitening": "pairs", "whiten": 1.0}),
+)
+
 #: The presets by name.
-PRESETS: dict[str, Preset] = {preset.name: preset for preset in (PAPER, FAST_T005)}
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in (PAPER, FAST_T005, ADAPT)}
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..images import list_images
+from ..images import gather_images
 
 if TYPE_CHECKING:  # config.py imports this module
     from .config import TrainConfig
@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # config.py imports this module
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "sample_seeds", "load_seed_contexts", "STL10_IMAGE_BYTES", "PAPER_SEED_SCALES",
+    "iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "seed_candidates", "sample_seeds", "load_seed_contexts",
+    "count_seeds", "STL10_IMAGE_BYTES", "PAPER_SEED_SCALES",
 ]
 
 STL10_IMAGE_BYTES = 96 * 96 * 3
@@ -100,34 +101,19 @@ def _gradient_energy(gray: np.ndarray, patch_size: int) -> np.ndarray:
     return cv2.boxFilter(gx * gx + gy * gy, -1, (patch_size, patch_size), normalize=False)
 
 
-def sample_seeds(
+def seed_candidates(
     images: Iterator[np.ndarray] | Sequence[np.ndarray],
-    num_seeds: int,
     rng: np.random.Generator,
     per_image: int,
     patch_size: int = 32,
     context: int = 80,
     scales: Sequence[float] = PAPER_SEED_SCALES,
     total: int | None = None,
-) -> torch.Tensor:
-    """Sample seed patches and return their context crops.
-
-    Args:
-        images: (H, W, 3) uint8 RGB images.
-        num_seeds: how many seeds to return (chosen at random among all candidates).
-        rng: numpy random generator (reproducibility).
-        per_image: candidates taken from each image, spread over the scales.
-        patch_size: seed side in pixels at its scale; seeds keep patch_size/2 from the border.
-        context: side of the stored crop (reflect-padded where it leaves the image).
-        scales: image scale factors at which seeds are taken (the candidates are split evenly
-            among them); a seed at scale s covers patch_size / s pixels of the image.
-        total: number of images, for the progress bar only.
+) -> list[np.ndarray]:
+    """Every usable seed candidate of the images, as its context crop (see :func:`sample_seeds` for the arguments).
 
     Returns:
-        (num_seeds, 3, context, context) uint8 tensor, RGB.
-
-    Raises:
-        ValueError: fewer usable seeds than ``num_seeds``.
+        (context, context, 3) uint8 RGB crops, image by image.
     """
     crops: list[np.ndarray] = []
     half, pad = patch_size // 2, context // 2
@@ -161,6 +147,39 @@ def sample_seeds(
                 taken += 1
                 if taken == quota:
                     break
+    return crops
+
+
+def sample_seeds(
+    images: Iterator[np.ndarray] | Sequence[np.ndarray],
+    num_seeds: int,
+    rng: np.random.Generator,
+    per_image: int,
+    patch_size: int = 32,
+    context: int = 80,
+    scales: Sequence[float] = PAPER_SEED_SCALES,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Sample seed patches and return their context crops.
+
+    Args:
+        images: (H, W, 3) uint8 RGB images.
+        num_seeds: how many seeds to return (chosen at random among all candidates).
+        rng: numpy random generator (reproducibility).
+        per_image: candidates taken from each image, spread over the scales.
+        patch_size: seed side in pixels at its scale; seeds keep patch_size/2 from the border.
+        context: side of the stored crop (reflect-padded where it leaves the image).
+        scales: image scale factors at which seeds are taken (the candidates are split evenly
+            among them); a seed at scale s covers patch_size / s pixels of the image.
+        total: number of images, for the progress bar only.
+
+    Returns:
+        (num_seeds, 3, context, context) uint8 tensor, RGB.
+
+    Raises:
+        ValueError: fewer usable seeds than ``num_seeds``.
+    """
+    crops = seed_candidates(images, rng, per_image, patch_size, context, scales, total)
     if len(crops) < num_seeds:
         raise ValueError(
             f"found only {len(crops)} usable seed patches for {num_seeds} surrogate classes; "
@@ -171,11 +190,11 @@ def sample_seeds(
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
-def load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) -> torch.Tensor:
-    """(num, 3, context, context) uint8 seed crops from the image folders and STL-10 file of a checked ``cfg``."""
+def _rgb_images(cfg: TrainConfig) -> tuple[Iterator[np.ndarray], int]:
+    """(H, W, 3) uint8 RGB images of a checked ``cfg``'s image folders and files, then its STL-10 file, and how many."""
     sources: list[tuple[Iterator[np.ndarray], int]] = []
-    for folder in cfg.images:
-        paths = [Path(folder) / name for name in list_images(folder)]
+    if cfg.images:
+        paths = gather_images(cfg.images)
         sources.append((iter_rgb_images(paths, cfg.max_side), len(paths)))
     if cfg.stl10:
         stl = load_stl10_unlabeled(cfg.stl10, cfg.stl10_max_images)
@@ -185,7 +204,24 @@ def load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) -> 
         for iterator, _ in sources:
             yield from iterator
 
+    return chained(), sum(n for _, n in sources)
+
+
+def load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) -> torch.Tensor:
+    """(num, 3, context, context) uint8 seed crops from the image folders and files and the STL-10 file of a checked ``cfg``."""
+    images, total = _rgb_images(cfg)
     return sample_seeds(
-        chained(), num, rng, per_image=cfg.seeds_per_image, scales=cfg.seed_scales, patch_size=cfg.patch_size,
-        context=cfg.context, total=sum(n for _, n in sources),
+        images, num, rng, per_image=cfg.seeds_per_image, scales=cfg.seed_scales, patch_size=cfg.patch_size,
+        context=cfg.context, total=total,
     )
+
+
+def count_seeds(cfg: TrainConfig) -> int:
+    """The usable seed patches of a checked ``cfg``'s training data: the most surrogate classes a run of it can have.
+
+    The count is exact: a run draws the same candidates (from ``np.random.default_rng(cfg.seed)``)
+    before choosing ``cfg.num_classes`` of them.
+    """
+    images, total = _rgb_images(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    return len(seed_candidates(images, rng, cfg.seeds_per_image, cfg.patch_size, cfg.context, cfg.seed_scales, total))

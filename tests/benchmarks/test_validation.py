@@ -11,8 +11,10 @@ from benchmarks.synthetic import _warp
 from benchmarks.validation import (
     HELD_OUT_FOLDERS,
     VALIDATION_KINDS,
+    ensure_sequences,
     ensure_validation_dataset,
     held_out_photos,
+    kinds_in_turn,
     sequence_name,
 )
 from exemplar_desc.images import decode_bgr
@@ -90,6 +92,24 @@ def test_only_held_out_folders_are_used(tmp_path):
         held_out_photos(tmp_path / "train")
     with pytest.raises(FileNotFoundError, match="kodak24"):
         held_out_photos(tmp_path / "train" / "bsds300")
+
+
+
+def test_any_photos_make_sequences_and_the_validation_set_is_one_case(tmp_path):
+    rng = np.random.default_rng(0)
+    for folder in HELD_OUT_FOLDERS:
+        (tmp_path / "train" / folder).mkdir(parents=True)
+        for i in range(2):
+            cv2.imwrite(str(tmp_path / "train" / folder / f"p{i}.png"), rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    validation = ensure_validation_dataset(tmp_path / "train", tmp_path / "a")
+    plan = kinds_in_turn(held_out_photos(tmp_path / "train"))
+    same = ensure_sequences(tmp_path / "train", plan, tmp_path / "b")
+    assert same.name == validation.name and _files(same) == _files(validation)  # same cache key, same bytes
+    smaller = ensure_sequences(tmp_path / "train", plan, tmp_path / "b", max_side=32)
+    assert smaller.name != same.name  # the size is in the cache key
+    assert all(cv2.imread(str(path)).shape == (24, 32, 3) for path in smaller.rglob("img*.ppm"))
+    with pytest.raises(ValueError, match="share a name"):
+        ensure_sequences(tmp_path / "train", [("kodak24/p0.png", "blur"), ("kodak24/p0.png", "blur")], tmp_path / "c")
 
 
 def _valid(shape, H, margin=9):

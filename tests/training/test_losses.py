@@ -1,0 +1,99 @@
+"""The matching loss: HardNet's hardest-in-batch triplet margin over two views of each seed."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from exemplar_desc import train as train_module
+from exemplar_desc.checks import OptionError
+from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
+from exemplar_desc.training.config import TrainConfig
+from exemplar_desc.training.init_model import load_init_model
+from exemplar_desc.training.losses import attach_matching_head, hardest_triplet_loss, paired_class_ids
+
+#: A run of 8 classes and a few steps, a 16-D head; --magnification skips the tuning.
+TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
+        "--pca-patches", "256", "--head-dim", "16", "--device", "cpu", "--threads", "1", "--magnification", "8"]
+
+
+def test_the_triplet_loss_is_hardnets_on_hand_made_pairs():
+    e = torch.eye(3)
+    # Matching pairs: positives at distance sqrt(1e-8), every negative at sqrt(2 + 1e-8).
+    assert hardest_triplet_loss(e, e, margin=1.0).item() == 0.0
+    expected = 2.0 + math.sqrt(1e-8) - math.sqrt(2 + 1e-8)
+    assert hardest_triplet_loss(e, e, margin=2.0).item() == pytest.approx(expected, abs=1e-6)  # float32 rounding of ~2
+    # Swapped positives: each positive at sqrt(2), and a negative (the other's view) at distance ~0.
+    a, p = e[:2], e[[1, 0]]
+    assert hardest_triplet_loss(a, p, margin=1.0).item() == pytest.approx(1.0 + math.sqrt(2 + 1e-8) - math.sqrt(1e-8), abs=1e-6)
+
+
+def test_the_hardest_negative_is_taken_over_rows_and_columns():
+    # Pair 0's anchor is far from every other positive, but pair 1's anchor sits next to
+    # positive 0: the column minimum must find it.
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.nn.functional.normalize(torch.tensor([[1.0, 0.9], [-1.0, 0.2]]), dim=1)
+    d = torch.cdist(a, p)
+    hardest = [min(d[0, 1], d[1, 0]), min(d[1, 0], d[0, 1])]
+    expected = sum(max(0.0, 1 + float(d[i, i]) - float(hardest[i])) for i in range(2)) / 2
+    assert hardest_triplet_loss(a, p).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_triplet_loss_checks_its_input():
+    with pytest.raises(ValueError, match="N >= 2"):
+        hardest_triplet_loss(torch.ones(1, 4), torch.ones(1, 4))
+    with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\)"):
+        hardest_triplet_loss(torch.ones(3, 4), torch.ones(3, 5))
+
+
+def test_paired_ids_hold_two_views_of_distinct_seeds():
+    ids = paired_class_ids(50, 32, torch.Generator().manual_seed(0))
+    first, second = ids.chunk(2)
+    assert ids.dtype == torch.int64 and torch.equal(first, second)
+    assert len(set(first.tolist())) == 16 and int(ids.max()) < 50
+    assert torch.equal(ids, paired_class_ids(50, 32, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize(
+    "settings, field",
+    [({"loss": "hinge"}, "loss"), ({"loss": "triplet", "batch_size": 15}, "batch_size"),
+     ({"loss": "softmax+triplet", "num_classes": 7, "batch_size": 16}, "num_classes"), ({"margin": 3.0}, "margin")],
+)
+def test_bad_loss_settings_are_named(folder, settings, field):
+    with pytest.raises(OptionError) as err:
+        TrainConfig(images=(str(folder),), **settings).check()
+    assert err.value.option == field
+
+
+def test_the_matching_head_starts_from_the_init_models_head():
+    cfg = TrainConfig(images=("x",), init="exemplar-fast-t005", loss="softmax+triplet", head_layer=2, head_power=0.5)
+    model = ExemplarClassifier(resolve_architecture("fast"), num_classes=8)
+    attach_matching_head(model, cfg)
+    net, _ = load_init_model("exemplar-fast-t005")
+    assert torch.equal(model.matching.projection.detach(), net.head.projection)
+    assert isinstance(model.matching.projection, torch.nn.Parameter) and not model.matching.probe_only
+    # The training form gives the shipped head's descriptors (its features are >= 0, so the clamp does nothing).
+    features = torch.rand(5, 128, 8, 8)
+    assert torch.allclose(model.matching(features), net.head(features), atol=1e-5)  # float32 sums of 2048 terms
+
+
+def test_triplet_alone_trains_the_classifier_as_a_probe_only():
+    cfg = TrainConfig(images=("x",), loss="triplet", head_dim=16)
+    model = ExemplarClassifier(resolve_architecture("fast"), num_classes=8)
+    attach_matching_head(model, cfg)
+    logits, descriptors = model(torch.rand(4, 1, 32, 32))
+    assert descriptors.shape == (4, 16) and torch.allclose(descriptors.norm(dim=1), torch.ones(4), atol=1e-5)
+    logits.sum().backward()
+    assert all(p.grad is None for p in model.trunk.parameters())  # the softmax term stops before the trunk
+    assert model.classifier.weight.grad is not None
+
+
+def test_a_matching_run_records_its_loss_in_the_card(folder, tmp_path, capsys):
+    argv = [str(folder), *TINY, "--loss", "softmax+triplet", "--margin", "0.5", "--workdir", str(tmp_path / "w"),
+            "--out-dir", str(tmp_path / "o"), "--name", "m"]
+    assert train_module.main(argv) == 0
+    card = json.loads((tmp_path / "o" / "m.json").read_text())
+    assert card["training"]["loss"] == {"type": "softmax+triplet", "margin": 0.5, "triplet_weight": 1.0}
+    log = json.loads((tmp_path / "w" / "log.json").read_text())
+    assert math.isfinite(log[-1]["train_loss"])
