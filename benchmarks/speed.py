@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from exemplar_desc.atomic import atomic_write
-from exemplar_desc.cli import ArgumentParser, report
+from exemplar_desc.cli import ArgumentParser, add_shared_options, report
 from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir
 from exemplar_desc.descriptor import native_bf16
 from exemplar_desc.registry import is_exemplar
@@ -114,8 +114,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--variants", default=",".join(VARIANTS), help="precision variants of an Exemplar descriptor "
                    "(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device of a network descriptor: cpu, cuda or cuda:N "
-                   "(default: %(default)s)")
+    add_shared_options(p, "--device")
     p.add_argument("--batch-size", type=int, default=None, help="Exemplar patches per network batch (default: 1024, 8192 on CUDA)")
     p.add_argument("--out", help="folder to write results.json into")
     return p
