@@ -29,11 +29,15 @@ from exemplar_desc.cli import ArgumentParser, report
 from exemplar_desc.checks import check, check_number
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
-__all__ = ["main"]
+__all__ = ["int8_descriptor", "main"]
 
 
-def _int8_descriptor(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint]) -> ExemplarDescriptor:
-    """A descriptor like ``descriptor`` (the default model) with its convolutions statically quantised to int8 (x86)."""
+def int8_descriptor(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint]) -> ExemplarDescriptor:
+    """``descriptor`` (float32, on the CPU) with its convolutions statically quantised to int8 (x86), in place.
+
+    The activation ranges are calibrated on the patches of ``keypoints`` in ``image``; pass a
+    descriptor of its own, not one still used in float32.
+    """
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -41,14 +45,13 @@ def _int8_descriptor(descriptor: ExemplarDescriptor, image: np.ndarray, keypoint
     xy, size, angle = keypoints_to_arrays(keypoints)
     frames = keypoint_frames(size, angle, descriptor.magnification)
     patches = normalize_patches(extract_patches(build_pyramid(gray_tensor(image)), xy, frames, descriptor.patch_size))
-    quantised = ExemplarDescriptor(precision="fp32")
-    trunk = torch.nn.Sequential(*copy.deepcopy(quantised.net.trunk.blocks)).eval()
+    trunk = torch.nn.Sequential(*copy.deepcopy(descriptor.net.trunk.blocks)).eval()
     prepared = prepare_fx(trunk, get_default_qconfig_mapping("x86"), (patches[:8],))
     with torch.inference_mode():
         for start in range(0, len(patches), 256):  # calibration: activation ranges on real patches
             prepared(patches[start : start + 256])
-    quantised.net = _QuantisedNet(convert_fx(prepared), quantised.net.head)
-    return quantised
+    descriptor.net = _QuantisedNet(convert_fx(prepared), descriptor.net.head)
+    return descriptor
 
 
 class _QuantisedNet(torch.nn.Module):
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     nchw.net.to(memory_format=torch.contiguous_format)
     variants = {"fp32": fp32, "fp32 NCHW": nchw, "bf16": bf16}
     if args.int8:
-        variants["int8"] = _int8_descriptor(fp32, image, keypoints)
+        variants["int8"] = int8_descriptor(ExemplarDescriptor(precision="fp32"), image, keypoints)
     reference = fp32.compute(image, keypoints)[1]
     threads = torch.get_num_threads()
     calls = {(name, t): d for name, d in variants.items() for t in sorted({1, threads})}

@@ -1,50 +1,53 @@
-"""Time a descriptor's ``compute`` next to OpenCV SIFT's on the same keypoints.
+"""Time a descriptor's ``compute`` next to OpenCV SIFT's on the same real keypoints, in one table.
 
 Usage::
 
-    python -m benchmarks.speed                                   # shipped Exemplar model, skimage photo
-    python -m benchmarks.speed --image ../shared/data/oxford/graf/img1.ppm --precision fp32
-    python -m benchmarks.speed --device cuda --counts 2000,8000,32000 --images 16
+    python -m benchmarks.speed                                   # default model, graf img1 and a sceaux_castle photo
+    python -m benchmarks.speed --small img.png:1000 --large photo.jpg:8000 --threads 1 --variants fp32
+    python -m benchmarks.speed --descriptor rootsift --out runs/speed
 
-For each count N of ``--counts`` both descriptors describe the same N keypoints of one
-image (SIFT's strongest; where the image has fewer, its keypoints are repeated, which
-costs the same per keypoint), then ``--images`` copies of the image with ``--num-features``
-keypoints each in one list call (OpenCV's many-image convention; SIFT loops over them).
-After one warm-up call each, ``--repeats`` calls of each are timed alternately and the
-medians are reported, with descriptors per second and the ratio of the times. For an
-Exemplar descriptor the time of one call is then split into its stages (upload, pyramid,
-sampling, network, download), and on CUDA the network alone is timed on resident patches.
+Two images: ``--small`` (default: graf img1, 800x640, 2000 keypoints) and ``--large``
+(default: a 2832x2128 sceaux_castle photo, 8000 keypoints). Each gets SIFT's own keypoints
+(``cv2.SIFT_create(nfeatures=COUNT)``), so the counts are what SIFT finds in a real photo.
+For every image and every ``--threads`` count (torch's and OpenCV's threads both), SIFT's
+``compute`` and every precision variant of the descriptor (fp32, bf16, int8: static
+post-training quantisation of the convolutions, x86 backend, calibrated on the image's own
+patches of the first image) describe the same keypoints: one warm-up call each, then ``--repeats`` rounds that
+alternate all calls, so background load hits them alike; reported are the median times,
+descriptors per second and the ratio to SIFT's median. A variant this machine cannot run
+is listed as skipped, with the reason. The CPU's name and its bfloat16 hardware are printed
+above the table; ``--out DIR`` writes everything to ``DIR/results.json``.
 """
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import cv2
 import numpy as np
 import torch
 
-from exemplar_desc import ExemplarDescriptor
-from exemplar_desc.registry import is_exemplar
+from exemplar_desc.atomic import atomic_write
 from exemplar_desc.cli import ArgumentParser, add_shared_options, report
-from exemplar_desc.checks import OptionError, check, check_device, check_number
-from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
+from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir
+from exemplar_desc.descriptor import native_bf16
+from exemplar_desc.registry import is_exemplar
 
+from .cpu_levers import int8_descriptor
 from .descriptors import build_descriptors, catalogue
-from .matching import detect
-from .synthetic import sample_photo
 
-__all__ = ["time_calls", "stage_times", "main"]
+__all__ = ["time_calls", "cpu_info", "main"]
 
-IMAGE_SIZE = (800, 640)  # (width, height), graf img1's size
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_SMALL = f"{SHARED_DATA / 'oxford' / 'graf' / 'img1.ppm'}:2000"
+DEFAULT_LARGE = f"{SHARED_DATA / 'sfm' / 'sceaux_castle' / '100_7100.JPG'}:8000"
+VARIANTS = ("fp32", "bf16", "int8")
 
 
 def time_calls(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -63,55 +66,75 @@ def time_calls(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-@torch.inference_mode()
-def stage_times(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint], repeats: int) -> dict[str, float]:
-    """Median seconds of each stage of :meth:`ExemplarDescriptor.compute` on one image.
-
-    Stages: ``upload`` (grey conversion on the device, with the transfer), ``pyramid``,
-    ``sampling`` (patches and standardisation), ``network`` (trunk and head), ``download``;
-    each is synchronised on CUDA, so the sum exceeds a pipelined call slightly.
-    """
-    device, bs = descriptor.device, descriptor.batch_size
-    xy, size, angle = keypoints_to_arrays(keypoints)
-    frames = torch.from_numpy(keypoint_frames(size, angle, descriptor.magnification)).to(device)
-    centers = torch.from_numpy(xy).to(device)
-    state: dict[str, object] = {}
-
-    def upload():
-        state["gray"] = gray_tensor(image, device)
-
-    def pyramid():
-        state["pyramid"] = build_pyramid(state["gray"])
-
-    def sampling():
-        state["patches"] = [normalize_patches(extract_patches(state["pyramid"], centers[s : s + bs], frames[s : s + bs],
-                                                              descriptor.patch_size)) for s in range(0, len(xy), bs)]
-
-    def network():
-        state["desc"] = torch.cat([descriptor.net(p.contiguous(memory_format=torch.channels_last)) for p in state["patches"]])
-
-    def download():
-        state["desc"].cpu().numpy()
-
-    stages = {"upload": upload, "pyramid": pyramid, "sampling": sampling, "network": network, "download": download}
-    times: dict[str, list[float]] = {name: [] for name in stages}
-    for round_ in range(repeats + 1):  # the first round warms up
-        for name, stage in stages.items():
-            _sync(device)
-            start = time.perf_counter()
-            stage()
-            _sync(device)
-            if round_:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def cpu_info() -> dict[str, object]:
+    """The CPU's name (``/proc/cpuinfo``'s model name, else ``platform.processor()``) and its bfloat16 hardware."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    probe = lambda attr: bool(getattr(torch.cpu, attr, lambda: False)())  # private torch.cpu probes
+    return {"name": name or platform.processor() or "unknown", "avx512_bf16": probe("_is_avx512_bf16_supported"),
+            "amx": probe("_is_amx_tile_supported"), "logical_cores": torch.multiprocessing.cpu_count()}
 
 
-def _keypoints(image: np.ndarray, count: int) -> list[cv2.KeyPoint]:
-    """``count`` SIFT keypoints: the strongest, repeated when the image has fewer."""
-    found = list(detect(image, "sift", count)[0])
-    if not found:
-        raise ValueError("SIFT finds no keypoint in the image")
-    return (found * (count // len(found) + 1))[:count]
+def _image_option(dest: str, text: str) -> tuple[str, np.ndarray, int]:
+    """``IMAGE:COUNT`` as (path, grey image, count); OptionError naming ``dest`` otherwise."""
+    path, sep, count = text.rpartition(":")
+    check(bool(sep) and bool(path) and count.isdigit() and int(count) >= 1, dest, text,
+          "must be IMAGE:COUNT with a whole number of keypoints >= 1, e.g. img1.ppm:2000")
+    check(Path(path).is_file(), dest, text, "no such image file" + (
+        f" (the default lies in the shared data folder {SHARED_DATA}; give another image)" if Path(path).is_relative_to(SHARED_DATA) else ""))
+    image = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    check(image is not None, dest, text, "cannot be read as an image")
+    return path, image, int(count)
+
+
+def _parse_list(dest: str, text: str, allowed: str, parse: Callable[[str], object]) -> list:
+    try:
+        values = [parse(item) for item in text.split(",")]
+    except ValueError:
+        raise OptionError(dest, text, allowed) from None
+    check(len(values) == len(set(values)), dest, text, "lists a value twice")
+    return values
+
+
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--descriptor", help="descriptor name (default: the default shipped model); see "
+                   "python -m benchmarks.matching --list")
+    p.add_argument("--small", default=DEFAULT_SMALL, metavar="IMAGE:COUNT",
+                   help="small image and its SIFT keypoints (default: graf img1.ppm:2000 of ../shared/data)")
+    p.add_argument("--large", default=DEFAULT_LARGE, metavar="IMAGE:COUNT",
+                   help="full-size photo and its SIFT keypoints (default: sceaux_castle 100_7100.JPG:8000 of ../shared/data)")
+    p.add_argument("--threads", default="1,2", help="torch and OpenCV thread counts to time (default: %(default)s)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="precision variants of an Exemplar descriptor "
+                   "(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (default: %(default)s)")
+    add_shared_options(p, "--device")
+    p.add_argument("--batch-size", type=int, default=None, help="Exemplar patches per network batch (default: 1024, 8192 on CUDA)")
+    p.add_argument("--out", help="folder to write results.json into")
+    return p
+
+
+def _check_args(args) -> tuple[list, list[int], list[str], torch.device]:
+    """Images, thread counts, variants and device; OptionError naming the first bad option's destination."""
+    threads = _parse_list("threads", args.threads, "must be comma-separated whole numbers, e.g. 1,2", int)
+    for t in threads:
+        check_number("threads", t, low=1, integer=True)
+    variants = _parse_list("variants", args.variants, f"must be comma-separated names of {', '.join(VARIANTS)}", str)
+    check(all(v in VARIANTS for v in variants), "variants", args.variants, f"must be comma-separated names of {', '.join(VARIANTS)}")
+    check_number("repeats", args.repeats, low=1, integer=True)
+    if args.batch_size is not None:
+        check_number("batch_size", args.batch_size, low=1, integer=True)
+    device = check_device("device", args.device)
+    if args.out is not None:
+        check_output_dir("out", args.out)
+    images = [("small", *_image_option("small", args.small)), ("large", *_image_option("large", args.large))]
+    return images, threads, variants, device
 
 
 def _default_descriptor() -> tuple[str, str | None]:
@@ -122,88 +145,68 @@ def _default_descriptor() -> tuple[str, str | None]:
     return "kornia:sift", f"no shipped Exemplar model ({unavailable.get('exemplar')}); timing kornia:sift instead"
 
 
-def _parse_counts(text: str) -> list[int]:
-    try:
-        counts = [int(c) for c in text.split(",")]
-    except ValueError:
-        raise OptionError("counts", text, "must be comma-separated whole numbers, e.g. 2000,8000,32000") from None
-    for c in counts:
-        check_number("counts", c, low=1, integer=True)
-    return counts
-
-
-def _parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--descriptor", help="descriptor name (default: the default shipped model); see "
-                   "python -m benchmarks.matching --list")
-    p.add_argument("--image", help="image file (e.g. graf img1.ppm); default: skimage's astronaut resized to 800x640")
-    p.add_argument("--counts", default="2000,8000,32000", help="keypoints per image to time (default: %(default)s)")
-    p.add_argument("--images", type=int, default=16, help="images of --num-features keypoints in one list call, 0 to skip "
-                   "(default: %(default)s)")
-    p.add_argument("--num-features", type=int, default=2000, help="keypoints per image of the list call and the split "
-                   "(default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls of each descriptor (default: %(default)s)")
-    add_shared_options(p, "--device", "--precision")
-    p.add_argument("--batch-size", type=int, default=None, help="Exemplar patches per network batch (default: 1024, 8192 on CUDA)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    return p
-
-
-def _check_args(args) -> tuple[list[int], torch.device, np.ndarray]:
-    """The counts, the device and the grey image; OptionError naming the first bad option's destination."""
-    counts = _parse_counts(args.counts)
-    check_number("images", args.images, low=0, integer=True)
-    check_number("num_features", args.num_features, low=1, integer=True)
-    check_number("repeats", args.repeats, low=1, integer=True)
-    if args.threads is not None:
-        check_number("threads", args.threads, low=1, integer=True)
-    if args.batch_size is not None:
-        check_number("batch_size", args.batch_size, low=1, integer=True)
-    device = check_device("device", args.device)
-    if args.image:
-        image = cv2.imread(args.image, cv2.IMREAD_GRAYSCALE)
-        check(image is not None, "image", args.image, "cannot be read as an image")
-    else:
-        image = cv2.resize(cv2.cvtColor(sample_photo("astronaut"), cv2.COLOR_BGR2GRAY), IMAGE_SIZE,
-                           interpolation=cv2.INTER_CUBIC)
-    return counts, device, image
-
-
-def _print_times(descriptor, exemplar: bool, image: np.ndarray, cases: list[tuple[int, int]], repeats: int) -> None:
-    """One table row per (keypoints per image, images) case: the descriptor's and SIFT's median times."""
-    sift = cv2.SIFT_create()
-    for n, m in cases:
-        kps = _keypoints(image, n)
-        if m == 1:
-            calls = {"ours": lambda: descriptor.compute(image, kps), "sift": lambda: sift.compute(image, kps)}
+def _variants(name: str, wanted: list[str], device: torch.device, batch_size: int) -> tuple[dict, dict[str, str]]:
+    """``({variant: descriptor}, {variant: reason skipped})``; a non-Exemplar descriptor has the one variant ``-``."""
+    if not is_exemplar(name):
+        built, skipped = build_descriptors([name], device=str(device))
+        return ({"-": built[name]}, {}) if name in built else ({}, {"-": skipped[name]})
+    built, skipped = {}, {}
+    for variant in wanted:
+        if variant == "bf16" and not native_bf16(device):
+            skipped[variant] = ("no bfloat16 hardware (AVX512-BF16 or AMX) on this CPU" if device.type == "cpu" else
+                                "no bfloat16 hardware on this GPU (compute capability 8.0+)") + "; emulated bf16 is slower than fp32"
+            continue
+        if variant == "int8" and (device.type != "cpu" or "x86" not in torch.backends.quantized.supported_engines):
+            skipped[variant] = "int8 needs torch's x86 quantized engine on the CPU"
+            continue
+        made, reasons = build_descriptors([name], device=str(device), precision="fp32" if variant == "int8" else variant,
+                                          batch_size=batch_size)
+        if name in made:
+            built[variant] = made[name]
         else:
-            many = (lambda: descriptor.compute([image] * m, [kps] * m)) if exemplar else \
-                (lambda: [descriptor.compute(image, kps) for _ in range(m)])
-            calls = {"ours": many, "sift": lambda: [sift.compute(image, kps) for _ in range(m)]}
-        t = time_calls(calls, repeats)
-        total = n * m
-        print(f"{n:>10d} {m:>6d} {1000 * t['ours']:>24.1f} {total / t['ours']:>9.0f} {1000 * t['sift']:>9.1f} "
-              f"{total / t['sift']:>9.0f} {t['ours'] / t['sift']:>5.2f}x")
+            skipped[variant] = reasons[name]
+    return built, skipped
 
 
-def _print_split(descriptor: ExemplarDescriptor, image: np.ndarray, num_features: int, repeats: int) -> None:
-    """The stages of one call at ``num_features`` keypoints, and on CUDA the network alone on resident patches."""
-    kps = _keypoints(image, num_features)
-    split = stage_times(descriptor, image, kps, repeats)
-    print(f"split at {num_features} keypoints (ms): " + ", ".join(f"{stage} {1000 * s:.2f}" for stage, s in split.items()))
-    device = descriptor.device
-    if device.type == "cuda":
-        patches = torch.randn(descriptor.batch_size, 1, descriptor.patch_size, descriptor.patch_size, device=device)
-        patches = patches.contiguous(memory_format=torch.channels_last)
+def _fmt(row: dict) -> str:
+    head = f"{row['image']:<6s} {row['size']:>9s} {row['keypoints']:>9d} {row['threads']:>7d} {row['variant']:<6s}"
+    if "skipped" in row:
+        return f"{head} skipped: {row['skipped']}"
+    return f"{head} {row['ms']:>10.1f} {row['desc_per_s']:>9.0f} {row['x_sift']:>6.2f}x"
 
-        def network():
-            with torch.inference_mode():
-                descriptor.net(patches)
-            torch.cuda.synchronize(device)
 
-        alone = time_calls({"net": network}, repeats)["net"]
-        print(f"network alone: {1000 * alone:.2f} ms per batch of {descriptor.batch_size}, "
-              f"{descriptor.batch_size / alone:.0f} patches/s")
+def _run(images: list, threads: list[int], built: dict, skipped: dict[str, str], repeats: int) -> list[dict]:
+    """Table rows: per image and thread count, SIFT's reference, then every variant (timed, or skipped)."""
+    rows = []
+    sift, saved = cv2.SIFT_create(), (torch.get_num_threads(), cv2.getNumThreads())
+    try:
+        found = [cv2.SIFT_create(nfeatures=count).detect(image, None) for _, _, image, count in images]
+        for (_, path, _, _), kps in zip(images, found):
+            if not kps:
+                raise ValueError(f"SIFT finds no keypoint in {path}")
+        if "int8" in built:  # calibrated once, on the first image's patches
+            built["int8"] = int8_descriptor(built["int8"], images[0][2], found[0])
+        for (label, path, image, _), kps in zip(images, found):
+            base = {"image": label, "path": path, "size": f"{image.shape[1]}x{image.shape[0]}", "keypoints": len(kps)}
+            for t in threads:
+                torch.set_num_threads(t)
+                cv2.setNumThreads(t)
+                calls = {"SIFT": lambda: sift.compute(image, kps)}
+                calls.update({v: (lambda d=d: d.compute(image, kps)) for v, d in built.items()})
+                times = time_calls(calls, repeats)
+                for variant in ["SIFT", *sorted([*built, *skipped], key=(*VARIANTS, "-").index)]:
+                    row = {**base, "threads": t, "variant": variant}
+                    if variant in skipped:
+                        row["skipped"] = skipped[variant]
+                    else:
+                        s = times[variant]
+                        row.update(ms=1000 * s, desc_per_s=len(kps) / s, x_sift=s / times["SIFT"])
+                    rows.append(row)
+                    print(_fmt(row), flush=True)
+    finally:
+        torch.set_num_threads(saved[0])
+        cv2.setNumThreads(saved[1])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,30 +214,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        counts, device, image = _check_args(args)
+        images, threads, variants, device = _check_args(args)
         name, note = (args.descriptor, None) if args.descriptor else _default_descriptor()
-        exemplar = is_exemplar(name)
-        options = {"precision": args.precision, "batch_size": args.batch_size or (8192 if device.type == "cuda" else 1024)}
-        built, skipped = build_descriptors([name], device=str(device), **(options if exemplar else {}))
+        batch_size = args.batch_size or (8192 if device.type == "cuda" else 1024)
+        built, skipped = _variants(name, variants, device, batch_size)
     except ValueError as err:
         return report(err, parser)
-    if name not in built:
-        print(f"error: {name} unavailable: {skipped[name]}", file=sys.stderr)
+    if not built:
+        print(f"error: {name} unavailable: {'; '.join(f'{v}: {r}' for v, r in skipped.items())}", file=sys.stderr)
         return 1
     if note:
         print(note)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    descriptor = built[name]
-    cpu = "" if device.type == "cuda" else f", {torch.get_num_threads()} torch threads"
-    print(f"image {image.shape[1]}x{image.shape[0]}, device {device}{cpu}"
-          + (f", precision {descriptor.precision}, batch {descriptor.batch_size}" if exemplar else "")
-          + f"; median of {args.repeats} runs after a warm-up")
-    print(f"{'keypoints':>10s} {'images':>6s} {name + ' ms':>24s} {'desc/s':>9s} {'SIFT ms':>9s} {'desc/s':>9s} {'ratio':>6s}")
-    cases = [(n, 1) for n in counts] + ([(args.num_features, args.images)] if args.images else [])
-    _print_times(descriptor, exemplar, image, cases, args.repeats)
-    if exemplar:
-        _print_split(descriptor, image, args.num_features, args.repeats)
+    cpu = cpu_info()
+    print(f"CPU {cpu['name']} ({cpu['logical_cores']} logical cores); AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'}, "
+          f"AMX {'yes' if cpu['amx'] else 'no'}")
+    print(f"{name} on {device}" + (f", batch {batch_size}" if is_exemplar(name) else "")
+          + f"; median of {args.repeats} rounds after a warm-up; x SIFT = time / SIFT's time, same image and threads")
+    print(f"{'image':<6s} {'size':>9s} {'keypoints':>9s} {'threads':>7s} {'variant':<6s} {'median ms':>10s} {'desc/s':>9s} {'x SIFT':>7s}")
+    try:
+        rows = _run(images, threads, built, skipped, args.repeats)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.out is not None:
+        result = {"descriptor": name, "device": str(device), "batch_size": batch_size, "repeats": args.repeats, "cpu": cpu,
+                  "torch": torch.__version__, "opencv": cv2.__version__, "rows": rows}
+        path = Path(args.out) / "results.json"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,46 +1,88 @@
-"""The speed CLI on a few keypoints."""
+"""The speed CLI on two tiny synthetic images."""
 
+import json
 import re
 
+import cv2
+import numpy as np
 import pytest
 
+import benchmarks.speed as speed
 from benchmarks.speed import main
 
+ROW = re.compile(r"^(small|large)\s+(\d+x\d+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(?:([\d.]+)\s+(\d+)\s+([\d.]+)x|skipped: (.+))$", re.M)
 
-def test_speed_table_split_and_ratio(capsys, random_model):
-    assert main(["--descriptor", f"exemplar:{random_model}", "--counts", "100,300", "--images", "3",
-                 "--num-features", "50", "--repeats", "1"]) == 0
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two seeded synthetic images with texture and corners, as IMAGE:COUNT options."""
+    folder = tmp_path_factory.mktemp("speed")
+    rng = np.random.default_rng(0)
+    specs = []
+    for name, (w, h), count in (("small.png", (160, 128), 40), ("large.png", (240, 192), 60)):
+        img = cv2.GaussianBlur(rng.integers(0, 256, (h, w), dtype=np.uint8), (0, 0), 2.0)
+        for _ in range(12):
+            x, y = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+            cv2.rectangle(img, (x, y), (x + int(rng.integers(6, 20)), y + int(rng.integers(6, 20))), int(rng.integers(0, 256)), -1)
+        cv2.imwrite(str(folder / name), img)
+        specs.append(f"{folder / name}:{count}")
+    return specs
+
+
+def _rows(out):
+    return [m.groups() for m in ROW.finditer(out)]
+
+
+def test_speed_table_has_every_image_threads_and_variant(capsys, tmp_path, random_model, images, monkeypatch):
+    monkeypatch.setattr(speed, "native_bf16", lambda device: False)  # bf16 shows as skipped on any CPU
+    assert main(["--descriptor", f"exemplar:{random_model}", "--small", images[0], "--large", images[1],
+                 "--threads", "1,2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "800x640" in out
-    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)x$", out, re.M)
-    assert [(int(r[0]), int(r[1])) for r in rows] == [(100, 1), (300, 1), (50, 3)]
-    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
-    split = re.search(r"split at 50 keypoints \(ms\): upload ([\d.]+), pyramid ([\d.]+), sampling ([\d.]+), "
-                      r"network ([\d.]+), download ([\d.]+)", out)
-    assert split and float(split[4]) > 0
+    assert re.search(r"^CPU .+; AVX512-BF16 (yes|no), AMX (yes|no)$", out, re.M)
+    rows = _rows(out)
+    keys = [(r[0], int(r[3]), r[4]) for r in rows]
+    assert keys == [(image, t, v) for image in ("small", "large") for t in (1, 2) for v in ("SIFT", "fp32", "bf16", "int8")]
+    assert {r[1] for r in rows} == {"160x128", "240x192"}
+    for r in rows:
+        if r[4] == "bf16":
+            assert r[8] and "bfloat16" in r[8]
+        else:
+            assert float(r[5]) > 0 and int(r[6]) > 0 and 0 < int(r[2]) <= 70
+        if r[4] == "SIFT":
+            assert r[7] == "1.00"
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["cpu"]) >= {"name", "avx512_bf16", "amx"} and result["cpu"]["name"]
+    assert [(r["image"], r["threads"], r["variant"]) for r in result["rows"]] == keys
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_speed_other_descriptors_have_no_split(capsys):
-    assert main(["--descriptor", "rootsift", "--counts", "200", "--images", "0", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"^\s+200\s+1\s+[\d.]+", out, re.M) and "split" not in out
+def test_speed_other_descriptors_have_one_variant(capsys, images):
+    assert main(["--descriptor", "rootsift", "--small", images[0], "--large", images[1], "--threads", "1",
+                 "--repeats", "1"]) == 0
+    assert [(r[0], r[4]) for r in _rows(capsys.readouterr().out)] == [("small", "SIFT"), ("small", "-"),
+                                                                       ("large", "SIFT"), ("large", "-")]
 
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--repeats", "0"], "--repeats 0"), (["--counts", "100,x"], "--counts '100,x'"), (["--counts", "0"], "--counts 0"),
-     (["--images", "-1"], "--images -1"), (["--threads", "0"], "--threads 0"), (["--device", "tpu"], "--device 'tpu'"),
-     (["--num-features", "0"], "--num-features 0"), (["--descriptor", "nosuch"], "available:")],
+    [(["--repeats", "0"], "--repeats 0"), (["--threads", "1,x"], "--threads '1,x'"), (["--threads", "0"], "--threads 0"),
+     (["--threads", "1,1"], "twice"), (["--variants", "fp16"], "--variants 'fp16'"), (["--device", "tpu"], "--device 'tpu'"),
+     (["--small", "img.png"], "IMAGE:COUNT"), (["--small", "img.png:0"], "IMAGE:COUNT"),
+     (["--large", "missing.ppm:100"], "no such image file"), (["--descriptor", "nosuch"], "available:"),
+     (["--batch-size", "0"], "--batch-size 0")],
 )
-def test_speed_rejects_bad_options(capsys, args, message):
-    assert main(args) == 2
+def test_speed_rejects_bad_options(capsys, images, args, message):
+    defaults = ["--small", images[0], "--large", images[1]]
+    assert main(defaults + args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
-def test_speed_rejects_a_missing_image(capsys, tmp_path):
-    assert main(["--descriptor", "sift", "--image", str(tmp_path / "missing.ppm")]) == 2
-    assert "missing.ppm" in capsys.readouterr().err
+def test_speed_names_the_shared_data_when_a_default_is_missing(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(speed, "SHARED_DATA", tmp_path)
+    assert main(["--descriptor", "sift", "--small", f"{tmp_path / 'none.ppm'}:10"]) == 2
+    err = capsys.readouterr().err
+    assert "none.ppm" in err and "shared data" in err and err.count("\n") == 1
 
 
 def test_cpu_levers_rejects_bad_options(capsys, tmp_path):
