@@ -85,6 +85,10 @@ class TrainConfig:
         "then a PCA (Radenovic et al. 2018)")
     pair_photos: int = _setting(200, "training photos the positive pairs of the pairs whitening come from")
     pair_views: int = _setting(3, "synthetic views per photo for the positive pairs")
+    pair_noise: float = _setting(0.0, "largest sigma, in grey levels of 255, of the Gaussian sensor noise on the pairs' "
+                                 "views, drawn uniformly per view (0: none)")
+    pair_jpeg: int | None = _setting(None, "lowest JPEG quality of the pairs' views, drawn uniformly in [Q, 95] per view",
+                                     "no compression")
     pair_shrinkage: float = _setting(0.1, "shrinkage in [0, 1] of the within-pair covariance towards its mean eigenvalue")
     pca_patches: int = _setting(20000, "fresh patches the PCA is fitted on")
     pca_source: str = _setting(
@@ -156,6 +160,8 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "head_power": {"low": 0, "low_open": True, "high": 1},
     "whiten": {"low": 0, "high": 1},
     "pair_shrinkage": {"low": 0, "high": 1},
+    "pair_noise": {"low": 0},
+    "pair_jpeg": {"low": 1, "high": 95, "integer": True},
     "margin": {"low": 0, "low_open": True, "high": 2},
     "triplet_weight": {"low": 0, "low_open": True},
     "magnification": {"low": 0, "low_open": True},

@@ -165,7 +165,8 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
     device = net.eval().head.mean.device
     pooled = (
         (net.head.pool(net.features(a.to(device))).cpu(), net.head.pool(net.features(b.to(device))).cpu())
-        for a, b in warped_pairs(images, cfg.pair_photos, cfg.pair_views, magnification, cfg.patch_size, cfg.seed)
+        for a, b in warped_pairs(images, cfg.pair_photos, cfg.pair_views, magnification, cfg.patch_size, cfg.seed,
+                                 cfg.pair_noise, cfg.pair_jpeg)
     )
     try:
         ratio, count = net.head.fit_pairs(pooled, whiten=cfg.whiten, shrinkage=cfg.pair_shrinkage)
@@ -173,5 +174,5 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
         raise OptionError("pair_photos", cfg.pair_photos, f"too few positive pairs: {err}") from None
     logger.info("fitted the head's learned whitening on %d positive pairs of %d photos", count, min(cfg.pair_photos, len(images)))
     record = {"pairs": count, "photos": min(cfg.pair_photos, len(images)), "views_per_photo": cfg.pair_views,
-              "shrinkage": cfg.pair_shrinkage, "whiten": cfg.whiten, **PAIR_SETTINGS}
+              "shrinkage": cfg.pair_shrinkage, "whiten": cfg.whiten, "noise": cfg.pair_noise, "jpeg": cfg.pair_jpeg, **PAIR_SETTINGS}
     return float(ratio.sum()), record

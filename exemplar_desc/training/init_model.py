@@ -88,6 +88,7 @@ def model_settings(card: dict) -> dict[str, Any]:
     settings.setdefault("whitening", "pca")  # cards older than the pairs whitening
     pairs = head.get("pairs") or {}
     if "views_per_photo" in pairs:
-        settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"])
+        settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"],
+                        pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"))
     settings["magnification"] = float(card["magnification"])
     return settings

@@ -50,16 +50,22 @@ def downscale(gray: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(gray, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
 
 
-def synthetic_view(gray: np.ndarray, rng: np.random.Generator, light: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_view(
+    gray: np.ndarray, rng: np.random.Generator, light: bool = False, noise: float = 0.0, jpeg: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic second view of a photo whose ground truth is exact.
 
     A random homography (:func:`random_homography`), then a Gaussian blur of sigma drawn
     in [0, 2.5] pixels (none below 0.3); with ``light``, then a change of light: gamma in
-    [1/1.5, 1.5] and gain in [0.6, 1.5], both log-uniform (drawn after the blur, so the
-    views without light are those of the same ``rng`` state with it).
+    [1/1.5, 1.5] and gain in [0.6, 1.5], both log-uniform; then Gaussian sensor noise of
+    sigma uniform in [0, ``noise``] grey levels, and JPEG compression at a quality uniform
+    in [``jpeg``, 95]. Each step draws after the ones before, so the views without the
+    later steps are those of the same ``rng`` state with them.
 
     Args:
         gray: (H, W) uint8 grey photo.
+        noise: largest noise sigma in grey levels (of 255); 0: no noise.
+        jpeg: lowest JPEG quality in [1, 95]; None: no compression.
 
     Returns:
         ((H, W) uint8 warped view, (3, 3) float64 homography mapping ``gray``'s pixels (x, y) to the view's).
@@ -73,6 +79,12 @@ def synthetic_view(gray: np.ndarray, rng: np.random.Generator, light: bool = Fal
     if light:
         gamma, gain = np.exp(rng.uniform(-np.log(1.5), np.log(1.5))), np.exp(rng.uniform(np.log(0.6), np.log(1.5)))
         warped = np.clip(255 * gain * (warped / 255.0) ** gamma + 0.5, 0, 255).astype(np.uint8)
+    if noise > 0:
+        sigma = rng.uniform(0, noise)
+        warped = np.clip(warped + rng.normal(0, sigma, warped.shape) + 0.5, 0, 255).astype(np.uint8)
+    if jpeg is not None:
+        quality = int(rng.integers(jpeg, 96))
+        warped = cv2.imdecode(cv2.imencode(".jpg", warped, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_GRAYSCALE)
     return warped, hom
 
 

@@ -25,7 +25,8 @@ __all__ = ["homography_jacobian", "match_frames", "warped_pairs", "PAIR_SETTINGS
 
 #: How the pairs are made (recorded in the model card with their number).
 PAIR_SETTINGS = {
-    "views": "synthetic views of each photo: random homography, blur, gamma and gain (training.magnification.synthetic_view)",
+    "views": "synthetic views of each photo: random homography, blur, gamma and gain, then the sensor noise and JPEG "
+             "compression recorded beside (training.magnification.synthetic_view)",
     "max_side": 640,
     "keypoints_per_image": 1000,
     "radius_px": 1.5,
@@ -87,7 +88,8 @@ def _keypoint_frames(sift: cv2.SIFT, gray: np.ndarray, magnification: float) -> 
 
 
 def warped_pairs(
-    images: Sequence[Path | np.ndarray], photos: int, views: int, magnification: float, patch_size: int = 32, seed: int = 0
+    images: Sequence[Path | np.ndarray], photos: int, views: int, magnification: float, patch_size: int = 32, seed: int = 0,
+    noise: float = 0.0, jpeg: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Patches of positive pairs (:func:`match_frames`) between photos and their synthetic views.
 
@@ -97,6 +99,7 @@ def warped_pairs(
     Args:
         images: paths or (H, W, 3) RGB / (H, W) grey uint8 arrays.
         magnification: patch side in units of ``KeyPoint.size``, the model's.
+        noise, jpeg: the views' sensor noise and JPEG compression (:func:`.magnification.synthetic_view`).
 
     Yields:
         Per view, two (K, 1, P, P) float32 standardised patch batches: the photo's and the view's.
@@ -112,7 +115,7 @@ def warped_pairs(
         xy0, frames0 = _keypoint_frames(sift, gray, magnification)
         pyramid = build_pyramid(gray.astype(np.float32) / 255)
         for _ in range(views):
-            view, hom = synthetic_view(gray, rng, light=True)
+            view, hom = synthetic_view(gray, rng, light=True, noise=noise, jpeg=jpeg)
             xy1, frames1 = _keypoint_frames(sift, view, magnification)
             pairs = match_frames((xy0, xy1), (frames0, frames1), hom)
             if len(pairs):

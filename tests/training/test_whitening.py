@@ -14,7 +14,7 @@ from exemplar_desc import train as train_module
 from exemplar_desc.model_io import load_model
 from exemplar_desc.networks import DescriptorHead
 from exemplar_desc.patches import keypoint_frames
-from exemplar_desc.training.magnification import project, random_homography
+from exemplar_desc.training.magnification import project, random_homography, synthetic_view
 from exemplar_desc.training.pairs import homography_jacobian, match_frames
 from tests.cli_checks import assert_bad_option
 
@@ -168,6 +168,8 @@ def test_cli_refits_the_pca_head(folder, tmp_path, random_model):
     (["--pair-shrinkage", "2"], "--pair-shrinkage", "2"),
     (["--pair-views", "0"], "--pair-views", "0"),
     (["--pair-photos", "0"], "--pair-photos", "0"),
+    (["--pair-noise", "-1"], "--pair-noise", "-1"),
+    (["--pair-jpeg", "96"], "--pair-jpeg", "96"),
     (["--whitening", "pairs", "--pca-source", "keypoints"], "--pca-source", "keypoints"),
     (["--refit-head", "--resume", "--init", "INIT"], "--refit-head", "True"),
     (["--refit-head"], "--refit-head", "True"),
@@ -176,3 +178,18 @@ def test_bad_options_fail_before_any_work(folder, tmp_path, random_model, capsys
     options = [str(random_model) if o == "INIT" else o for o in options]
     argv = [str(folder), *options, "--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
     assert_bad_option(train_module.main, argv, flag, value, capsys, tmp_path)
+
+
+def test_sensor_noise_and_jpeg_come_after_the_views_other_draws():
+    gray = cv2.cvtColor(cv2.resize(np.uint8(np.random.default_rng(0).integers(0, 256, (60, 80, 3))), (320, 240)), cv2.COLOR_BGR2GRAY)
+    plain, hom = synthetic_view(gray, np.random.default_rng(1), light=True)
+    noisy, hom_noisy = synthetic_view(gray, np.random.default_rng(1), light=True, noise=8.0)
+    both, hom_both = synthetic_view(gray, np.random.default_rng(1), light=True, noise=8.0, jpeg=10)
+    assert np.array_equal(hom, hom_noisy) and np.array_equal(hom, hom_both)  # the same geometry
+    assert noisy.dtype == both.dtype == np.uint8 and noisy.shape == both.shape == gray.shape
+    # Noise of sigma at most 8 grey levels: the mean change is below 8, and not nothing.
+    change = np.abs(noisy.astype(float) - plain).mean()
+    assert 0 < change < 8
+    assert not np.array_equal(both, noisy)  # the compression changed the view
+    again, _ = synthetic_view(gray, np.random.default_rng(1), light=True, noise=8.0, jpeg=10)
+    assert np.array_equal(both, again)
