@@ -102,6 +102,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "exemplar-large": parse_architecture("92c5-256c5-512c5-1024f"),
     "exemplar-blur": parse_architecture("64c7s2-128c5-256c5-512f"),
     "fast": parse_architecture("32c4s2-64c3s2-128c3-256f", pool_after=0, batch_norm=True),
+    # Students distilled from fast (the loss distill): half its channels, a quarter of its
+    # FLOPs; and its first layers with half the channels in the third, about half its FLOPs.
+    "fast-small": parse_architecture("16c4s2-32c3s2-64c3-256f", pool_after=0, batch_norm=True),
+    "fast-medium": parse_architecture("32c4s2-48c3s2-64c3-256f", pool_after=0, batch_norm=True),
 }
 
 
@@ -197,18 +201,16 @@ class ExemplarClassifier(nn.Module):
 
 
 class MatchingHead(nn.Module):
-    """The descriptor head in training form, for the matching losses: its projection is learned.
+    """The descriptor head in training form, for the losses on descriptors: its projection is learned.
 
-    Same map as :class:`DescriptorHead` (max-pool grid, power compression, centring,
-    projection, L2 normalisation), with the projection a parameter, so that the matching
-    loss trains the trunk through the descriptor that matching uses. The power is applied
-    to features clamped at ``1e-6`` (post-ReLU features are >= 0; at 0 the power's
-    gradient is infinite).
+    The map of :class:`DescriptorHead` (max-pool grid, power compression, centring,
+    projection, L2 normalisation), with the projection a parameter, so that the loss trains
+    the trunk through the descriptor that matching uses.
 
     Args:
         layer: conv layer (0-based, negative from the end) whose feature maps it describes.
         head: the head it starts from: its grid, power, mean and projection are copied.
-        probe_only: the surrogate classifier trains on detached features (loss ``triplet`` alone).
+        probe_only: the surrogate classifier trains on detached features (losses without softmax).
 
     Shape:
         - Input: (B, F, h, w) feature maps of ``layer``.
@@ -225,10 +227,17 @@ class MatchingHead(nn.Module):
         self.projection = nn.Parameter(head.projection.detach().clone())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_max_pool2d(features, self.grid).flatten(1).clamp_min(1e-6)
-        if self.power != 1:
-            pooled = pooled.pow(self.power)
-        return F.normalize((pooled - self.mean) @ self.projection, dim=1)
+        return F.normalize((_compress(_pool(features, self.grid), self.power) - self.mean) @ self.projection, dim=1)
+
+
+def _pool(features: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, F, h, w) feature maps -> (B, F * grid * grid) max-pooled vectors."""
+    return F.adaptive_max_pool2d(features, grid).flatten(1)
+
+
+def _compress(pooled: torch.Tensor, power: float) -> torch.Tensor:
+    """``sign(x) |x|^power``; below 1e-12 the magnitude is clamped, so the gradient at 0 is 0, not infinite."""
+    return pooled if power == 1 else pooled.sign() * pooled.abs().clamp_min(1e-12).pow(power)
 
 
 def _pair_moments(
@@ -274,10 +283,10 @@ class DescriptorHead(nn.Module):
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F, h, w) feature maps -> (B, F * grid * grid) pooled vectors."""
-        return F.adaptive_max_pool2d(features, self.grid).flatten(1)
+        return _pool(features, self.grid)
 
     def _compress(self, pooled: torch.Tensor) -> torch.Tensor:
-        return pooled if self.power == 1 else pooled.sign() * pooled.abs().pow(self.power)
+        return _compress(pooled, self.power)
 
     def _principal(self, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ``dim`` leading eigenpairs of a symmetric (D, D) float64 matrix, from one eigendecomposition:

@@ -268,7 +268,7 @@ def build_card(
     Args:
         command: the command line (:func:`command_line`), recorded so the run can be repeated.
         result: what :func:`exemplar_desc.training.loop.train` returned.
-        explained: fraction of the pooled features' variance the PCA keeps.
+        explained: fraction of the pooled features' variance the PCA keeps; None for the learned head.
         tuning: the magnification tuning record, None when --magnification was given.
         preset: the ``--preset`` the run started from, None for none.
         pairs: the record of the pairs whitening (:func:`fit_head_on_pairs`), None for the pca one.
@@ -291,7 +291,7 @@ def build_card(
             "pca_patches": cfg.pca_patches,
             "pca_source": cfg.pca_source,
             "pairs": pairs,
-            "explained_variance": round(explained, 4),
+            "explained_variance": None if explained is None else round(explained, 4),
         },
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
         "training": {
@@ -310,7 +310,7 @@ def build_card(
             "batch_size": cfg.batch_size,
             "world_size": result["world_size"],
             "global_batch_size": cfg.batch_size * result["world_size"],
-            "loss": {"type": cfg.loss, **({"margin": cfg.margin, "triplet_weight": cfg.triplet_weight} if cfg.matching else {})},
+            "loss": _loss_record(cfg),
             "optimizer": {"type": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "official steps"},
             "transforms": cfg.transforms.to_dict(),
             "device": result["trained_on"],
@@ -324,6 +324,16 @@ def build_card(
             "init": result["init"],
         },
     }
+
+
+def _loss_record(cfg: TrainConfig) -> dict:
+    """The card's ``training.loss``: the loss and its settings (the teacher by name and weights' sha256)."""
+    record: dict = {"type": cfg.loss}
+    if cfg.matching:
+        record.update(margin=cfg.margin, triplet_weight=cfg.triplet_weight)
+    if cfg.teacher is not None:
+        record["teacher"] = {"model": cfg.teacher, "sha256": load_init_model(cfg.teacher, option="teacher")[1]["sha256"]}
+    return record
 
 
 def _training_images(cfg: TrainConfig) -> tuple[list[Path] | np.ndarray, str]:
@@ -410,7 +420,10 @@ def finish_model(cfg: TrainConfig, result: dict, command: str, resumed: bool, pr
     # The keypoints PCA and the pairs whitening are fitted at the chosen magnification; the
     # surrogate PCA is fitted when it is the head, or for the tuning, which describes patches with it.
     refit = cfg.pca_source == "keypoints" or cfg.whitening == "pairs"
-    if not refit or cfg.magnification is None:
+    explained = None
+    if cfg.whitening == "learned":
+        net.head.load_state_dict(result["model"].matching.state_dict())
+    elif not refit or cfg.magnification is None:
         explained = fit_head_on_surrogates(net, result["sampler"], cfg, result["device"], result["generator"])
     # Read once: STL-10's file may hold 100,000 images.
     images, source = _training_images(cfg) if refit or cfg.magnification is None else (None, None)
@@ -434,7 +447,8 @@ def describe_run(card: dict) -> str:
     else:
         accuracy = training["final_surrogate_val_accuracy"]
         summary = f"surrogate validation accuracy {float('nan') if accuracy is None else accuracy:.3f} over {training['num_classes']} classes"
-    return f"{summary}; magnification {card['magnification']:g}; the head keeps {head['explained_variance']:.1%} of the variance"
+    kept = "is the projection the loss trained" if head["explained_variance"] is None else f"keeps {head['explained_variance']:.1%} of the variance"
+    return f"{summary}; magnification {card['magnification']:g}; the head {kept}"
 
 
 def _write_model(cfg: TrainConfig, args: argparse.Namespace, argv: list[str], result: dict, out_dir: Path) -> int:

@@ -56,6 +56,8 @@ class TrainState:
         last_checkpoint: time.time() of the last checkpoint written in this session.
         loss_avg, acc_avg: running means of the training loss and surrogate accuracy (rank 0's batches).
         init: the init model's record (:func:`.init_model.init_trunk`), None for a run from random weights.
+        teacher: the loss distill's teacher (eval mode, on the training device; its name is in
+            the configuration, so a resumed run loads it again), else None.
     """
 
     model: ExemplarClassifier
@@ -75,6 +77,7 @@ class TrainState:
     loss_avg: float | None = None
     acc_avg: float | None = None
     init: dict | None = None
+    teacher: torch.nn.Module | None = None
 
     @property
     def elapsed(self) -> float:
@@ -123,8 +126,8 @@ class CheckpointMismatch(OptionError):
 
 def config_record(cfg: TrainConfig) -> dict:
     """JSON-able record of the settings that must match for a resumed run (those that shape the training)."""
-    # A matching loss trains through the head, so the head's form shapes the training too.
-    free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power"} if cfg.matching else set())
+    # A loss on descriptors trains through the head, so the head's form shapes the training too.
+    free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power"} if cfg.learned_head else set())
     record = {k: v for k, v in vars(cfg).items() if k not in free and k != "transforms"}
     record["images"], record["seed_scales"] = list(record["images"]), list(record["seed_scales"])
     record["transforms"] = cfg.transforms.to_dict()

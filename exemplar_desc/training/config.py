@@ -22,10 +22,12 @@ PCA_SOURCES = ("surrogate", "keypoints")
 #: How the head's linear map is fitted: a PCA (whitened by ``whiten``), or a learned whitening
 #: of positive pairs of keypoint patches in synthetic views of the training photos
 #: (exemplar_desc.training.pairs; DescriptorHead.fit_pairs).
-WHITENINGS = ("pca", "pairs")
+#: ``learned`` keeps the projection that a loss on descriptors trained (TrainConfig.learned_head).
+WHITENINGS = ("pca", "pairs", "learned")
 #: The training losses (exemplar_desc.training.losses): the paper's softmax over surrogate
-#: classes, HardNet's triplet margin loss over two views of each seed, or their sum.
-LOSSES = ("softmax", "softmax+triplet", "triplet")
+#: classes, HardNet's triplet margin loss over two views of each seed, or their sum; or the
+#: distillation of a teacher model's descriptors.
+LOSSES = ("softmax", "softmax+triplet", "triplet", "distill")
 
 
 def _setting(default: Any, help: str, unset: str | None = None) -> Any:
@@ -60,9 +62,13 @@ class TrainConfig:
     weight_decay: float = _setting(0.004, "SGD weight decay (L2)")
     loss: str = _setting(
         "softmax", "training loss: softmax over the surrogate classes (the paper's), triplet: HardNet's hardest-in-batch "
-        "triplet margin loss on two views of each seed through a learned descriptor head, or softmax+triplet (their sum)")
+        "triplet margin loss on two views of each seed through a learned descriptor head, softmax+triplet (their sum), or "
+        "distill: the squared L2 distance between the learned head's descriptors and the teacher's")
     margin: float = _setting(1.0, "margin of the triplet loss, in L2 distance between unit descriptors (0, 2]")
     triplet_weight: float = _setting(1.0, "weight of the triplet term in softmax+triplet")
+    teacher: str | None = _setting(
+        None, "model (shipped name or .pt/.json path) whose descriptors the loss distill teaches; it must have the "
+        "same head_dim and patch_size", "none")
     patch_size: int = _setting(32, "side of the network's input patches in pixels")
     context: int = _setting(80, "side of the context crop kept around each seed in pixels")
     val_per_class: int = _setting(1, "held-out surrogate samples per class for the validation accuracy")
@@ -80,9 +86,9 @@ class TrainConfig:
         0.25, "whitening exponent W in [0, 1] (0: none, 1: full): with the pca whitening, component k divided by "
         "sqrt(eigenvalue_k)^W; with pairs, the features multiplied by C^(-W/2), C the within-pair covariance")
     whitening: str = _setting(
-        "pca", "the head's linear map: pca (on pca_source's patches), or pairs: a learned whitening of positive pairs, "
+        "pca", "the head's linear map: pca (on pca_source's patches); pairs: a learned whitening of positive pairs, "
         "SIFT keypoints of training photos re-detected in synthetic views of them (homography, blur, gamma, gain), "
-        "then a PCA (Radenovic et al. 2018)")
+        "then a PCA (Radenovic et al. 2018); or learned: the projection the loss trained (losses other than softmax)")
     pair_photos: int = _setting(200, "training photos the positive pairs of the pairs whitening come from")
     pair_views: int = _setting(3, "synthetic views per photo for the positive pairs")
     pair_noise: float = _setting(0.0, "largest sigma, in grey levels of 255, of the Gaussian sensor noise on the pairs' "
@@ -105,6 +111,11 @@ class TrainConfig:
     def matching(self) -> bool:
         """Whether the loss has the matching (triplet) term: batches then hold two views of each seed."""
         return "triplet" in self.loss
+
+    @property
+    def learned_head(self) -> bool:
+        """Whether the loss trains through a learned descriptor head (every loss but softmax)."""
+        return self.loss != "softmax"
 
     def check(self, data: bool = True) -> None:
         """Check every setting before any work is done.
@@ -135,6 +146,8 @@ class TrainConfig:
         check(self.pca_source in PCA_SOURCES, "pca_source", self.pca_source, f"expected one of {', '.join(PCA_SOURCES)}")
         _check_loss(self)
         check(self.whitening in WHITENINGS, "whitening", self.whitening, f"expected one of {', '.join(WHITENINGS)}")
+        check(self.whitening != "learned" or self.learned_head, "whitening", self.whitening,
+              "the learned head is trained by a loss on descriptors: give a loss other than softmax")
         check(self.whitening == "pca" or self.pca_source == "surrogate", "pca_source", self.pca_source,
               "the pairs whitening is fitted on its pairs; pca_source keypoints applies to the pca whitening only")
         for family in FAMILY_RECORDS:
@@ -185,8 +198,15 @@ def _check_data(cfg: TrainConfig, data: bool) -> None:
 
 
 def _check_loss(cfg: TrainConfig) -> None:
-    """A known loss; a triplet loss's batches hold two views of B/2 distinct classes."""
+    """A known loss; a triplet loss's batches hold two views of B/2 distinct classes; distill has a teacher of the head's form."""
     check(cfg.loss in LOSSES, "loss", cfg.loss, f"expected one of {', '.join(LOSSES)}")
+    check((cfg.teacher is None) == (cfg.loss != "distill"), "teacher", cfg.teacher,
+          "the loss distill needs a teacher model" if cfg.teacher is None else f"a teacher is for the loss distill, not {cfg.loss}")
+    if cfg.teacher is not None:
+        _, card = load_init_model(cfg.teacher, option="teacher")
+        check(card["head"]["dim"] == cfg.head_dim and card["patch_size"] == cfg.patch_size, "teacher", cfg.teacher,
+              f"its descriptors are {card['head']['dim']}-D of {card['patch_size']}-pixel patches; the student's are "
+              f"{cfg.head_dim}-D of {cfg.patch_size}-pixel patches (head_dim, patch_size)")
     if cfg.matching:
         check(cfg.batch_size % 2 == 0 and cfg.batch_size >= 4, "batch_size", cfg.batch_size,
               f"loss {cfg.loss} takes two views of each seed: the batch size must be even and at least 4")

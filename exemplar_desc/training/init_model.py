@@ -16,20 +16,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["load_init_model", "architecture_option", "describe_architecture", "init_trunk", "model_settings"]
 
 
-def load_init_model(model: str) -> tuple[DescriptorNet, dict]:
-    """The init model (shipped name or ``.pt``/``.json`` path), its sha256 verified, on the CPU.
+def load_init_model(model: str, option: str = "init") -> tuple[DescriptorNet, dict]:
+    """The init (or teacher) model (shipped name or ``.pt``/``.json`` path), its sha256 verified, on the CPU.
+
+    Args:
+        option: the setting that named it, for the error.
 
     Returns:
         (network, model card), as :func:`exemplar_desc.model_io.load_model` returns them.
 
     Raises:
-        OptionError (``init``): unknown name, missing file, or a corrupt or malformed model.
+        OptionError (``option``): unknown name, missing file, or a corrupt or malformed model.
     """
     try:
         with torch.random.fork_rng(devices=[]):  # building the network draws random weights: leave the caller's stream alone
             return load_model(model)
     except (FileNotFoundError, ValueError) as err:
-        raise OptionError("init", model, str(err)) from None
+        raise OptionError(option, model, str(err)) from None
 
 
 def architecture_option(arch: Architecture) -> str | None:

@@ -27,8 +27,8 @@ from ..distributed import Distributed
 from ..networks import ExemplarClassifier, resolve_architecture
 from .checkpoint import TrainState, read_checkpoint, restore_state, save_checkpoint
 from .config import TrainConfig
-from .init_model import init_trunk
-from .losses import attach_matching_head, hardest_triplet_loss, paired_class_ids
+from .init_model import init_trunk, load_init_model
+from .losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
 from .schedule import SYNC_EVERY, RunClock, lr_at
 from .seeds import load_seed_contexts
 from .signals import TrainingInterrupted, stop_on_signals
@@ -37,6 +37,9 @@ from .transforms import SurrogateSampler, sample_patches
 logger = logging.getLogger(__name__)
 
 __all__ = ["train", "train_step", "training_device"]
+
+#: Surrogate samples a learned head that starts from no model fits its first PCA on.
+HEAD_START_SAMPLES = 2048
 
 
 def train(
@@ -66,6 +69,8 @@ def train(
     cfg.check(data=dist is None or dist.is_main)
     check(not refit_head or cfg.init is not None, "refit_head", refit_head, "a head refit keeps the trunk of an init model: name one")
     check(not (refit_head and resume), "refit_head", refit_head, "takes no training step, so there is no run to resume")
+    check(not (refit_head and cfg.whitening == "learned"), "refit_head", refit_head,
+          "takes no training step, so no head is learned: give whitening pca or pairs")
     device = dist.device if dist is not None else training_device(cfg.device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
@@ -101,7 +106,7 @@ def _train(
     if dist is not None:
         dist.broadcast_(contexts)
     sampler = SurrogateSampler(contexts, cfg.transforms, cfg.patch_size, device)
-    state = _start_state(cfg, device, workdir, checkpoint, dist)
+    state = _start_state(cfg, device, workdir, checkpoint, dist, sampler)
 
     validation = None
     if main_rank and not refit_head:
@@ -134,14 +139,19 @@ def _train(
     }
 
 
-def _start_state(cfg: TrainConfig, device: torch.device, workdir: Path, checkpoint: dict | None, dist: Distributed | None) -> TrainState:
+def _start_state(
+    cfg: TrainConfig, device: torch.device, workdir: Path, checkpoint: dict | None, dist: Distributed | None, sampler: SurrogateSampler
+) -> TrainState:
     """The classifier (fresh, from the init model, or from ``checkpoint``), its optimizer and the generators."""
     world = 1 if dist is None else dist.world_size
     model = ExemplarClassifier(resolve_architecture(cfg.arch), cfg.num_classes, patch_size=cfg.patch_size)
     # A resumed run takes its weights from the checkpoint, never again from the init model.
     init = init_trunk(model, cfg.init) if cfg.init is not None and checkpoint is None else None
-    if cfg.matching:
-        attach_matching_head(model, cfg)
+    if cfg.learned_head:
+        # Samples for a fresh head's PCA, from a generator of their own: the training's draws stay the same.
+        ids = torch.arange(HEAD_START_SAMPLES, device=device) % sampler.num_classes
+        start = lambda: sample_patches(sampler, ids, torch.Generator(device=device).manual_seed(cfg.seed + 2))  # noqa: E731
+        attach_matching_head(model, cfg, start if checkpoint is None else None)
     model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     network = model
@@ -149,6 +159,9 @@ def _start_state(cfg: TrainConfig, device: torch.device, workdir: Path, checkpoi
         network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     state = TrainState(model, network, optimizer, gen, world * cfg.batch_size, trained_on=_device_description(device, world), init=init)
+    if cfg.teacher is not None:
+        teacher = load_init_model(cfg.teacher, option="teacher")[0].fuse_batch_norm()
+        state.teacher = teacher.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
     main_rank = dist is None or dist.is_main
     if checkpoint is not None:
         restore_state(state, checkpoint, workdir / "log.json", restore_generators=main_rank)
@@ -169,8 +182,8 @@ def _device_description(device: torch.device, world_size: int = 1) -> str:
 def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SGD step on ``cfg.batch_size`` fresh samples of this rank; nothing waits for the device.
 
-    With a matching loss (``cfg.matching``) the batch holds two views of each of B/2 seeds.
-    Under DistributedDataParallel the backward pass averages the gradients over the ranks,
+    With a matching loss (``cfg.matching``) the batch holds two views of each of B/2 seeds;
+    with ``distill`` the teacher describes the same samples. Under DistributedDataParallel the backward pass averages the gradients over the ranks,
     so each step uses the global batch.
 
     Returns:
@@ -186,12 +199,16 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
         group["lr"] = lr
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         out = state.network(x)
-        logits = out[0] if cfg.matching else out
+        logits = out[0] if cfg.learned_head else out
+        # Without "softmax" in the loss, this term trains only the probe on detached features.
         loss = F.cross_entropy(logits.float(), ids)
         if cfg.matching:
             first, second = out[1].float().chunk(2)
-            # "triplet" alone: the softmax term trains only the probe on detached features.
             loss = loss + cfg.triplet_weight * hardest_triplet_loss(first, second, cfg.margin)
+        if state.teacher is not None:
+            with torch.no_grad():
+                target = state.teacher(x)
+            loss = loss + distillation_loss(out[1], target)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()

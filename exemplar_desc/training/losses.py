@@ -8,11 +8,17 @@ two views of a seed together and pushes the closest other seed away. ``softmax+t
 adds the two, so the classification's invariances (colour, light, blur) stay taught while
 the distance is trained; ``triplet`` trains by the matching loss alone (the surrogate
 classifier then learns on detached features, a probe whose accuracy is still logged).
+
+``distill`` trains a (smaller) network to give a teacher model's descriptors: the squared
+L2 distance between its learned head's descriptors and the teacher's, on the same surrogate
+samples (Hinton et al. 2015, on descriptors rather than logits); the classifier is a probe.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from typing import Callable
 
 import torch
 
@@ -22,7 +28,7 @@ from .init_model import load_init_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hardest_triplet_loss", "paired_class_ids", "attach_matching_head"]
+__all__ = ["hardest_triplet_loss", "distillation_loss", "paired_class_ids", "attach_matching_head"]
 
 
 def hardest_triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -46,6 +52,21 @@ def hardest_triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin:
     return torch.clamp(margin + positive - negative, min=0).mean()
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``|s_i - t_i|^2`` (``2 - 2 s_i.t_i`` for unit rows, so in [0, 4]).
+
+    Args:
+        student: (N, D) unit descriptors of the network being trained.
+        teacher: (N, D) unit descriptors of the same patches by the teacher (no gradient needed).
+
+    Returns:
+        () float32 loss.
+    """
+    if student.shape != teacher.shape or student.ndim != 2 or len(student) < 1:
+        raise ValueError(f"student and teacher must be (N, D) with N >= 1, got {tuple(student.shape)} and {tuple(teacher.shape)}")
+    return (student.float() - teacher.float()).square().sum(1).mean()
+
+
 def paired_class_ids(num_classes: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """(batch_size,) int64 class ids: B/2 distinct classes, then the same B/2 again (the second views).
 
@@ -55,11 +76,21 @@ def paired_class_ids(num_classes: int, batch_size: int, generator: torch.Generat
     return torch.cat([half, half])
 
 
-def attach_matching_head(model: ExemplarClassifier, cfg: TrainConfig) -> None:
+def attach_matching_head(
+    model: ExemplarClassifier, cfg: TrainConfig, start_patches: Callable[[], torch.Tensor] | None = None
+) -> None:
     """Give ``model`` the :class:`MatchingHead` of ``cfg.loss``, starting from the init model's head where it has the same form.
 
     A run from random weights, or from a model whose head has another layer, grid,
-    dimension or power, starts from a random orthogonal projection of uncentred features.
+    dimension or power, starts from a PCA (whitened by ``cfg.whiten``) of its own initial
+    features on the patches ``start_patches`` gives: centred features, so the descriptors
+    start spread out, not all near the direction of the features' mean. Without
+    ``start_patches`` (a resumed run, whose checkpoint then sets the head) it starts from a
+    random orthogonal projection.
+
+    Args:
+        start_patches: called only for such a head: (M, 1, P, P) standardised surrogate
+            samples, M > ``cfg.head_dim``, on ``model``'s device.
     """
     layer = cfg.head_layer % len(model.trunk.blocks)
     head = DescriptorHead(model.trunk.arch.convs[layer][0], cfg.head_grid, cfg.head_dim, cfg.head_power)
@@ -69,8 +100,17 @@ def attach_matching_head(model: ExemplarClassifier, cfg: TrainConfig) -> None:
         form = (card["head"]["layer"] % len(model.trunk.blocks), card["head"]["grid"], card["head"]["dim"], card["head"].get("power", 1.0))
         if form == (layer, cfg.head_grid, cfg.head_dim, cfg.head_power):
             head.load_state_dict(net.head.state_dict())
-            source = cfg.init
-    if source is None:
+            source = f"the head of {cfg.init}"
+    if source is None and start_patches is not None:
+        patches = start_patches()
+        # A copy of the trunk, so that its batch-norm statistics stay those of a fresh run.
+        trunk = copy.deepcopy(model.trunk).to(patches.device)
+        with torch.no_grad():
+            head.to(patches.device).fit(head.pool(trunk(patches, upto=layer)), whiten=cfg.whiten)
+        head.cpu()
+        source = f"a PCA of its initial features on {len(patches)} surrogate samples"
+    elif source is None:
         torch.nn.init.orthogonal_(head.projection)
-    logger.info("matching head starts from %s", f"the head of {source}" if source else "a random orthogonal projection")
-    model.matching = MatchingHead(layer, head, probe_only=cfg.loss == "triplet")
+        source = "a random orthogonal projection"
+    logger.info("matching head starts from %s", source)
+    model.matching = MatchingHead(layer, head, probe_only="softmax" not in cfg.loss)

@@ -1,4 +1,4 @@
-"""The matching loss: HardNet's hardest-in-batch triplet margin over two views of each seed."""
+"""The losses on descriptors: HardNet's hardest-in-batch triplet margin over two views of each seed, and distillation."""
 
 import json
 import math
@@ -11,7 +11,7 @@ from exemplar_desc.checks import OptionError
 from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.init_model import load_init_model
-from exemplar_desc.training.losses import attach_matching_head, hardest_triplet_loss, paired_class_ids
+from exemplar_desc.training.losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
 
 #: A run of 8 classes and a few steps, a 16-D head; --magnification skips the tuning.
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
@@ -55,10 +55,23 @@ def test_paired_ids_hold_two_views_of_distinct_seeds():
     assert torch.equal(ids, paired_class_ids(50, 32, torch.Generator().manual_seed(0)))
 
 
+def test_the_distillation_loss_is_the_mean_squared_distance():
+    e = torch.eye(4)
+    assert distillation_loss(e, e).item() == 0.0
+    assert distillation_loss(e, -e).item() == 4.0  # opposite unit vectors
+    assert distillation_loss(e, e[[1, 2, 3, 0]]).item() == 2.0  # orthogonal ones
+    with pytest.raises(ValueError, match=r"\(4, 4\) and \(4, 3\)"):
+        distillation_loss(e, e[:, :3])
+
+
 @pytest.mark.parametrize(
     "settings, field",
     [({"loss": "hinge"}, "loss"), ({"loss": "triplet", "batch_size": 15}, "batch_size"),
-     ({"loss": "softmax+triplet", "num_classes": 7, "batch_size": 16}, "num_classes"), ({"margin": 3.0}, "margin")],
+     ({"loss": "softmax+triplet", "num_classes": 7, "batch_size": 16}, "num_classes"), ({"margin": 3.0}, "margin"),
+     ({"loss": "distill"}, "teacher"), ({"teacher": "exemplar-fast-t005-pairs"}, "teacher"),
+     ({"loss": "distill", "teacher": "no-such-model"}, "teacher"),
+     ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "head_dim": 64}, "teacher"),
+     ({"whitening": "learned"}, "whitening")],
 )
 def test_bad_loss_settings_are_named(folder, settings, field):
     with pytest.raises(OptionError) as err:
@@ -97,3 +110,42 @@ def test_a_matching_run_records_its_loss_in_the_card(folder, tmp_path, capsys):
     assert card["training"]["loss"] == {"type": "softmax+triplet", "margin": 0.5, "triplet_weight": 1.0}
     log = json.loads((tmp_path / "w" / "log.json").read_text())
     assert math.isfinite(log[-1]["train_loss"])
+
+
+def _distance_to_teacher(model: str, folder) -> float:
+    """Mean squared distance between ``model``'s descriptors and the default's at 300 SIFT keypoints of the folder's photos."""
+    import cv2
+
+    from exemplar_desc import ExemplarDescriptor
+
+    image = cv2.imread(str(sorted(folder.iterdir())[0]))
+    kps = cv2.SIFT_create(nfeatures=300).detect(image, None)
+    _, student = ExemplarDescriptor(model, precision="fp32").compute(image, kps)
+    _, teacher = ExemplarDescriptor("exemplar-fast-t005-pairs", precision="fp32").compute(image, kps)
+    return float(((student - teacher) ** 2).sum(1).mean())
+
+
+def test_a_distilled_student_moves_towards_its_teacher(folder, tmp_path):
+    """A small network trained with the loss distill and its learned head gives descriptors nearer the teacher's."""
+    student = ["--arch", "fast-small", "--loss", "distill", "--teacher", "exemplar-fast-t005-pairs", "--whitening", "learned",
+               "--head-layer", "2", "--num-classes", "8", "--seeds-per-image", "8", "--batch-size", "64", "--lr", "0.05",
+               "--device", "cpu", "--threads", "1", "--magnification", "10", "--out-dir", str(tmp_path / "o")]
+    distances = {}
+    for samples in (1, 300):  # 1 sample per class: one step, the student about as initialised
+        name = f"s{samples}"
+        argv = [str(folder), *student, "--samples-per-class", str(samples), "--workdir", str(tmp_path / name), "--name", name]
+        assert train_module.main(argv) == 0
+        distances[samples] = _distance_to_teacher(str(tmp_path / "o" / f"{name}.json"), folder)
+    card = json.loads((tmp_path / "o" / "s300.json").read_text())
+    assert card["training"]["loss"]["teacher"]["model"] == "exemplar-fast-t005-pairs"
+    assert card["training"]["loss"]["teacher"]["sha256"] == load_init_model("exemplar-fast-t005-pairs")[1]["sha256"]
+    assert card["head"]["whitening"] == "learned" and card["head"]["explained_variance"] is None
+    # Unit descriptors: 2 is the distance of unrelated ones; training must close a good part of it.
+    assert distances[300] < 0.75 * distances[1], distances
+
+
+def test_a_head_refit_cannot_keep_a_learned_head(folder, tmp_path):
+    cfg = TrainConfig(images=(str(folder),), init="exemplar-fast-t005", loss="triplet", whitening="learned", head_layer=2)
+    with pytest.raises(OptionError) as err:
+        train_module.train(cfg, tmp_path, refit_head=True)
+    assert err.value.option == "refit_head"
