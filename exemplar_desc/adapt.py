@@ -56,7 +56,7 @@ from .training.holdout import FINGERPRINT, MIN_HELD_OUT, PhotoSet, collect_photo
 from .training.init_model import load_init_model, model_settings
 from .training.loop import train, training_device
 from .training.presets import ADAPT
-from .training.seeds import count_seeds
+from .training.seeds import seed_pool
 from .training.signals import TrainingInterrupted
 
 __all__ = ["build_parser", "parse_args", "main", "SEQUENCE_MAX_SIDE", "NUM_FEATURES", "PRECISION"]
@@ -177,7 +177,7 @@ def _size_classes(cfg: TrainConfig, given: bool) -> tuple[TrainConfig, dict]:
         OptionError: more classes given than seed patches (``num_classes``), or fewer seed
             patches than the loss's batches need (``photos``).
     """
-    available = count_seeds(cfg)
+    available = len(seed_pool(cfg))
     photos = f"{len(cfg.images)} training photos"
     if given:
         check(cfg.num_classes <= available, "num_classes", cfg.num_classes, f"the {photos} give only {available} seed patches")

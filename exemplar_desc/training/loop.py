@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .init_model import init_trunk
 from .losses import attach_matching_head, hardest_triplet_loss, paired_class_ids
 from .schedule import SYNC_EVERY, RunClock, lr_at
-from .seeds import load_seed_contexts
+from .seeds import seed_pool
 from .signals import TrainingInterrupted, stop_on_signals
 from .transforms import SurrogateSampler, sample_patches
 
@@ -94,7 +94,7 @@ def _train(
     started = time.time()
     shape = (cfg.num_classes, 3, cfg.context, cfg.context)
     if main_rank:
-        contexts = load_seed_contexts(cfg, cfg.num_classes, np.random.default_rng(cfg.seed)).to(device)
+        contexts = seed_pool(cfg).choose(cfg.num_classes).to(device)
         logger.info("sampled %d seed patches in %.1f s", len(contexts), time.time() - started)
     else:
         contexts = torch.empty(shape, dtype=torch.uint8, device=device)

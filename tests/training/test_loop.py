@@ -12,7 +12,7 @@ from exemplar_desc import train as train_module
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.loop import train
 from exemplar_desc.training.schedule import lr_at
-from exemplar_desc.training.seeds import load_seed_contexts, load_stl10_unlabeled, sample_seeds
+from exemplar_desc.training.seeds import load_stl10_unlabeled, sample_seeds, seed_pool
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,11 @@ def test_seed_scales_set_the_image_area_a_seed_covers(tmp_path):
     cv2.imwrite(str(tmp_path / "bar.png"), image)
     for scales, width in (((1.0,), 20), ((0.5,), 10)):
         cfg = TrainConfig(images=(str(tmp_path),), num_classes=4, seeds_per_image=4, seed_scales=scales, device="cpu")
-        contexts = load_seed_contexts(cfg, 4, np.random.default_rng(0))
+        contexts = seed_pool(cfg).choose(4)
         dark = (contexts[:, 0, 40] < 128).sum(dim=1)  # dark pixels along each crop's middle row
         assert torch.all((dark - width).abs() <= 1), (scales, dark)
     both = TrainConfig(images=(str(tmp_path),), num_classes=4, seeds_per_image=4, seed_scales=(1.0, 0.5), device="cpu")
-    dark = (load_seed_contexts(both, 4, np.random.default_rng(0))[:, 0, 40] < 128).sum(dim=1)
+    dark = (seed_pool(both).choose(4)[:, 0, 40] < 128).sum(dim=1)
     assert sorted(set(dark.tolist())) == [10, 20]  # seeds taken at both scales
 
 
