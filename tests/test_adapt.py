@@ -30,6 +30,7 @@ from exemplar_desc.registry import check_descriptor_name
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.holdout import MIN_HELD_OUT, collect_photos, held_out_count, photos_needed, split_photos
 from exemplar_desc.training.init_model import load_init_model, model_settings
+from exemplar_desc.training import seeds as seeds_module
 from exemplar_desc.training.presets import ADAPT, PRESETS
 from exemplar_desc.training.seeds import iter_rgb_images, sample_seeds, seed_pool
 
@@ -133,6 +134,19 @@ def test_too_few_photos_is_an_error_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
+def _count_seed_passes(monkeypatch: pytest.MonkeyPatch) -> list:
+    """A list that grows by one at each pass over the photos for seed candidates."""
+    passes: list = []
+    candidates = seeds_module.seed_candidates
+
+    def counted(*args, **kwargs):
+        passes.append(args)
+        return candidates(*args, **kwargs)
+
+    monkeypatch.setattr(seeds_module, "seed_candidates", counted)
+    return passes
+
+
 def _status(argv: list[str]) -> int:
     """The command's exit status, whether it returns it or exits with it (a --base that does not load)."""
     try:
@@ -202,13 +216,15 @@ def test_the_adapted_card_works_wherever_a_model_goes(run_dirs, photos, better):
     assert load_model(card)[1]["adaptation"]["decision"]["better"]
 
 
-def test_an_adapted_model_that_is_not_better_is_not_written(photos, run_dirs, capsys):
+def test_an_adapted_model_that_is_not_better_is_not_written(photos, run_dirs, capsys, monkeypatch):
     work, root = run_dirs
     base = save_small_model(root / "bases", "fitted")
     out_dir = root / "worse"
     argv = [str(photos), "--name", "mine", "--base", str(base), "--head-dim", "1", *TINY, "--workdir", str(work),
             "--out-dir", str(out_dir)]
+    passes = _count_seed_passes(monkeypatch)
     assert adapt_module.main(argv) == 0
+    assert len(passes) == 1  # the training takes its seeds from the pass that counted them
     out = capsys.readouterr().out
     assert "not better on the held-out photos" in out and f"kept the base model {base}; no model written" in out
     assert sorted(p.name for p in out_dir.iterdir()) == ["mine.adapt.json"]  # the report only

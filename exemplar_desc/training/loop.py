@@ -41,7 +41,7 @@ __all__ = ["train", "train_step", "training_device"]
 
 def train(
     cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool = True, dist: Distributed | None = None,
-    refit_head: bool = False,
+    refit_head: bool = False, seeds: torch.Tensor | None = None,
 ) -> dict:
     """Run the surrogate-class training; returns a summary with the trained classifier.
 
@@ -57,22 +57,28 @@ def train(
             patches (broadcast to the others), validates, logs and writes the files.
         refit_head: take no step: the summary holds the ``init`` model's trunk (and the
             surrogate sampler), for a new head on it; nothing is written.
+        seeds: (cfg.num_classes, 3, cfg.context, cfg.context) uint8 RGB seed crops already drawn
+            from ``cfg``'s data (rank 0's; :meth:`.seeds.SeedPool.choose`), so they are not drawn
+            again; None: drawn here (:func:`.seeds.seed_pool`).
 
     Raises:
         OptionError: a bad setting or checkpoint to resume (``resume``), before any work;
-            ``refit_head`` without an ``init`` model or with ``resume``.
+            ``refit_head`` without an ``init`` model or with ``resume``; ``seeds`` of another shape or dtype.
         TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written first (by rank 0).
     """
     cfg.check(data=dist is None or dist.is_main)
     check(not refit_head or cfg.init is not None, "refit_head", refit_head, "a head refit keeps the trunk of an init model: name one")
     check(not (refit_head and resume), "refit_head", refit_head, "takes no training step, so there is no run to resume")
+    shape = (cfg.num_classes, 3, cfg.context, cfg.context)
+    check(seeds is None or (tuple(seeds.shape) == shape and seeds.dtype == torch.uint8), "seeds",
+          None if seeds is None else f"{tuple(seeds.shape)} {seeds.dtype}", f"must be {shape} torch.uint8, the classes' context crops")
     device = dist.device if dist is not None else training_device(cfg.device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.random.default_generator.manual_seed(cfg.seed)
         if cuda:
             torch.cuda.default_generators[cuda[0]].manual_seed(cfg.seed)
-        return _train(cfg, device, workdir, resume, progress, dist, refit_head)
+        return _train(cfg, device, workdir, resume, progress, dist, refit_head, seeds)
 
 
 def training_device(name: str) -> torch.device:
@@ -84,23 +90,31 @@ def training_device(name: str) -> torch.device:
     return check_device("device", name, allow_auto=True) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _sampler(cfg: TrainConfig, device: torch.device, dist: Distributed | None, seeds: torch.Tensor | None) -> SurrogateSampler:
+    """The surrogate classes of ``seeds``, or of seeds drawn here, rank 0's on every rank."""
+    if dist is not None and not dist.is_main:
+        contexts = torch.empty((cfg.num_classes, 3, cfg.context, cfg.context), dtype=torch.uint8, device=device)
+    elif seeds is not None:
+        contexts = seeds.to(device)
+    else:
+        started = time.time()
+        contexts = seed_pool(cfg).choose(cfg.num_classes).to(device)
+        logger.info("sampled %d seed patches in %.1f s", len(contexts), time.time() - started)
+    if dist is not None:
+        dist.broadcast_(contexts)
+    return SurrogateSampler(contexts, cfg.transforms, cfg.patch_size, device)
+
+
 def _train(
-    cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool, dist: Distributed | None, refit_head: bool
+    cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool, dist: Distributed | None, refit_head: bool,
+    seeds: torch.Tensor | None,
 ) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     main_rank = dist is None or dist.is_main
     checkpoint = read_checkpoint(workdir / "checkpoint.pt", cfg, dist) if resume else None
     started = time.time()
-    shape = (cfg.num_classes, 3, cfg.context, cfg.context)
-    if main_rank:
-        contexts = seed_pool(cfg).choose(cfg.num_classes).to(device)
-        logger.info("sampled %d seed patches in %.1f s", len(contexts), time.time() - started)
-    else:
-        contexts = torch.empty(shape, dtype=torch.uint8, device=device)
-    if dist is not None:
-        dist.broadcast_(contexts)
-    sampler = SurrogateSampler(contexts, cfg.transforms, cfg.patch_size, device)
+    sampler = _sampler(cfg, device, dist, seeds)
     state = _start_state(cfg, device, workdir, checkpoint, dist)
 
     validation = None

@@ -9,6 +9,7 @@ import skimage.data
 import torch
 
 from exemplar_desc import train as train_module
+from exemplar_desc.checks import OptionError
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.loop import train
 from exemplar_desc.training.schedule import lr_at
@@ -118,6 +119,14 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
         moved = train(cfg, tmp_path / "run", resume=True, progress=False)
     assert "made on cuda, resuming on cpu" in caplog.text
     assert moved["steps"] == resumed["steps"] and moved["trained_on"] == "cuda (H200)"
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 3, 80, 80), torch.uint8), ((4, 3, 64, 64), torch.uint8), ((4, 3, 80, 80), torch.float32)])
+def test_given_seeds_not_the_classes_crops_are_refused_before_any_work(image_folder, tmp_path, shape, dtype):
+    cfg = TrainConfig(images=(str(image_folder),), num_classes=4, device="cpu")
+    with pytest.raises(OptionError, match=r"must be \(4, 3, 80, 80\) torch.uint8") as err:
+        train(cfg, tmp_path / "run", progress=False, seeds=torch.zeros(shape, dtype=dtype))
+    assert err.value.option == "seeds" and not (tmp_path / "run").exists()
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
