@@ -27,6 +27,7 @@ from ..distributed import Distributed
 from ..networks import ExemplarClassifier, resolve_architecture
 from .checkpoint import TrainState, read_checkpoint, restore_state, save_checkpoint
 from .config import TrainConfig
+from .head import uses_surrogates
 from .init_model import init_trunk
 from .losses import attach_matching_head, hardest_triplet_loss, paired_class_ids
 from .schedule import SYNC_EVERY, RunClock, lr_at
@@ -55,8 +56,9 @@ def train(
         dist: this rank's place in a torchrun job (:func:`.distributed.init_distributed`),
             None for a single process. Every rank calls train(); rank 0 samples the seed
             patches (broadcast to the others), validates, logs and writes the files.
-        refit_head: take no step: the summary holds the ``init`` model's trunk (and the
-            surrogate sampler), for a new head on it; nothing is written.
+        refit_head: take no step: the summary holds the ``init`` model's trunk, for a new head
+            on it, and the surrogate sampler only where that head's fit draws from it
+            (:func:`.head.uses_surrogates`; else None, and no seeds are drawn); nothing is written.
         seeds: (cfg.num_classes, 3, cfg.context, cfg.context) uint8 RGB seed crops already drawn
             from ``cfg``'s data (rank 0's; :meth:`.seeds.SeedPool.choose`), so they are not drawn
             again; None: drawn here (:func:`.seeds.seed_pool`).
@@ -114,7 +116,8 @@ def _train(
     main_rank = dist is None or dist.is_main
     checkpoint = read_checkpoint(workdir / "checkpoint.pt", cfg, dist) if resume else None
     started = time.time()
-    sampler = _sampler(cfg, device, dist, seeds)
+    # A head refit on the training photos alone draws no surrogate sample, so it needs no seeds.
+    sampler = _sampler(cfg, device, dist, seeds) if not refit_head or uses_surrogates(cfg) else None
     state = _start_state(cfg, device, workdir, checkpoint, dist)
 
     validation = None
