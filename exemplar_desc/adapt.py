@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from .training.holdout import FINGERPRINT, MIN_HELD_OUT, PhotoSet, collect_photo
 from .training.init_model import load_init_model, model_settings
 from .training.loop import train, training_device
 from .training.presets import ADAPT
-from .training.seeds import count_seeds
+from .training.seeds import seed_pool
 from .training.signals import TrainingInterrupted
 
 __all__ = ["build_parser", "parse_args", "main", "SEQUENCE_MAX_SIDE", "NUM_FEATURES", "PRECISION"]
@@ -167,17 +168,21 @@ def _plan(args: argparse.Namespace) -> _Run:
     return _Run(args, photos, training, held_out, cfg, workdir, check_output_dir("out_dir", args.out_dir))
 
 
-def _size_classes(cfg: TrainConfig, given: bool) -> tuple[TrainConfig, dict]:
+def _size_classes(cfg: TrainConfig, given: bool) -> tuple[TrainConfig, dict, torch.Tensor]:
     """The run's surrogate classes: as given, else the preset's, or the seed patches of the training photos where fewer.
 
+    The photos' seed candidates are drawn once, here, and the run's seeds chosen from them.
+
     Returns:
-        The settings with them, checked, and the card's record of the choice.
+        The settings with them, checked, the card's record of the choice, and the run's seeds:
+        (classes, 3, context, context) uint8 RGB crops (:meth:`.training.seeds.SeedPool.choose`).
 
     Raises:
         OptionError: more classes given than seed patches (``num_classes``), or fewer seed
             patches than the loss's batches need (``photos``).
     """
-    available = count_seeds(cfg)
+    pool = seed_pool(cfg)
+    available = len(pool)
     photos = f"{len(cfg.images)} training photos"
     if given:
         check(cfg.num_classes <= available, "num_classes", cfg.num_classes, f"the {photos} give only {available} seed patches")
@@ -188,7 +193,7 @@ def _size_classes(cfg: TrainConfig, given: bool) -> tuple[TrainConfig, dict]:
     sized = replace(cfg, num_classes=classes)
     sized.check()
     rule = "given" if given else f"min(the preset's {cfg.num_classes}, the seed patches of the training photos)"
-    return sized, {"used": classes, "seed_patches": available, "rule": rule}
+    return sized, {"used": classes, "seed_patches": available, "rule": rule}, pool.choose(classes)
 
 
 def _held_out_sequences(run: _Run) -> tuple[list, dict[str, str]]:
@@ -234,12 +239,16 @@ def _score(run: _Run, candidate: Path, sequences: list) -> dict[str, dict]:
 
 def _adapt(run: _Run, command: str, base_card: dict) -> int:
     """Size the classes, make the held-out sequences, train, score, decide and write; returns the exit status (0)."""
-    cfg, classes = _size_classes(run.cfg, given=run.args.num_classes is not None)
+    started = time.time()
+    cfg, classes, seeds = _size_classes(run.cfg, given=run.args.num_classes is not None)
+    seed_seconds = time.time() - started
     print(f"surrogate classes: {cfg.num_classes} ({classes['rule']}; the {len(run.training)} training photos give "
           f"{classes['seed_patches']} seed patches)")
     run = replace(run, cfg=cfg)
     sequences, kinds = _held_out_sequences(run)
-    net, card = finish_model(cfg, train(cfg, run.workdir, refit_head=run.args.head_only), command, resumed=False, preset=ADAPT.name)
+    result = train(cfg, run.workdir, refit_head=run.args.head_only, seeds=seeds)
+    result["seed_time_s"] += seed_seconds  # the card's seed sampling time: the seeds were drawn before train()
+    net, card = finish_model(cfg, result, command, resumed=False, preset=ADAPT.name)
     candidate = save_model(net, card, run.workdir / "candidate", run.args.name)
     scores = _score(run, candidate, sequences)
     print(format_comparison(scores["base"], scores["adapted"]))

@@ -42,7 +42,8 @@ from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
 from .training.config import PCA_SOURCES, WHITENINGS, TrainConfig
-from .training.head import build_descriptor_net, fit_head_on_keypoints, fit_head_on_pairs, fit_head_on_surrogates
+from .training.head import build_descriptor_net, fit_head_on_keypoints, fit_head_on_pairs, fit_head_on_surrogates, \
+    fitted_on_photos, uses_surrogates
 from .training.init_model import architecture_option, load_init_model
 from .training.loop import train
 from .training.magnification import tune_magnification
@@ -419,11 +420,11 @@ def finish_model(cfg: TrainConfig, result: dict, command: str, resumed: bool, pr
     net = build_descriptor_net(result["model"], cfg)
     # The keypoints PCA and the pairs whitening are fitted at the chosen magnification; the
     # surrogate PCA is fitted when it is the head, or for the tuning, which describes patches with it.
-    refit = cfg.pca_source == "keypoints" or cfg.whitening == "pairs"
+    refit = fitted_on_photos(cfg)
     explained = None
     if cfg.whitening == "learned":
         net.head.load_state_dict(result["model"].matching.state_dict())
-    elif not refit or cfg.magnification is None:
+    elif uses_surrogates(cfg):
         explained = fit_head_on_surrogates(net, result["sampler"], cfg, result["device"], result["generator"])
     # Read once: STL-10's file may hold 100,000 images.
     images, source = _training_images(cfg) if refit or cfg.magnification is None else (None, None)

@@ -24,13 +24,15 @@ from benchmarks.validation import VALIDATION_KINDS
 from exemplar_desc import ExemplarDescriptor
 from exemplar_desc import adapt as adapt_module
 from exemplar_desc.checks import OptionError
+from exemplar_desc.images import gather_images
 from exemplar_desc.model_io import DEFAULT_MODEL, load_model
 from exemplar_desc.registry import check_descriptor_name
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.holdout import MIN_HELD_OUT, collect_photos, held_out_count, photos_needed, split_photos
 from exemplar_desc.training.init_model import load_init_model, model_settings
+from exemplar_desc.training import seeds as seeds_module
 from exemplar_desc.training.presets import ADAPT, PRESETS
-from exemplar_desc.training.seeds import count_seeds, load_seed_contexts
+from exemplar_desc.training.seeds import iter_rgb_images, sample_seeds, seed_pool
 
 from .conftest import save_small_model, write_quarter_photos
 
@@ -73,13 +75,18 @@ def test_photos_are_named_from_their_common_folder_fingerprinted_and_split(tmp_p
         split_photos(names[:11], 0.2, seed=0)
 
 
-def test_count_seeds_is_the_most_classes_a_run_can_have(photos):
-    cfg = TrainConfig(images=(str(photos),), seeds_per_image=8)
-    available = count_seeds(cfg)
+def test_the_seed_pool_gives_the_most_classes_a_run_can_have_and_its_seeds(photos):
+    cfg = TrainConfig(images=(str(photos),), seeds_per_image=8, seed=3)
+    pool = seed_pool(cfg)
+    available = len(pool)
     assert 0 < available <= 8 * 12
-    assert load_seed_contexts(cfg, available, np.random.default_rng(cfg.seed)).shape == (available, 3, 80, 80)
+    seeds = pool.choose(available - 5)
+    assert seeds.shape == (available - 5, 3, 80, 80) and seeds.dtype == torch.uint8
+    assert torch.equal(pool.choose(available - 5), seeds)  # a choice does not move the pool's generator
+    images = iter_rgb_images(gather_images(cfg.images), cfg.max_side)
+    assert torch.equal(sample_seeds(images, available - 5, np.random.default_rng(3), per_image=8), seeds)  # one draw, as sampled
     with pytest.raises(ValueError, match=f"found only {available} usable seed patches"):
-        load_seed_contexts(cfg, available + 1, np.random.default_rng(cfg.seed))
+        pool.choose(available + 1)
 
 
 def test_the_adapt_preset_is_the_shipped_stage_from_the_default_with_its_head():
@@ -125,6 +132,19 @@ def test_too_few_photos_is_an_error_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: PHOTOS '11 photos': an adaptation needs at least 12 photos") and len(err.splitlines()) == 1
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
+
+
+def _count_seed_passes(monkeypatch: pytest.MonkeyPatch) -> list:
+    """A list that grows by one at each pass over the photos for seed candidates."""
+    passes: list = []
+    candidates = seeds_module.seed_candidates
+
+    def counted(*args, **kwargs):
+        passes.append(args)
+        return candidates(*args, **kwargs)
+
+    monkeypatch.setattr(seeds_module, "seed_candidates", counted)
+    return passes
 
 
 def _status(argv: list[str]) -> int:
@@ -196,13 +216,15 @@ def test_the_adapted_card_works_wherever_a_model_goes(run_dirs, photos, better):
     assert load_model(card)[1]["adaptation"]["decision"]["better"]
 
 
-def test_an_adapted_model_that_is_not_better_is_not_written(photos, run_dirs, capsys):
+def test_an_adapted_model_that_is_not_better_is_not_written(photos, run_dirs, capsys, monkeypatch):
     work, root = run_dirs
     base = save_small_model(root / "bases", "fitted")
     out_dir = root / "worse"
     argv = [str(photos), "--name", "mine", "--base", str(base), "--head-dim", "1", *TINY, "--workdir", str(work),
             "--out-dir", str(out_dir)]
+    passes = _count_seed_passes(monkeypatch)
     assert adapt_module.main(argv) == 0
+    assert len(passes) == 1  # the training takes its seeds from the pass that counted them
     out = capsys.readouterr().out
     assert "not better on the held-out photos" in out and f"kept the base model {base}; no model written" in out
     assert sorted(p.name for p in out_dir.iterdir()) == ["mine.adapt.json"]  # the report only

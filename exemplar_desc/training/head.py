@@ -22,7 +22,8 @@ from .transforms import SurrogateSampler, sample_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_descriptor_net", "fit_head_on_surrogates", "fit_head_on_keypoints", "fit_head_on_pairs", "keypoint_patches"]
+__all__ = ["build_descriptor_net", "fitted_on_photos", "uses_surrogates", "fit_head_on_surrogates", "fit_head_on_keypoints",
+           "fit_head_on_pairs", "keypoint_patches"]
 
 
 @torch.no_grad()
@@ -48,6 +49,18 @@ def build_descriptor_net(classifier: ExemplarClassifier, cfg: TrainConfig) -> De
     net = DescriptorNet(classifier.trunk.arch, cfg.head_layer, cfg.head_grid, cfg.head_dim, cfg.head_power)
     net.trunk.load_state_dict(classifier.trunk.state_dict(), strict=False)
     return net.eval()
+
+
+def fitted_on_photos(cfg: TrainConfig) -> bool:
+    """Whether the head is fitted on patches of the training photos (the keypoints PCA or the pairs whitening)."""
+    return cfg.pca_source == "keypoints" or cfg.whitening == "pairs"
+
+
+def uses_surrogates(cfg: TrainConfig) -> bool:
+    """Whether fitting the head draws surrogate samples (:func:`fit_head_on_surrogates`): for the surrogate
+    PCA as the head, or for the head the magnification's tuning describes with (``cfg.magnification`` None);
+    never for the learned head, which the training itself gives."""
+    return cfg.whitening != "learned" and (not fitted_on_photos(cfg) or cfg.magnification is None)
 
 
 def fit_head_on_surrogates(

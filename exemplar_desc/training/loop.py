@@ -27,10 +27,11 @@ from ..distributed import Distributed
 from ..networks import ExemplarClassifier, resolve_architecture
 from .checkpoint import TrainState, read_checkpoint, restore_state, save_checkpoint
 from .config import TrainConfig
+from .head import uses_surrogates
 from .init_model import init_trunk, load_init_model
 from .losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
 from .schedule import SYNC_EVERY, RunClock, lr_at
-from .seeds import load_seed_contexts
+from .seeds import seed_pool
 from .signals import TrainingInterrupted, stop_on_signals
 from .transforms import SurrogateSampler, sample_patches
 
@@ -44,7 +45,7 @@ HEAD_START_SAMPLES = 2048
 
 def train(
     cfg: TrainConfig, workdir: Path, resume: bool = False, progress: bool = True, dist: Distributed | None = None,
-    refit_head: bool = False,
+    refit_head: bool = False, seeds: torch.Tensor | None = None,
 ) -> dict:
     """Run the surrogate-class training; returns a summary with the trained classifier.
 
@@ -58,12 +59,16 @@ def train(
         dist: this rank's place in a torchrun job (:func:`.distributed.init_distributed`),
             None for a single process. Every rank calls train(); rank 0 samples the seed
             patches (broadcast to the others), validates, logs and writes the files.
-        refit_head: take no step: the summary holds the ``init`` model's trunk (and the
-            surrogate sampler), for a new head on it; nothing is written.
+        refit_head: take no step: the summary holds the ``init`` model's trunk, for a new head
+            on it, and the surrogate sampler only where that head's fit draws from it
+            (:func:`.head.uses_surrogates`; else None, and no seeds are drawn); nothing is written.
+        seeds: (cfg.num_classes, 3, cfg.context, cfg.context) uint8 RGB seed crops already drawn
+            from ``cfg``'s data (rank 0's; :meth:`.seeds.SeedPool.choose`), so they are not drawn
+            again; None: drawn here (:func:`.seeds.seed_pool`).
 
     Raises:
         OptionError: a bad setting or checkpoint to resume (``resume``), before any work;
-            ``refit_head`` without an ``init`` model or with ``resume``.
+            ``refit_head`` without an ``init`` model or with ``resume``; ``seeds`` of another shape or dtype.
         TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written first (by rank 0).
     """
     cfg.check(data=dist is None or dist.is_main)
@@ -71,13 +76,16 @@ def train(
     check(not (refit_head and resume), "refit_head", refit_head, "takes no training step, so there is no run to resume")
     check(not (refit_head and cfg.whitening == "learned"), "refit_head", refit_head,
           "takes no training step, so no head is learned: give whitening pca or pairs")
+    shape = (cfg.num_classes, 3, cfg.context, cfg.context)
+    check(seeds is None or (tuple(seeds.shape) == shape and seeds.dtype == torch.uint8), "seeds",
+          None if seeds is None else f"{tuple(seeds.shape)} {seeds.dtype}", f"must be {shape} torch.uint8, the classes' context crops")
     device = dist.device if dist is not None else training_device(cfg.device)
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.random.default_generator.manual_seed(cfg.seed)
         if cuda:
             torch.cuda.default_generators[cuda[0]].manual_seed(cfg.seed)
-        return _train(cfg, device, workdir, resume, progress, dist, refit_head)
+        return _train(cfg, device, workdir, resume, progress, dist, refit_head, seeds)
 
 
 def training_device(name: str) -> torch.device:
@@ -89,23 +97,32 @@ def training_device(name: str) -> torch.device:
     return check_device("device", name, allow_auto=True) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _sampler(cfg: TrainConfig, device: torch.device, dist: Distributed | None, seeds: torch.Tensor | None) -> SurrogateSampler:
+    """The surrogate classes of ``seeds``, or of seeds drawn here, rank 0's on every rank."""
+    if dist is not None and not dist.is_main:
+        contexts = torch.empty((cfg.num_classes, 3, cfg.context, cfg.context), dtype=torch.uint8, device=device)
+    elif seeds is not None:
+        contexts = seeds.to(device)
+    else:
+        started = time.time()
+        contexts = seed_pool(cfg).choose(cfg.num_classes).to(device)
+        logger.info("sampled %d seed patches in %.1f s", len(contexts), time.time() - started)
+    if dist is not None:
+        dist.broadcast_(contexts)
+    return SurrogateSampler(contexts, cfg.transforms, cfg.patch_size, device)
+
+
 def _train(
-    cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool, dist: Distributed | None, refit_head: bool
+    cfg: TrainConfig, device: torch.device, workdir: Path, resume: bool, progress: bool, dist: Distributed | None, refit_head: bool,
+    seeds: torch.Tensor | None,
 ) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     main_rank = dist is None or dist.is_main
     checkpoint = read_checkpoint(workdir / "checkpoint.pt", cfg, dist) if resume else None
     started = time.time()
-    shape = (cfg.num_classes, 3, cfg.context, cfg.context)
-    if main_rank:
-        contexts = load_seed_contexts(cfg, cfg.num_classes, np.random.default_rng(cfg.seed)).to(device)
-        logger.info("sampled %d seed patches in %.1f s", len(contexts), time.time() - started)
-    else:
-        contexts = torch.empty(shape, dtype=torch.uint8, device=device)
-    if dist is not None:
-        dist.broadcast_(contexts)
-    sampler = SurrogateSampler(contexts, cfg.transforms, cfg.patch_size, device)
+    # A head refit on the training photos alone draws no surrogate sample, so it needs no seeds.
+    sampler = _sampler(cfg, device, dist, seeds) if not refit_head or uses_surrogates(cfg) else None
     state = _start_state(cfg, device, workdir, checkpoint, dist, sampler)
 
     validation = None
@@ -140,18 +157,24 @@ def _train(
 
 
 def _start_state(
-    cfg: TrainConfig, device: torch.device, workdir: Path, checkpoint: dict | None, dist: Distributed | None, sampler: SurrogateSampler
+    cfg: TrainConfig, device: torch.device, workdir: Path, checkpoint: dict | None, dist: Distributed | None,
+    sampler: SurrogateSampler | None,
 ) -> TrainState:
-    """The classifier (fresh, from the init model, or from ``checkpoint``), its optimizer and the generators."""
+    """The classifier (fresh, from the init model, or from ``checkpoint``), its optimizer and the generators.
+
+    ``sampler`` gives a fresh learned head its first samples (None: a head refit, which trains nothing).
+    """
     world = 1 if dist is None else dist.world_size
     model = ExemplarClassifier(resolve_architecture(cfg.arch), cfg.num_classes, patch_size=cfg.patch_size)
     # A resumed run takes its weights from the checkpoint, never again from the init model.
     init = init_trunk(model, cfg.init) if cfg.init is not None and checkpoint is None else None
     if cfg.learned_head:
         # Samples for a fresh head's PCA, from a generator of their own: the training's draws stay the same.
-        ids = torch.arange(HEAD_START_SAMPLES, device=device) % sampler.num_classes
-        start = lambda: sample_patches(sampler, ids, torch.Generator(device=device).manual_seed(cfg.seed + 2))  # noqa: E731
-        attach_matching_head(model, cfg, start if checkpoint is None else None)
+        def start() -> torch.Tensor:
+            ids = torch.arange(HEAD_START_SAMPLES, device=device) % sampler.num_classes
+            return sample_patches(sampler, ids, torch.Generator(device=device).manual_seed(cfg.seed + 2))
+
+        attach_matching_head(model, cfg, start if checkpoint is None and sampler is not None else None)
     model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     network = model

@@ -8,8 +8,10 @@ rotations of the seed can be sampled later without running out of image.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -26,8 +28,8 @@ if TYPE_CHECKING:  # config.py imports this module
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "seed_candidates", "sample_seeds", "load_seed_contexts",
-    "count_seeds", "STL10_IMAGE_BYTES", "PAPER_SEED_SCALES",
+    "iter_rgb_images", "stl10_image_count", "load_stl10_unlabeled", "seed_candidates", "sample_seeds", "SeedPool", "seed_pool",
+    "STL10_IMAGE_BYTES", "PAPER_SEED_SCALES",
 ]
 
 STL10_IMAGE_BYTES = 96 * 96 * 3
@@ -179,7 +181,11 @@ def sample_seeds(
     Raises:
         ValueError: fewer usable seeds than ``num_seeds``.
     """
-    crops = seed_candidates(images, rng, per_image, patch_size, context, scales, total)
+    return _choose(seed_candidates(images, rng, per_image, patch_size, context, scales, total), num_seeds, rng)
+
+
+def _choose(crops: list[np.ndarray], num_seeds: int, rng: np.random.Generator) -> torch.Tensor:
+    """(num_seeds, 3, context, context) uint8 crops chosen at random with ``rng``, in the candidates' order."""
     if len(crops) < num_seeds:
         raise ValueError(
             f"found only {len(crops)} usable seed patches for {num_seeds} surrogate classes; "
@@ -207,21 +213,38 @@ def _rgb_images(cfg: TrainConfig) -> tuple[Iterator[np.ndarray], int]:
     return chained(), sum(n for _, n in sources)
 
 
-def load_seed_contexts(cfg: TrainConfig, num: int, rng: np.random.Generator) -> torch.Tensor:
-    """(num, 3, context, context) uint8 seed crops from the image folders and files and the STL-10 file of a checked ``cfg``."""
-    images, total = _rgb_images(cfg)
-    return sample_seeds(
-        images, num, rng, per_image=cfg.seeds_per_image, scales=cfg.seed_scales, patch_size=cfg.patch_size,
-        context=cfg.context, total=total,
-    )
+@dataclass(frozen=True)
+class SeedPool:
+    """Every usable seed candidate of a run's training data, which the run's seeds are chosen from (:func:`seed_pool`).
+
+    ``len(pool)`` is the most surrogate classes a run of that data can have.
+
+    Attributes:
+        crops: (context, context, 3) uint8 RGB crops, image by image (:func:`seed_candidates`).
+        rng: the generator as drawing the candidates left it; every choice starts from this state.
+    """
+
+    crops: list[np.ndarray]
+    rng: np.random.Generator
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def choose(self, num: int) -> torch.Tensor:
+        """The run's seeds: (num, 3, context, context) uint8 RGB crops, the same on every call.
+
+        Raises:
+            ValueError: fewer candidates than ``num``.
+        """
+        return _choose(self.crops, num, copy.deepcopy(self.rng))  # a copy, so a second choice repeats the first
 
 
-def count_seeds(cfg: TrainConfig) -> int:
-    """The usable seed patches of a checked ``cfg``'s training data: the most surrogate classes a run of it can have.
+def seed_pool(cfg: TrainConfig) -> SeedPool:
+    """The seed candidates of a checked ``cfg``'s image folders and files and STL-10 file, drawn with ``cfg.seed``.
 
-    The count is exact: a run draws the same candidates (from ``np.random.default_rng(cfg.seed)``)
-    before choosing ``cfg.num_classes`` of them.
+    ``seed_pool(cfg).choose(cfg.num_classes)`` are the run's seeds (what :func:`.loop.train` samples).
     """
     images, total = _rgb_images(cfg)
     rng = np.random.default_rng(cfg.seed)
-    return len(seed_candidates(images, rng, cfg.seeds_per_image, cfg.patch_size, cfg.context, cfg.seed_scales, total))
+    crops = seed_candidates(images, rng, cfg.seeds_per_image, cfg.patch_size, cfg.context, cfg.seed_scales, total)
+    return SeedPool(crops, rng)

@@ -9,10 +9,11 @@ import skimage.data
 import torch
 
 from exemplar_desc import train as train_module
+from exemplar_desc.checks import OptionError
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.loop import train
 from exemplar_desc.training.schedule import lr_at
-from exemplar_desc.training.seeds import load_seed_contexts, load_stl10_unlabeled, sample_seeds
+from exemplar_desc.training.seeds import load_stl10_unlabeled, sample_seeds, seed_pool
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +46,11 @@ def test_seed_scales_set_the_image_area_a_seed_covers(tmp_path):
     cv2.imwrite(str(tmp_path / "bar.png"), image)
     for scales, width in (((1.0,), 20), ((0.5,), 10)):
         cfg = TrainConfig(images=(str(tmp_path),), num_classes=4, seeds_per_image=4, seed_scales=scales, device="cpu")
-        contexts = load_seed_contexts(cfg, 4, np.random.default_rng(0))
+        contexts = seed_pool(cfg).choose(4)
         dark = (contexts[:, 0, 40] < 128).sum(dim=1)  # dark pixels along each crop's middle row
         assert torch.all((dark - width).abs() <= 1), (scales, dark)
     both = TrainConfig(images=(str(tmp_path),), num_classes=4, seeds_per_image=4, seed_scales=(1.0, 0.5), device="cpu")
-    dark = (load_seed_contexts(both, 4, np.random.default_rng(0))[:, 0, 40] < 128).sum(dim=1)
+    dark = (seed_pool(both).choose(4)[:, 0, 40] < 128).sum(dim=1)
     assert sorted(set(dark.tolist())) == [10, 20]  # seeds taken at both scales
 
 
@@ -118,6 +119,14 @@ def test_tiny_training_run_lowers_the_loss(image_folder, tmp_path, caplog):
         moved = train(cfg, tmp_path / "run", resume=True, progress=False)
     assert "made on cuda, resuming on cpu" in caplog.text
     assert moved["steps"] == resumed["steps"] and moved["trained_on"] == "cuda (H200)"
+
+
+@pytest.mark.parametrize("shape, dtype", [((3, 3, 80, 80), torch.uint8), ((4, 3, 64, 64), torch.uint8), ((4, 3, 80, 80), torch.float32)])
+def test_given_seeds_not_the_classes_crops_are_refused_before_any_work(image_folder, tmp_path, shape, dtype):
+    cfg = TrainConfig(images=(str(image_folder),), num_classes=4, device="cpu")
+    with pytest.raises(OptionError, match=r"must be \(4, 3, 80, 80\) torch.uint8") as err:
+        train(cfg, tmp_path / "run", progress=False, seeds=torch.zeros(shape, dtype=dtype))
+    assert err.value.option == "seeds" and not (tmp_path / "run").exists()
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):

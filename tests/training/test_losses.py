@@ -128,7 +128,7 @@ def _distance_to_teacher(model: str, folder) -> float:
 def test_a_distilled_student_moves_towards_its_teacher(folder, tmp_path):
     """A small network trained with the loss distill and its learned head gives descriptors nearer the teacher's."""
     student = ["--arch", "fast-small", "--loss", "distill", "--teacher", "exemplar-fast-t005-pairs", "--whitening", "learned",
-               "--head-layer", "2", "--num-classes", "8", "--seeds-per-image", "8", "--batch-size", "64", "--lr", "0.05",
+               "--head-layer", "2", "--num-classes", "8", "--seeds-per-image", "8", "--batch-size", "64", "--lr", "0.25",
                "--device", "cpu", "--threads", "1", "--magnification", "10", "--out-dir", str(tmp_path / "o")]
     distances = {}
     for samples in (1, 300):  # 1 sample per class: one step, the student about as initialised

@@ -14,6 +14,7 @@ from exemplar_desc import train as train_module
 from exemplar_desc.model_io import load_model
 from exemplar_desc.networks import DescriptorHead
 from exemplar_desc.patches import keypoint_frames
+from exemplar_desc.training import seeds as seeds_module
 from exemplar_desc.training.magnification import project, random_homography, synthetic_view
 from exemplar_desc.training.pairs import homography_jacobian, match_frames
 from tests.cli_checks import assert_bad_option
@@ -127,8 +128,9 @@ def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_mode
     out = tmp_path / "out"
     argv = [str(folder), "--init", str(random_model), *TINY, "--whitening", "pairs", "--pair-photos", "3", "--pair-views", "1",
             "--whiten", "1", "--pair-shrinkage", "0.2", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--name", "pairs"]
-    # With --magnification no tuning needs a surrogate PCA head, so none is fitted.
+    # With --magnification no tuning needs a surrogate PCA head, so none is fitted, and no seeds are drawn.
     monkeypatch.setattr(train_module, "fit_head_on_surrogates", lambda *args: pytest.fail("surrogate PCA fitted for nothing"))
+    monkeypatch.setattr(seeds_module, "seed_candidates", lambda *args: pytest.fail("seeds drawn for nothing"))
     assert train_module.main(argv) == 0
     card = json.loads((out / "pairs.json").read_text())
     # No training step, so no surrogate validation accuracy to report.
