@@ -7,8 +7,9 @@
 3. Fit the descriptor head (PCA) on fresh unlabeled patches, choose the patch
    magnification on synthetic warps of training images (with that head), fit the head on
    patches at SIFT keypoints of the training images with ``--pca-source keypoints``, or as
-   a learned whitening of positive pairs in such warps with ``--whitening pairs``, and
-   write the model and its card into ``--out-dir`` (default ``models/``).
+   a learned whitening of positive pairs in such warps with ``--whitening pairs``, or keep
+   the projection a loss on descriptors trained (``--whitening learned``, e.g. with
+   ``--loss distill``), and write the model and its card into ``--out-dir`` (default ``models/``).
 
 ``--refit-head`` skips step 2: the head is fitted on the trunk of the ``--init`` model.
 
