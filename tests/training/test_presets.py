@@ -34,16 +34,18 @@ def _recipe_arguments(command: str) -> list[str]:
     return kept
 
 
-def test_the_shipped_preset_is_the_shipped_cards_recipe():
-    card = json.loads(resolve_card_path("exemplar-fast-t005").read_text())
+@pytest.mark.parametrize("preset, model", [("exemplar-fast-t005", "exemplar-fast-t005"), ("distill", "exemplar-fast-small-distilled")])
+def test_a_shipped_preset_is_the_shipped_cards_recipe(preset, model):
+    card = json.loads(resolve_card_path(model).read_text())
     training = card["training"]
     folders = training["data"]["image_folders"]
     from_card, _ = _config(_recipe_arguments(training["command"]))
-    from_preset, args = _config([*folders, "--preset", "exemplar-fast-t005"])
+    from_preset, args = _config([*folders, "--preset", preset])
     assert from_preset == from_card
-    assert args.preset == "exemplar-fast-t005"
+    assert args.preset == preset
     # And field by field against the card's record of the run.
-    assert from_preset.init == training["init"]["model"]
+    assert from_preset.init == (training["init"] or {}).get("model")
+    assert from_preset.teacher == training.get("loss", {}).get("teacher", {}).get("model")  # cards before the losses have none
     assert from_preset.arch == card["architecture_name"]
     assert dataclasses.asdict(from_preset.transforms) == {k: tuple(v) if isinstance(v, list) else v for k, v in training["transforms"].items()}
     assert (from_preset.num_classes, from_preset.samples_per_class, from_preset.epochs) == (
