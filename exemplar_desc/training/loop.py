@@ -206,8 +206,8 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
     """One SGD step on ``cfg.batch_size`` fresh samples of this rank; nothing waits for the device.
 
     With a matching loss (``cfg.matching``) the batch holds two views of each of B/2 seeds;
-    with ``distill`` the teacher describes the same samples. Under DistributedDataParallel the backward pass averages the gradients over the ranks,
-    so each step uses the global batch.
+    with ``distill`` the teacher describes the same samples. Under DistributedDataParallel
+    the backward pass averages the gradients over the ranks, so each step uses the global batch.
 
     Returns:
         (loss () float32, logits (B, num_classes), class ids (B,) int64), all on the training device.

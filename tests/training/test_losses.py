@@ -3,9 +3,11 @@
 import json
 import math
 
+import cv2
 import pytest
 import torch
 
+from exemplar_desc import ExemplarDescriptor
 from exemplar_desc import train as train_module
 from exemplar_desc.checks import OptionError
 from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
@@ -114,10 +116,6 @@ def test_a_matching_run_records_its_loss_in_the_card(folder, tmp_path, capsys):
 
 def _distance_to_teacher(model: str, folder) -> float:
     """Mean squared distance between ``model``'s descriptors and the default's at 300 SIFT keypoints of the folder's photos."""
-    import cv2
-
-    from exemplar_desc import ExemplarDescriptor
-
     image = cv2.imread(str(sorted(folder.iterdir())[0]))
     kps = cv2.SIFT_create(nfeatures=300).detect(image, None)
     _, student = ExemplarDescriptor(model, precision="fp32").compute(image, kps)
