@@ -157,6 +157,28 @@ def test_patches_follow_the_keypoint_geometry_within_1e4():
         assert np.abs(patches[i] - ref).max() < 1e-4
 
 
+def test_patches_beyond_the_border_are_reflected_within_1e4():
+    """Outside the image a patch reads the image mirrored about its outer pixel edges (symmetric
+    reflection, repeated far out), as grid_sample's reflection padding does; same 1e-4 bound as above."""
+    rng = np.random.default_rng(3)
+    image = cv2.GaussianBlur(rng.random((60, 80)).astype(np.float32), (0, 0), 1.5)
+    # Across a corner, an edge, within half a pixel of an edge, inside, and two image widths out.
+    centers = np.array([[0.0, 0.0], [79.0, 59.0], [-3.2, 30.0], [40.0, 58.7], [40.0, 30.0], [-150.0, 20.0], [10.6, 9.6]])
+    size, angle = np.full(len(centers), 5.0), np.array([-1.0, 30.0, 117.0, 250.0, 45.0, 10.0, 0.0])
+    frames = keypoint_frames(size, angle, 4.0)  # side 20 px, step 0.625: level 0
+    patches = extract_patches(build_pyramid(image), centers, frames, 32)[:, 0].numpy()
+    pad = 250
+    mirrored = np.pad(image, pad, mode="symmetric")
+    cells = (2 * np.arange(32) + 1) / 32 - 1
+    u, v = np.meshgrid(cells, cells)
+    for i in range(len(centers)):
+        x = centers[i, 0] + frames[i, 0, 0] * u + frames[i, 0, 1] * v
+        y = centers[i, 1] + frames[i, 1, 0] * u + frames[i, 1, 1] * v
+        # Between the last pixel centre and the outer edge grid_sample holds the edge pixel.
+        ref = _bilinear(mirrored, x + pad, y + pad)
+        assert np.abs(patches[i] - ref).max() < 1e-4, i
+
+
 def test_gray_tensor_is_opencvs_conversion():
     bgr = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     ref = cv2.cvtColor(bgr.astype(np.float32) / 255, cv2.COLOR_BGR2GRAY)
