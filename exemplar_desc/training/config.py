@@ -25,9 +25,9 @@ PCA_SOURCES = ("surrogate", "keypoints")
 #: ``learned`` keeps the projection that a loss on descriptors trained (TrainConfig.learned_head).
 WHITENINGS = ("pca", "pairs", "learned")
 #: The training losses (exemplar_desc.training.losses): the paper's softmax over surrogate
-#: classes, HardNet's triplet margin loss over two views of each seed, or their sum; or the
-#: distillation of a teacher model's descriptors.
-LOSSES = ("softmax", "softmax+triplet", "triplet", "distill")
+#: classes, HardNet's triplet margin loss over two views of each seed, or their sum; the
+#: distillation of a teacher model's descriptors, alone or with the triplet term.
+LOSSES = ("softmax", "softmax+triplet", "triplet", "distill", "distill+triplet")
 
 
 def _setting(default: Any, help: str, unset: str | None = None) -> Any:
@@ -63,11 +63,11 @@ class TrainConfig:
     loss: str = _setting(
         "softmax", "training loss: softmax over the surrogate classes (the paper's), triplet: HardNet's hardest-in-batch "
         "triplet margin loss on two views of each seed through a learned descriptor head, softmax+triplet (their sum), or "
-        "distill: the squared L2 distance between the learned head's descriptors and the teacher's")
+        "distill: the squared L2 distance between the learned head's descriptors and the teacher's, distill+triplet (their sum)")
     margin: float = _setting(1.0, "margin of the triplet loss, in L2 distance between unit descriptors (0, 2]")
-    triplet_weight: float = _setting(1.0, "weight of the triplet term in softmax+triplet")
+    triplet_weight: float = _setting(1.0, "weight of the triplet term in softmax+triplet and distill+triplet")
     teacher: str | None = _setting(
-        None, "model (shipped name or .pt/.json path) whose descriptors the loss distill teaches; it must have the "
+        None, "model (shipped name or .pt/.json path) whose descriptors the distill losses teach; it must have the "
         "same head_dim and patch_size", "none")
     patch_size: int = _setting(32, "side of the network's input patches in pixels")
     context: int = _setting(80, "side of the context crop kept around each seed in pixels")
@@ -111,6 +111,11 @@ class TrainConfig:
     def matching(self) -> bool:
         """Whether the loss has the matching (triplet) term: batches then hold two views of each seed."""
         return "triplet" in self.loss
+
+    @property
+    def distills(self) -> bool:
+        """Whether the loss has the distillation term: the teacher then describes every sample."""
+        return self.loss.startswith("distill")
 
     @property
     def learned_head(self) -> bool:
@@ -200,8 +205,8 @@ def _check_data(cfg: TrainConfig, data: bool) -> None:
 def _check_loss(cfg: TrainConfig) -> None:
     """A known loss; a triplet loss's batches hold two views of B/2 distinct classes; distill has a teacher of the head's form."""
     check(cfg.loss in LOSSES, "loss", cfg.loss, f"expected one of {', '.join(LOSSES)}")
-    check((cfg.teacher is None) == (cfg.loss != "distill"), "teacher", cfg.teacher,
-          "the loss distill needs a teacher model" if cfg.teacher is None else f"a teacher is for the loss distill, not {cfg.loss}")
+    check((cfg.teacher is None) != cfg.distills, "teacher", cfg.teacher,
+          f"the loss {cfg.loss} needs a teacher model" if cfg.teacher is None else f"a teacher is for the distill losses, not {cfg.loss}")
     if cfg.teacher is not None:
         _, card = load_init_model(cfg.teacher, option="teacher")
         check(card["head"]["dim"] == cfg.head_dim and card["patch_size"] == cfg.patch_size, "teacher", cfg.teacher,

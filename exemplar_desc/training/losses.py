@@ -12,6 +12,8 @@ classifier then learns on detached features, a probe whose accuracy is still log
 ``distill`` trains a (smaller) network to give a teacher model's descriptors: the squared
 L2 distance between its learned head's descriptors and the teacher's, on the same surrogate
 samples (Hinton et al. 2015, on descriptors rather than logits); the classifier is a probe.
+``distill+triplet`` adds the triplet term: with the model itself as teacher and init, the
+distillation holds the descriptors near the model's while the triplet term trains the distance.
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ def test_the_distillation_loss_is_the_mean_squared_distance():
     "settings, field",
     [({"loss": "hinge"}, "loss"), ({"loss": "triplet", "batch_size": 15}, "batch_size"),
      ({"loss": "softmax+triplet", "num_classes": 7, "batch_size": 16}, "num_classes"), ({"margin": 3.0}, "margin"),
-     ({"loss": "distill"}, "teacher"), ({"teacher": "exemplar-fast-t005-pairs"}, "teacher"),
+     ({"loss": "distill"}, "teacher"), ({"loss": "distill+triplet"}, "teacher"), ({"teacher": "exemplar-fast-t005-pairs"}, "teacher"),
+     ({"loss": "softmax+triplet", "teacher": "exemplar-fast-t005-pairs"}, "teacher"),
+     ({"loss": "distill+triplet", "teacher": "exemplar-fast-t005-pairs", "batch_size": 15}, "batch_size"),
      ({"loss": "distill", "teacher": "no-such-model"}, "teacher"),
      ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "head_dim": 64}, "teacher"),
      ({"whitening": "learned"}, "whitening")],
@@ -112,6 +114,18 @@ def test_a_matching_run_records_its_loss_in_the_card(folder, tmp_path, capsys):
     assert card["training"]["loss"] == {"type": "softmax+triplet", "margin": 0.5, "triplet_weight": 1.0}
     log = json.loads((tmp_path / "w" / "log.json").read_text())
     assert math.isfinite(log[-1]["train_loss"])
+
+
+def test_distill_plus_triplet_records_both_terms(folder, tmp_path):
+    """The model as its own teacher and init: the card names the teacher and the triplet's settings."""
+    argv = [str(folder), *TINY, "--head-dim", "128", "--loss", "distill+triplet", "--teacher", "exemplar-fast-t005-pairs",
+            "--init", "exemplar-fast-t005-pairs", "--whitening", "learned", "--workdir", str(tmp_path / "w"),
+            "--out-dir", str(tmp_path / "o"), "--name", "dt"]
+    assert train_module.main(argv) == 0
+    loss = json.loads((tmp_path / "o" / "dt.json").read_text())["training"]["loss"]
+    sha = load_init_model("exemplar-fast-t005-pairs")[1]["sha256"]
+    assert loss == {"type": "distill+triplet", "margin": 1.0, "triplet_weight": 1.0,
+                    "teacher": {"model": "exemplar-fast-t005-pairs", "sha256": sha}}
 
 
 def _distance_to_teacher(model: str, folder) -> float:
