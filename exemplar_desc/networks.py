@@ -232,9 +232,6 @@ class MatchingHead(nn.Module):
 
 def _pool(features: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, F, h, w) feature maps -> (B, F * grid * grid) max-pooled vectors."""
-    h, w = features.shape[-2:]
-    if h % grid == 0 and w % grid == 0:  # the same cells as the adaptive pooling, about twice as fast on the CPU
-        return F.max_pool2d(features, (h // grid, w // grid)).flatten(1)
     return F.adaptive_max_pool2d(features, grid).flatten(1)
 
 

@@ -241,23 +241,13 @@ def extract_patches(
         offset = ((c + 0.5) * to_grid - 1).float()  # (n, 2)
         a = (a * to_grid[:, None]).float()  # (n, 2, 2)
         grid = offset[:, None, None, :] + torch.einsum("nij,pqj->npqi", a, uv)  # (n, P, P, 2)
-        # Inside [-1, 1] (the image's outer pixel edges) reflection and border padding read
-        # the same pixels, and border is much faster: reflect only the patches that cross the edge.
-        crossing = (offset.abs() + a.abs().sum(-1) * (1 - 1 / patch_size) > 1).any(-1)
-        sampled = _sample(image, grid, "border")
-        if crossing.any():
-            sampled[crossing] = _sample(image, grid[crossing], "reflection")
+        sampled = F.grid_sample(
+            image, grid.reshape(1, -1, patch_size, 2), mode="bilinear", padding_mode="reflection", align_corners=False
+        ).reshape(-1, 1, patch_size, patch_size)
         if idx is None:
             return sampled
         out[idx] = sampled
     return out
-
-
-def _sample(image: torch.Tensor, grid: torch.Tensor, padding: str) -> torch.Tensor:
-    """(1, 1, H, W) image, (n, P, P, 2) grid_sample coordinates -> (n, 1, P, P) bilinear samples."""
-    n, p = grid.shape[:2]
-    flat = grid.reshape(1, -1, p, 2)
-    return F.grid_sample(image, flat, mode="bilinear", padding_mode=padding, align_corners=False).reshape(n, 1, p, p)
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:

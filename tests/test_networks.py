@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from exemplar_desc.networks import (
-    _pool,
     ARCHITECTURES,
     DescriptorHead,
     DescriptorNet,
@@ -124,9 +123,3 @@ def test_batch_norm_fusion_keeps_the_output():
     fused = net.fuse_batch_norm()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     assert torch.allclose(fused(x), before, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 8, 8), (3, 5, 16, 12), (3, 5, 7, 9)])
-def test_head_pooling_cells_are_the_adaptive_ones(shape):
-    features = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
-    assert torch.equal(_pool(features, 4), torch.nn.functional.adaptive_max_pool2d(features.contiguous(), 4).flatten(1))
