@@ -186,7 +186,7 @@ def _size_classes(cfg: TrainConfig, given: bool) -> tuple[TrainConfig, dict, tor
     photos = f"{len(cfg.images)} training photos"
     if given:
         check(cfg.num_classes <= available, "num_classes", cfg.num_classes, f"the {photos} give only {available} seed patches")
-    needed = cfg.batch_size // 2 if cfg.matching else 2
+    needed = cfg.batch_size // 2 if cfg.paired_views else 2
     check(available >= needed, "photos", photos, f"they give {available} seed patches, and loss {cfg.loss} with batches of "
           f"{cfg.batch_size} needs at least {needed} classes: add photos")
     classes = cfg.num_classes if given else min(cfg.num_classes, available)

@@ -42,7 +42,7 @@ from .images import gather_images
 from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
-from .training.config import PCA_SOURCES, WHITENINGS, TrainConfig
+from .training.config import PCA_SOURCES, TRIPLET_PAIRS, WHITENINGS, TrainConfig
 from .training.head import build_descriptor_net, fit_head_on_keypoints, fit_head_on_pairs, fit_head_on_surrogates, \
     fitted_on_photos, uses_surrogates
 from .training.init_model import architecture_option, load_init_model
@@ -91,6 +91,7 @@ SPELLING: dict[str, dict[str, Any]] = {
     "time_budget_minutes": {"flag": "--time-budget", "metavar": "MINUTES"},
     "pca_source": {"choices": PCA_SOURCES},
     "whitening": {"choices": WHITENINGS},
+    "triplet_pairs": {"choices": TRIPLET_PAIRS},
 }
 
 
@@ -332,7 +333,7 @@ def _loss_record(cfg: TrainConfig) -> dict:
     """The card's ``training.loss``: the loss and its settings (the teacher by name and weights' sha256)."""
     record: dict = {"type": cfg.loss}
     if cfg.matching:
-        record.update(margin=cfg.margin, triplet_weight=cfg.triplet_weight)
+        record.update(margin=cfg.margin, triplet_weight=cfg.triplet_weight, triplet_pairs=cfg.triplet_pairs)
     if cfg.teacher is not None:
         record["teacher"] = {"model": cfg.teacher, "sha256": load_init_model(cfg.teacher, option="teacher")[1]["sha256"]}
     return record

@@ -58,6 +58,8 @@ class TrainState:
         init: the init model's record (:func:`.init_model.init_trunk`), None for a run from random weights.
         teacher: the loss distill's teacher (eval mode, on the training device; its name is in
             the configuration, so a resumed run loads it again), else None.
+        photo_pairs: the triplet term's pool of positive pairs with ``triplet_pairs`` photos: two
+            (K, 1, P, P) standardised patch batches on the training device (made again on resuming), else None.
     """
 
     model: ExemplarClassifier
@@ -78,6 +80,7 @@ class TrainState:
     acc_avg: float | None = None
     init: dict | None = None
     teacher: torch.nn.Module | None = None
+    photo_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def elapsed(self) -> float:

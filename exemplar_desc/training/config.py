@@ -14,7 +14,7 @@ from .init_model import describe_architecture, load_init_model
 from .seeds import PAPER_SEED_SCALES, stl10_image_count
 from .transforms import FAMILY_RECORDS, TransformConfig
 
-__all__ = ["TrainConfig", "PCA_SOURCES", "WHITENINGS", "LOSSES"]
+__all__ = ["TrainConfig", "PCA_SOURCES", "WHITENINGS", "LOSSES", "TRIPLET_PAIRS"]
 
 #: What the descriptor head's PCA is fitted on: fresh surrogate samples (transformed seed
 #: patches), or patches at SIFT keypoints of the training images (exemplar_desc.training.head).
@@ -28,6 +28,9 @@ WHITENINGS = ("pca", "pairs", "learned")
 #: classes, HardNet's triplet margin loss over two views of each seed, or their sum; the
 #: distillation of a teacher model's descriptors, alone or with the triplet term.
 LOSSES = ("softmax", "softmax+triplet", "triplet", "distill", "distill+triplet")
+#: Where the triplet term's positive pairs come from: two surrogate views of each seed, or
+#: keypoint patches of training photos re-detected in synthetic views (exemplar_desc.training.pairs).
+TRIPLET_PAIRS = ("surrogate", "photos")
 
 
 def _setting(default: Any, help: str, unset: str | None = None) -> Any:
@@ -66,6 +69,10 @@ class TrainConfig:
         "distill: the squared L2 distance between the learned head's descriptors and the teacher's, distill+triplet (their sum)")
     margin: float = _setting(1.0, "margin of the triplet loss, in L2 distance between unit descriptors (0, 2]")
     triplet_weight: float = _setting(1.0, "weight of the triplet term in softmax+triplet and distill+triplet")
+    triplet_pairs: str = _setting(
+        "surrogate", "the triplet term's positive pairs: surrogate (two transformed views of each of batch_size / 2 seeds) "
+        "or photos (batch_size / 2 pairs a step, beside the batch, from a pool of SIFT keypoints of pair_photos training "
+        "photos re-detected in pair_views synthetic views, as for the pairs whitening; needs magnification)")
     teacher: str | None = _setting(
         None, "model (shipped name or .pt/.json path) whose descriptors the distill losses teach; it must have the "
         "same head_dim and patch_size", "none")
@@ -111,6 +118,11 @@ class TrainConfig:
     def matching(self) -> bool:
         """Whether the loss has the matching (triplet) term: batches then hold two views of each seed."""
         return "triplet" in self.loss
+
+    @property
+    def paired_views(self) -> bool:
+        """Whether the batch holds two surrogate views of each seed (the triplet term on surrogate pairs)."""
+        return self.matching and self.triplet_pairs == "surrogate"
 
     @property
     def distills(self) -> bool:
@@ -212,9 +224,15 @@ def _check_loss(cfg: TrainConfig) -> None:
         check(card["head"]["dim"] == cfg.head_dim and card["patch_size"] == cfg.patch_size, "teacher", cfg.teacher,
               f"its descriptors are {card['head']['dim']}-D of {card['patch_size']}-pixel patches; the student's are "
               f"{cfg.head_dim}-D of {cfg.patch_size}-pixel patches (head_dim, patch_size)")
+    check(cfg.triplet_pairs in TRIPLET_PAIRS, "triplet_pairs", cfg.triplet_pairs, f"expected one of {', '.join(TRIPLET_PAIRS)}")
+    if cfg.triplet_pairs == "photos":
+        check(cfg.matching, "triplet_pairs", cfg.triplet_pairs, f"photo pairs are for a loss with the triplet term, not {cfg.loss}")
+        check(cfg.magnification is not None, "triplet_pairs", cfg.triplet_pairs,
+              "photo pairs are cut at the descriptor's magnification before training: give magnification")
     if cfg.matching:
         check(cfg.batch_size % 2 == 0 and cfg.batch_size >= 4, "batch_size", cfg.batch_size,
-              f"loss {cfg.loss} takes two views of each seed: the batch size must be even and at least 4")
+              f"loss {cfg.loss} takes batch_size / 2 positive pairs: the batch size must be even and at least 4")
+    if cfg.paired_views:
         check(cfg.num_classes >= cfg.batch_size // 2, "num_classes", cfg.num_classes,
               f"loss {cfg.loss} takes batch_size / 2 = {cfg.batch_size // 2} distinct classes per batch: give at least that many")
 

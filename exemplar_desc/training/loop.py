@@ -24,12 +24,14 @@ from tqdm import tqdm
 from ..atomic import atomic_write
 from ..checks import OptionError, check, check_device
 from ..distributed import Distributed
+from ..images import gather_images
 from ..networks import ExemplarClassifier, resolve_architecture
 from .checkpoint import TrainState, read_checkpoint, restore_state, save_checkpoint
 from .config import TrainConfig
 from .head import uses_surrogates
 from .init_model import init_trunk, load_init_model
 from .losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
+from .pairs import warped_pairs
 from .schedule import SYNC_EVERY, RunClock, lr_at
 from .seeds import seed_pool
 from .signals import TrainingInterrupted, stop_on_signals
@@ -185,6 +187,8 @@ def _start_state(
     if cfg.teacher is not None:
         teacher = load_init_model(cfg.teacher, option="teacher")[0].fuse_batch_norm()
         state.teacher = teacher.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
+    if cfg.matching and cfg.triplet_pairs == "photos" and sampler is not None:
+        state.photo_pairs = _photo_pairs(cfg, device)
     main_rank = dist is None or dist.is_main
     if checkpoint is not None:
         restore_state(state, checkpoint, workdir / "log.json", restore_generators=main_rank)
@@ -197,6 +201,23 @@ def _start_state(
     return state
 
 
+def _photo_pairs(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool of the triplet term's photo pairs (:func:`.pairs.warped_pairs`), on ``device``.
+
+    Drawn with ``cfg.seed + 3``, so the photos and views differ from those of a pairs-whitening fit (``cfg.seed``).
+    """
+    started = time.time()
+    images = gather_images(cfg.images)
+    pairs = list(warped_pairs(images, cfg.pair_photos, cfg.pair_views, cfg.magnification, cfg.patch_size, cfg.seed + 3,
+                              cfg.pair_noise, cfg.pair_jpeg))
+    if sum(len(a) for a, _ in pairs) < cfg.batch_size // 2:
+        raise OptionError("pair_photos", cfg.pair_photos, f"the photos gave fewer positive pairs than the {cfg.batch_size // 2} a step takes")
+    first, second = (torch.cat([pair[k] for pair in pairs]).to(device) for k in (0, 1))
+    logger.info("%d positive photo pairs of %d photos for the triplet term in %.1f s", len(first),
+                min(cfg.pair_photos, len(images)), time.time() - started)
+    return first, second
+
+
 def _device_description(device: torch.device, world_size: int = 1) -> str:
     name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
     return name if world_size == 1 else f"{world_size} x {name}"
@@ -205,33 +226,40 @@ def _device_description(device: torch.device, world_size: int = 1) -> str:
 def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SGD step on ``cfg.batch_size`` fresh samples of this rank; nothing waits for the device.
 
-    With a matching loss (``cfg.matching``) the batch holds two views of each of B/2 seeds;
-    with ``distill`` the teacher describes the same samples. Under DistributedDataParallel
+    With a matching loss (``cfg.matching``) the batch holds two views of each of B/2 seeds,
+    or with ``triplet_pairs`` photos B/2 photo pairs follow the B samples; with ``distill``
+    the teacher describes the same samples. Under DistributedDataParallel
     the backward pass averages the gradients over the ranks, so each step uses the global batch.
 
     Returns:
         (loss () float32, logits (B, num_classes), class ids (B,) int64), all on the training device.
     """
-    device = state.generator.device
-    if cfg.matching:
-        ids = paired_class_ids(sampler.num_classes, cfg.batch_size, state.generator)
+    device, n = state.generator.device, cfg.batch_size
+    if cfg.paired_views:
+        ids = paired_class_ids(sampler.num_classes, n, state.generator)
     else:
-        ids = torch.randint(sampler.num_classes, (cfg.batch_size,), generator=state.generator, device=device)
-    x = sample_patches(sampler, ids, state.generator).contiguous(memory_format=torch.channels_last)
+        ids = torch.randint(sampler.num_classes, (n,), generator=state.generator, device=device)
+    x = sample_patches(sampler, ids, state.generator)
+    batch = x
+    if state.photo_pairs is not None:  # n / 2 photo pairs after the surrogate samples, in one pass (one batch-norm batch)
+        first, second = state.photo_pairs
+        k = torch.randint(len(first), (n // 2,), generator=state.generator, device=device)
+        batch = torch.cat([x, first[k], second[k]])
+    batch = batch.contiguous(memory_format=torch.channels_last)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        out = state.network(x)
-        logits = out[0] if cfg.learned_head else out
+        out = state.network(batch)
+        logits = (out[0] if cfg.learned_head else out)[:n]
         # Without "softmax" in the loss, this term trains only the probe on detached features.
         loss = F.cross_entropy(logits.float(), ids)
         if cfg.matching:
-            first, second = out[1].float().chunk(2)
+            first, second = out[1][n:].float().chunk(2) if state.photo_pairs is not None else out[1].float().chunk(2)
             loss = loss + cfg.triplet_weight * hardest_triplet_loss(first, second, cfg.margin)
         if state.teacher is not None:
             with torch.no_grad():
-                target = state.teacher(x)
-            loss = loss + distillation_loss(out[1], target)
+                target = state.teacher(batch[:n])
+            loss = loss + distillation_loss(out[1][:n], target)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()

@@ -11,7 +11,9 @@ from exemplar_desc import ExemplarDescriptor
 from exemplar_desc import train as train_module
 from exemplar_desc.checks import OptionError
 from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
+from exemplar_desc.patches import normalize_patches
 from exemplar_desc.training.config import TrainConfig
+from exemplar_desc.training import loop as loop_module
 from exemplar_desc.training.init_model import load_init_model
 from exemplar_desc.training.losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
 
@@ -75,7 +77,9 @@ def test_the_distillation_loss_is_the_mean_squared_distance():
      ({"loss": "distill+triplet", "teacher": "exemplar-fast-t005-pairs", "batch_size": 15}, "batch_size"),
      ({"loss": "distill", "teacher": "no-such-model"}, "teacher"),
      ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "head_dim": 64}, "teacher"),
-     ({"whitening": "learned"}, "whitening")],
+     ({"whitening": "learned"}, "whitening"), ({"triplet_pairs": "views"}, "triplet_pairs"),
+     ({"loss": "softmax", "triplet_pairs": "photos", "magnification": 10.0}, "triplet_pairs"),
+     ({"loss": "softmax+triplet", "triplet_pairs": "photos"}, "triplet_pairs")],
 )
 def test_bad_loss_settings_are_named(folder, settings, field):
     with pytest.raises(OptionError) as err:
@@ -111,7 +115,7 @@ def test_a_matching_run_records_its_loss_in_the_card(folder, tmp_path, capsys):
             "--out-dir", str(tmp_path / "o"), "--name", "m"]
     assert train_module.main(argv) == 0
     card = json.loads((tmp_path / "o" / "m.json").read_text())
-    assert card["training"]["loss"] == {"type": "softmax+triplet", "margin": 0.5, "triplet_weight": 1.0}
+    assert card["training"]["loss"] == {"type": "softmax+triplet", "margin": 0.5, "triplet_weight": 1.0, "triplet_pairs": "surrogate"}
     log = json.loads((tmp_path / "w" / "log.json").read_text())
     assert math.isfinite(log[-1]["train_loss"])
 
@@ -124,8 +128,39 @@ def test_distill_plus_triplet_records_both_terms(folder, tmp_path):
     assert train_module.main(argv) == 0
     loss = json.loads((tmp_path / "o" / "dt.json").read_text())["training"]["loss"]
     sha = load_init_model("exemplar-fast-t005-pairs")[1]["sha256"]
-    assert loss == {"type": "distill+triplet", "margin": 1.0, "triplet_weight": 1.0,
+    assert loss == {"type": "distill+triplet", "margin": 1.0, "triplet_weight": 1.0, "triplet_pairs": "surrogate",
                     "teacher": {"model": "exemplar-fast-t005-pairs", "sha256": sha}}
+
+
+def test_photo_pairs_feed_the_triplet_term(folder, tmp_path, monkeypatch):
+    """With triplet_pairs photos each step takes batch_size / 2 pairs from the photo-pair pool, beside the batch.
+
+    The pool here holds one pair repeated, so the triplet term's rows are all alike; two
+    surrogate views of distinct seeds would not be.
+    """
+    import exemplar_desc.training.loop as loop
+
+    made, taken = [], []
+    patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    def pool(images, photos, views, magnification, patch_size, seed, noise, jpeg):
+        made.append((photos, views, magnification, seed))
+        yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
+
+    def triplet(a, p, margin):
+        taken.append((len(a), bool(torch.allclose(a, a[:1].expand_as(a), atol=1e-5))))
+        return real(a, p, margin)
+
+    real = loop_module.hardest_triplet_loss
+    monkeypatch.setattr(loop_module, "warped_pairs", pool)
+    monkeypatch.setattr(loop_module, "hardest_triplet_loss", triplet)
+    argv = [str(folder), *TINY, "--loss", "softmax+triplet", "--triplet-pairs", "photos", "--pair-photos", "2",
+            "--pair-views", "1", "--seed", "5", "--workdir", str(tmp_path / "w"), "--out-dir", str(tmp_path / "o"), "--name", "pp"]
+    assert train_module.main(argv) == 0
+    assert made == [(2, 1, 8.0, 8)]  # the pairs whitening's settings, drawn with seed + 3
+    assert taken == [(8, True)] * 2  # 8 classes x 4 samples in steps of 16: two steps of 8 pairs
+    loss = json.loads((tmp_path / "o" / "pp.json").read_text())["training"]["loss"]
+    assert loss["triplet_pairs"] == "photos"
 
 
 def _distance_to_teacher(model: str, folder) -> float:
