@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import cv2
 import pytest
@@ -12,8 +13,9 @@ from exemplar_desc import train as train_module
 from exemplar_desc.checks import OptionError
 from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
 from exemplar_desc.patches import normalize_patches
-from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training import loop as loop_module
+from exemplar_desc.training.checkpoint import config_record
+from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.init_model import load_init_model
 from exemplar_desc.training.losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
 
@@ -196,3 +198,11 @@ def test_a_head_refit_cannot_keep_a_learned_head(folder, tmp_path):
     with pytest.raises(OptionError) as err:
         train_module.train(cfg, tmp_path, refit_head=True)
     assert err.value.option == "refit_head"
+
+
+def test_a_resumed_photo_pair_run_keeps_the_pools_settings():
+    """The pairs' settings and the magnification are free on --resume (head-fit settings) unless they make the triplet's pool."""
+    photos = TrainConfig(images=("x",), loss="softmax+triplet", triplet_pairs="photos", magnification=10.0)
+    views = replace(photos, triplet_pairs="surrogate")
+    pool = {"magnification", "pair_photos", "pair_views", "pair_noise", "pair_jpeg"}
+    assert pool <= set(config_record(photos)) and not pool & set(config_record(views))
