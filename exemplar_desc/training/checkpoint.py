@@ -132,7 +132,7 @@ def config_record(cfg: TrainConfig) -> dict:
     # A loss on descriptors trains through the head, so the head's form shapes the training too;
     # with photo pairs for the triplet term, the magnification and the pairs' settings make its pool.
     free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power"} if cfg.learned_head else set())
-    if cfg.matching and cfg.triplet_pairs == "photos":
+    if cfg.photo_pairs:
         free -= {"magnification", "pair_photos", "pair_views", "pair_noise", "pair_jpeg"}
     record = {k: v for k, v in vars(cfg).items() if k not in free and k != "transforms"}
     record["images"], record["seed_scales"] = list(record["images"]), list(record["seed_scales"])

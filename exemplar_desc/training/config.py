@@ -125,6 +125,11 @@ class TrainConfig:
         return self.matching and self.triplet_pairs == "surrogate"
 
     @property
+    def photo_pairs(self) -> bool:
+        """Whether the triplet term takes its pairs from a pool of photo pairs made before training."""
+        return self.matching and self.triplet_pairs == "photos"
+
+    @property
     def distills(self) -> bool:
         """Whether the loss has the distillation term: the teacher then describes every sample."""
         return self.loss.startswith("distill")

@@ -17,7 +17,7 @@ from ..networks import DescriptorNet, ExemplarClassifier
 from ..patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches
 from .config import TrainConfig
 from .magnification import read_gray
-from .pairs import PAIR_SETTINGS, warped_pairs
+from .pairs import PAIR_SETTINGS, configured_pairs
 from .transforms import SurrogateSampler, sample_patches
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,7 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
     device = net.eval().head.mean.device
     pooled = (
         (net.head.pool(net.features(a.to(device))).cpu(), net.head.pool(net.features(b.to(device))).cpu())
-        for a, b in warped_pairs(images, cfg.pair_photos, cfg.pair_views, magnification, cfg.patch_size, cfg.seed,
-                                 cfg.pair_noise, cfg.pair_jpeg)
+        for a, b in configured_pairs(images, magnification, cfg, cfg.seed)
     )
     try:
         ratio, count = net.head.fit_pairs(pooled, whiten=cfg.whiten, shrinkage=cfg.pair_shrinkage)

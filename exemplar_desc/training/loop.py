@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .head import uses_surrogates
 from .init_model import init_trunk, load_init_model
 from .losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
-from .pairs import warped_pairs
+from .pairs import configured_pairs
 from .schedule import SYNC_EVERY, RunClock, lr_at
 from .seeds import seed_pool
 from .signals import TrainingInterrupted, stop_on_signals
@@ -187,7 +187,7 @@ def _start_state(
     if cfg.teacher is not None:
         teacher = load_init_model(cfg.teacher, option="teacher")[0].fuse_batch_norm()
         state.teacher = teacher.to(device).to(memory_format=torch.channels_last).requires_grad_(False)
-    if cfg.matching and cfg.triplet_pairs == "photos" and sampler is not None:
+    if cfg.photo_pairs and sampler is not None:
         state.photo_pairs = _photo_pairs(cfg, device)
     main_rank = dist is None or dist.is_main
     if checkpoint is not None:
@@ -202,14 +202,13 @@ def _start_state(
 
 
 def _photo_pairs(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pool of the triplet term's photo pairs (:func:`.pairs.warped_pairs`), on ``device``.
+    """The pool of the triplet term's photo pairs (:func:`.pairs.configured_pairs`), on ``device``.
 
     Drawn with ``cfg.seed + 3``, so the photos and views differ from those of a pairs-whitening fit (``cfg.seed``).
     """
     started = time.time()
     images = gather_images(cfg.images)
-    pairs = list(warped_pairs(images, cfg.pair_photos, cfg.pair_views, cfg.magnification, cfg.patch_size, cfg.seed + 3,
-                              cfg.pair_noise, cfg.pair_jpeg))
+    pairs = list(configured_pairs(images, cfg.magnification, cfg, cfg.seed + 3))
     if sum(len(a) for a, _ in pairs) < cfg.batch_size // 2:
         raise OptionError("pair_photos", cfg.pair_photos, f"the photos gave fewer positive pairs than the {cfg.batch_size // 2} a step takes")
     first, second = (torch.cat([pair[k] for pair in pairs]).to(device) for k in (0, 1))
@@ -242,9 +241,9 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
     x = sample_patches(sampler, ids, state.generator)
     batch = x
     if state.photo_pairs is not None:  # n / 2 photo pairs after the surrogate samples, in one pass (one batch-norm batch)
-        first, second = state.photo_pairs
-        k = torch.randint(len(first), (n // 2,), generator=state.generator, device=device)
-        batch = torch.cat([x, first[k], second[k]])
+        pool_a, pool_b = state.photo_pairs
+        k = torch.randint(len(pool_a), (n // 2,), generator=state.generator, device=device)
+        batch = torch.cat([x, pool_a[k], pool_b[k]])
     batch = batch.contiguous(memory_format=torch.channels_last)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -254,7 +253,8 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
         # Without "softmax" in the loss, this term trains only the probe on detached features.
         loss = F.cross_entropy(logits.float(), ids)
         if cfg.matching:
-            first, second = out[1][n:].float().chunk(2) if state.photo_pairs is not None else out[1].float().chunk(2)
+            pairs = out[1][n:] if state.photo_pairs is not None else out[1]
+            first, second = pairs.float().chunk(2)
             loss = loss + cfg.triplet_weight * hardest_triplet_loss(first, second, cfg.margin)
         if state.teacher is not None:
             with torch.no_grad():

@@ -11,7 +11,7 @@ homography's local linear part, within ``frame_tolerance``. Both patches are cut
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -21,7 +21,10 @@ from tqdm import tqdm
 from ..patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches
 from .magnification import downscale, project, read_gray, synthetic_view
 
-__all__ = ["homography_jacobian", "match_frames", "warped_pairs", "PAIR_SETTINGS"]
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+__all__ = ["homography_jacobian", "match_frames", "warped_pairs", "configured_pairs", "PAIR_SETTINGS"]
 
 #: How the pairs are made (recorded in the model card with their number).
 PAIR_SETTINGS = {
@@ -124,3 +127,11 @@ def warped_pairs(
                     normalize_patches(extract_patches(
                         build_pyramid(view.astype(np.float32) / 255), xy1[pairs[:, 1]], frames1[pairs[:, 1]], patch_size)),
                 )
+
+
+def configured_pairs(
+    images: Sequence[Path | np.ndarray], magnification: float, cfg: "TrainConfig", seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`warped_pairs` with the run's pair settings (``pair_photos``, ``pair_views``,
+    ``pair_noise``, ``pair_jpeg``, ``patch_size``), drawn with ``seed``."""
+    return warped_pairs(images, cfg.pair_photos, cfg.pair_views, magnification, cfg.patch_size, seed, cfg.pair_noise, cfg.pair_jpeg)

@@ -14,6 +14,7 @@ from exemplar_desc.checks import OptionError
 from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
 from exemplar_desc.patches import normalize_patches
 from exemplar_desc.training import loop as loop_module
+from exemplar_desc.training import pairs as pairs_module
 from exemplar_desc.training.checkpoint import config_record
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.init_model import load_init_model
@@ -154,7 +155,7 @@ def test_photo_pairs_feed_the_triplet_term(folder, tmp_path, monkeypatch):
         return real(a, p, margin)
 
     real = loop_module.hardest_triplet_loss
-    monkeypatch.setattr(loop_module, "warped_pairs", pool)
+    monkeypatch.setattr(pairs_module, "warped_pairs", pool)
     monkeypatch.setattr(loop_module, "hardest_triplet_loss", triplet)
     argv = [str(folder), *TINY, "--loss", "softmax+triplet", "--triplet-pairs", "photos", "--pair-photos", "2",
             "--pair-views", "1", "--seed", "5", "--workdir", str(tmp_path / "w"), "--out-dir", str(tmp_path / "o"), "--name", "pp"]
