@@ -103,6 +103,9 @@ class TrainConfig:
     pair_jpeg: int | None = _setting(None, "lowest JPEG quality of the pairs' views, drawn uniformly in [Q, 95] per view",
                                      "no compression")
     pair_shrinkage: float = _setting(0.1, "shrinkage in [0, 1] of the within-pair covariance towards its mean eigenvalue")
+    pair_emphasis: float = _setting(0.0, "exponent in [0, 1] on each kept axis' ratio of feature to within-pair variance, "
+                                    "its weight in the descriptor (0: equal weights; more: fewer wrong nearest neighbours, "
+                                    "a flatter ranking)")
     pca_patches: int = _setting(20000, "fresh patches the PCA is fitted on")
     pca_source: str = _setting(
         "surrogate", "what the PCA is fitted on: surrogate samples, or patches at SIFT keypoints of the training images "
@@ -195,6 +198,7 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "head_power": {"low": 0, "low_open": True, "high": 1},
     "whiten": {"low": 0, "high": 1},
     "pair_shrinkage": {"low": 0, "high": 1},
+    "pair_emphasis": {"low": 0, "high": 1},
     "pair_noise": {"low": 0},
     "pair_jpeg": {"low": 1, "high": 95, "integer": True},
     "margin": {"low": 0, "low_open": True, "high": 2},

@@ -167,7 +167,7 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
         net: descriptor network, on any device.
         images: as for :func:`keypoint_patches`.
         magnification: patch side in units of ``KeyPoint.size``, the model's.
-        cfg: gives ``pair_photos``, ``pair_views``, ``pair_shrinkage``, ``whiten``, ``patch_size`` and ``seed``.
+        cfg: gives ``pair_photos``, ``pair_views``, ``pair_shrinkage``, ``pair_emphasis``, ``whiten``, ``patch_size`` and ``seed``.
 
     Returns:
         (fraction of the whitened features' variance the head keeps, the card's record of the fit).
@@ -181,10 +181,10 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
         for a, b in configured_pairs(images, magnification, cfg, cfg.seed)
     )
     try:
-        ratio, count = net.head.fit_pairs(pooled, whiten=cfg.whiten, shrinkage=cfg.pair_shrinkage)
+        ratio, count = net.head.fit_pairs(pooled, whiten=cfg.whiten, shrinkage=cfg.pair_shrinkage, emphasis=cfg.pair_emphasis)
     except ValueError as err:  # too few pairs: the whitening exponent and shrinkage were checked with the settings
         raise OptionError("pair_photos", cfg.pair_photos, f"too few positive pairs: {err}") from None
     logger.info("fitted the head's learned whitening on %d positive pairs of %d photos", count, min(cfg.pair_photos, len(images)))
     record = {"pairs": count, "photos": min(cfg.pair_photos, len(images)), "views_per_photo": cfg.pair_views,
-              "shrinkage": cfg.pair_shrinkage, "whiten": cfg.whiten, "noise": cfg.pair_noise, "jpeg": cfg.pair_jpeg, **PAIR_SETTINGS}
+              "shrinkage": cfg.pair_shrinkage, "emphasis": cfg.pair_emphasis, "whiten": cfg.whiten, "noise": cfg.pair_noise, "jpeg": cfg.pair_jpeg, **PAIR_SETTINGS}
     return float(ratio.sum()), record

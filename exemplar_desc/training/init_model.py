@@ -92,6 +92,6 @@ def model_settings(card: dict) -> dict[str, Any]:
     pairs = head.get("pairs") or {}
     if "views_per_photo" in pairs:
         settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"],
-                        pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"))
+                        pair_emphasis=pairs.get("emphasis", 0.0), pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"))
     settings["magnification"] = float(card["magnification"])
     return settings

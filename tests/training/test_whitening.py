@@ -85,6 +85,21 @@ def test_fit_pairs_without_whitening_is_the_pca_of_both_views():
     assert torch.allclose(pairs_head.projection, pca_head.projection, atol=1e-5)
 
 
+def test_fit_pairs_emphasis_weighs_each_axis_by_a_power_of_its_variance():
+    x, y, _ = _pairs(5000, 16, torch.Generator().manual_seed(4))
+    plain, emphasised = (DescriptorHead(in_channels=4, grid=2, dim=8, power=1.0) for _ in range(2))
+    ratio, _ = plain.fit_pairs([(x.float(), y.float())], whiten=1.0, shrinkage=0.3)
+    same_ratio, _ = emphasised.fit_pairs([(x.float(), y.float())], whiten=1.0, shrinkage=0.3, emphasis=0.5)
+    assert torch.equal(ratio, same_ratio) and torch.equal(plain.mean, emphasised.mean)
+    # Same axes (one eigendecomposition of the same data), axis k scaled by (ratio_k x total) ** 0.5:
+    # the column ratios over ratio ** 0.5 are one constant, up to the float32 storage of both maps (relative 6e-8 per entry).
+    scale = emphasised.projection.double() / plain.projection.double()
+    weight = scale.median(0).values / ratio.double() ** 0.5
+    assert torch.allclose(scale, scale.median(0).values.expand_as(scale), rtol=1e-5)
+    assert torch.allclose(weight, weight[0].expand_as(weight), rtol=1e-5)
+    assert (scale.median(0).values[:-1] > scale.median(0).values[1:]).all()  # the leading axes weigh the most
+
+
 def test_fit_pairs_checks_its_arguments():
     head = DescriptorHead(in_channels=4, grid=2, dim=8, power=1.0)
     x = torch.rand(100, 16, generator=torch.Generator().manual_seed(3))
@@ -92,6 +107,8 @@ def test_fit_pairs_checks_its_arguments():
         head.fit_pairs([(x, x)], whiten=1.5)
     with pytest.raises(ValueError, match="shrinkage"):
         head.fit_pairs([(x, x)], shrinkage=-0.1)
+    with pytest.raises(ValueError, match="emphasis"):
+        head.fit_pairs([(x, x)], emphasis=1.5)
     with pytest.raises(ValueError, match="8 pairs cannot fit a 8-D head"):
         head.fit_pairs([(x[:8], x[:8])])
     assert not torch.any(head.projection)  # nothing fitted
@@ -127,7 +144,7 @@ def test_match_frames_keeps_consistent_detections_once():
 def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_model, photo_bgr, capsys, monkeypatch):
     out = tmp_path / "out"
     argv = [str(folder), "--init", str(random_model), *TINY, "--whitening", "pairs", "--pair-photos", "3", "--pair-views", "1",
-            "--whiten", "1", "--pair-shrinkage", "0.2", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--name", "pairs"]
+            "--whiten", "1", "--pair-shrinkage", "0.2", "--pair-emphasis", "0.25", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--name", "pairs"]
     # With --magnification no tuning needs a surrogate PCA head, so none is fitted, and no seeds are drawn.
     monkeypatch.setattr(train_module, "fit_head_on_surrogates", lambda *args: pytest.fail("surrogate PCA fitted for nothing"))
     monkeypatch.setattr(seeds_module, "seed_candidates", lambda *args: pytest.fail("seeds drawn for nothing"))
@@ -141,6 +158,7 @@ def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_mode
     head, training = card["head"], card["training"]
     assert head["whitening"] == "pairs" and head["whiten"] == 1.0 and head["dim"] == 16
     assert head["pairs"]["photos"] == 3 and head["pairs"]["views_per_photo"] == 1 and head["pairs"]["shrinkage"] == 0.2
+    assert head["pairs"]["emphasis"] == 0.25
     assert head["pairs"]["pairs"] > 16 and 0 < head["explained_variance"] <= 1
     assert training["refit_head"] is True and training["steps"] == 0
     assert training["init"]["model"] == str(random_model) and training["init"]["sha256"] == init_card["sha256"]
@@ -168,6 +186,7 @@ def test_cli_refits_the_pca_head(folder, tmp_path, random_model):
 @pytest.mark.parametrize("options, flag, value", [
     (["--whitening", "lda"], "--whitening", "lda"),
     (["--pair-shrinkage", "2"], "--pair-shrinkage", "2"),
+    (["--pair-emphasis", "-0.5"], "--pair-emphasis", "-0.5"),
     (["--pair-views", "0"], "--pair-views", "0"),
     (["--pair-photos", "0"], "--pair-photos", "0"),
     (["--pair-noise", "-1"], "--pair-noise", "-1"),
