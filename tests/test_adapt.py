@@ -100,6 +100,12 @@ def test_the_adapt_preset_is_the_shipped_stage_from_the_default_with_its_head():
     assert dataclasses.replace(from_card, head_layer=preset.head_layer) == preset  # the default's head is the preset's
 
 
+@pytest.mark.parametrize("model, emphasis", [("exemplar-fast-t005-pairs-emph", 0.175), (DEFAULT_MODEL, 0.0)])
+def test_a_base_model_gives_its_pairs_emphasis_to_the_new_head(model, emphasis):
+    # A card without the key (the default's, older than the option) fits today's head, emphasis 0.
+    assert ADAPT.config(**model_settings(load_init_model(model)[1])).pair_emphasis == emphasis
+
+
 TABLE = {"overall": {"mAP": 40.0, "MMA@3": 50.0, "H mean": 60.0, "sequences": 6, "pairs": 30},
          "per_kind": {"blur": {"mAP": 40.0, "MMA@3": 50.0, "H mean": 60.0, "sequences": 6, "pairs": 30}}}
 
