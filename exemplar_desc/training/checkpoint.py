@@ -32,7 +32,7 @@ __all__ = ["TrainState", "CheckpointMismatch", "save_checkpoint", "load_checkpoi
 #: which are fitted after training (a finished run is resumed to refit them).
 RESUME_FREE = ("device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
                "head_power", "whiten", "pca_patches", "pca_source", "magnification", "whitening", "pair_photos",
-               "pair_views", "pair_shrinkage", "pair_emphasis", "pair_noise", "pair_jpeg")
+               "pair_views", "pair_shrinkage", "pair_emphasis", "pair_tune_steps", "pair_temperature", "pair_noise", "pair_jpeg")
 
 
 @dataclass

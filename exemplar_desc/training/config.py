@@ -106,6 +106,9 @@ class TrainConfig:
     pair_emphasis: float = _setting(0.0, "exponent in [0, 1] on each kept axis' ratio of feature to within-pair variance, "
                                     "its weight in the descriptor (0: equal weights; more: fewer wrong nearest neighbours, "
                                     "a flatter ranking)")
+    pair_tune_steps: int = _setting(0, "steps of InfoNCE that tune the pairs whitening's projection on its pairs after the "
+                                    "fit, each keypoint's negatives the other keypoints of its view (0: none)")
+    pair_temperature: float = _setting(0.03, "InfoNCE temperature of pair_tune_steps")
     pca_patches: int = _setting(20000, "fresh patches the PCA is fitted on")
     pca_source: str = _setting(
         "surrogate", "what the PCA is fitted on: surrogate samples, or patches at SIFT keypoints of the training images "
@@ -173,6 +176,8 @@ class TrainConfig:
         check(self.whitening in WHITENINGS, "whitening", self.whitening, f"expected one of {', '.join(WHITENINGS)}")
         check(self.whitening != "learned" or self.learned_head, "whitening", self.whitening,
               "the learned head is trained by a loss on descriptors: give a loss other than softmax")
+        check(self.pair_tune_steps == 0 or self.whitening == "pairs", "pair_tune_steps", self.pair_tune_steps,
+              f"tuning is for the pairs whitening, not {self.whitening}: give whitening pairs")
         check(self.whitening == "pca" or self.pca_source == "surrogate", "pca_source", self.pca_source,
               "the pairs whitening is fitted on its pairs; pca_source keypoints applies to the pca whitening only")
         for family in FAMILY_RECORDS:
@@ -199,6 +204,8 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "whiten": {"low": 0, "high": 1},
     "pair_shrinkage": {"low": 0, "high": 1},
     "pair_emphasis": {"low": 0, "high": 1},
+    "pair_tune_steps": {"low": 0, "integer": True},
+    "pair_temperature": {"low": 0, "low_open": True},
     "pair_noise": {"low": 0},
     "pair_jpeg": {"low": 1, "high": 95, "integer": True},
     "margin": {"low": 0, "low_open": True, "high": 2},

@@ -10,12 +10,14 @@ from typing import Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..checks import OptionError
-from ..networks import DescriptorNet, ExemplarClassifier
+from ..networks import DescriptorHead, DescriptorNet, ExemplarClassifier
 from ..patches import build_pyramid, extract_patches, keypoint_frames, keypoints_to_arrays, normalize_patches
 from .config import TrainConfig
+from .losses import info_nce_loss
 from .magnification import read_gray
 from .pairs import PAIR_SETTINGS, configured_pairs
 from .transforms import SurrogateSampler, sample_patches
@@ -23,7 +25,7 @@ from .transforms import SurrogateSampler, sample_patches
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_descriptor_net", "fitted_on_photos", "uses_surrogates", "fit_head_on_surrogates", "fit_head_on_keypoints",
-           "fit_head_on_pairs", "keypoint_patches"]
+           "fit_head_on_pairs", "tune_head_on_pairs", "keypoint_patches"]
 
 
 @torch.no_grad()
@@ -155,9 +157,13 @@ def fit_head_on_keypoints(
     return float(net.head.fit(pooled, whiten=cfg.whiten).sum())
 
 
-@torch.no_grad()
+#: Pairs per InfoNCE step of the pairs whitening's tuning, and Adam's step size relative to the projection's spread.
+TUNE_BATCH, TUNE_LR = 256, 1e-3
+
+
 def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], magnification: float, cfg: TrainConfig) -> tuple[float, dict]:
-    """Refit ``net``'s head (in place) as a learned whitening of positive pairs (:meth:`DescriptorHead.fit_pairs`).
+    """Refit ``net``'s head (in place) as a learned whitening of positive pairs (:meth:`DescriptorHead.fit_pairs`),
+    then tune its projection by ``cfg.pair_tune_steps`` steps of InfoNCE on the same pairs (:func:`tune_head_on_pairs`).
 
     The pairs are SIFT keypoints of ``cfg.pair_photos`` training photos re-detected in
     ``cfg.pair_views`` synthetic views of each (:func:`.pairs.warped_pairs`), cut at
@@ -167,7 +173,8 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
         net: descriptor network, on any device.
         images: as for :func:`keypoint_patches`.
         magnification: patch side in units of ``KeyPoint.size``, the model's.
-        cfg: gives ``pair_photos``, ``pair_views``, ``pair_shrinkage``, ``pair_emphasis``, ``whiten``, ``patch_size`` and ``seed``.
+        cfg: gives ``pair_photos``, ``pair_views``, ``pair_shrinkage``, ``pair_emphasis``, ``pair_tune_steps``,
+            ``pair_temperature``, ``whiten``, ``patch_size`` and ``seed``.
 
     Returns:
         (fraction of the whitened features' variance the head keeps, the card's record of the fit).
@@ -176,15 +183,73 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
         OptionError (``pair_photos``): the photos gave no more pairs than the head has dimensions.
     """
     device = net.eval().head.mean.device
-    pooled = (
-        (net.head.pool(net.features(a.to(device))).cpu(), net.head.pool(net.features(b.to(device))).cpu())
-        for a, b in configured_pairs(images, magnification, cfg, cfg.seed)
-    )
+    views: list[tuple[torch.Tensor, torch.Tensor]] = []  # kept for the tuning only
+
+    @torch.no_grad()
+    def pooled() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for a, b in configured_pairs(images, magnification, cfg, cfg.seed):
+            pair = net.head.pool(net.features(a.to(device))).cpu(), net.head.pool(net.features(b.to(device))).cpu()
+            if cfg.pair_tune_steps:  # half precision: 0.7 GB for the default 81k pairs
+                views.append((pair[0].half(), pair[1].half()))
+            yield pair
+
     try:
-        ratio, count = net.head.fit_pairs(pooled, whiten=cfg.whiten, shrinkage=cfg.pair_shrinkage, emphasis=cfg.pair_emphasis)
+        ratio, count = net.head.fit_pairs(pooled(), whiten=cfg.whiten, shrinkage=cfg.pair_shrinkage, emphasis=cfg.pair_emphasis)
     except ValueError as err:  # too few pairs: the whitening exponent and shrinkage were checked with the settings
         raise OptionError("pair_photos", cfg.pair_photos, f"too few positive pairs: {err}") from None
     logger.info("fitted the head's learned whitening on %d positive pairs of %d photos", count, min(cfg.pair_photos, len(images)))
+    tune = None
+    if cfg.pair_tune_steps:
+        loss = tune_head_on_pairs(net.head, views, cfg.pair_tune_steps, cfg.pair_temperature, cfg.seed)
+        tune = {"steps": cfg.pair_tune_steps, "temperature": cfg.pair_temperature, "batch": TUNE_BATCH, "lr": TUNE_LR,
+                "negatives": "the other keypoints of the same view", "final_loss": round(loss, 4)}
     record = {"pairs": count, "photos": min(cfg.pair_photos, len(images)), "views_per_photo": cfg.pair_views,
-              "shrinkage": cfg.pair_shrinkage, "emphasis": cfg.pair_emphasis, "whiten": cfg.whiten, "noise": cfg.pair_noise, "jpeg": cfg.pair_jpeg, **PAIR_SETTINGS}
+              "shrinkage": cfg.pair_shrinkage, "emphasis": cfg.pair_emphasis, "tune": tune, "whiten": cfg.whiten,
+              "noise": cfg.pair_noise, "jpeg": cfg.pair_jpeg, **PAIR_SETTINGS}
     return float(ratio.sum()), record
+
+
+def tune_head_on_pairs(
+    head: DescriptorHead, views: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int, temperature: float, seed: int
+) -> float:
+    """Tune ``head``'s projection (in place) by InfoNCE (:func:`.losses.info_nce_loss`) on positive pairs.
+
+    Each step takes whole views, drawn at random with ``seed``, until :data:`TUNE_BATCH` pairs (or all),
+    so a keypoint's negatives are the other keypoints of its photo and view, the ones matching
+    must tell it from; Adam, step size :data:`TUNE_LR` x the projection's standard deviation.
+    The mean stays the fitted one, so the descriptor keeps its form and cost.
+
+    Args:
+        head: a fitted head, on the CPU.
+        views: per view, two (K, F * grid * grid) pooled feature batches (:meth:`DescriptorHead.pool`) of its pairs.
+        steps: >= 1.
+        temperature: > 0.
+
+    Returns:
+        The mean loss of the last (at most 50) steps.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    compressed = [(head._compress(a.float()).half(), head._compress(b.float()).half()) for a, b in views]
+    start = head.projection.detach().clone()
+    projection = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.Adam([projection], lr=TUNE_LR * float(start.std()))
+    losses = []
+    for _ in tqdm(range(steps), desc="tuning the head", unit="step", leave=False):
+        chosen, size = [], 0
+        for view in torch.randperm(len(compressed), generator=gen).tolist():  # no view twice: one positive per row
+            chosen.append(view)
+            size += len(compressed[view][0])
+            if size >= TUNE_BATCH:
+                break
+        a, b = (torch.cat([compressed[i][k] for i in chosen])[:TUNE_BATCH].float() for k in (0, 1))
+        loss = info_nce_loss(F.normalize((a - head.mean) @ projection, dim=1), F.normalize((b - head.mean) @ projection, dim=1),
+                             temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        head.projection.copy_(projection)
+    logger.info("tuned the head's projection by %d InfoNCE steps (temperature %g): loss %.4f -> %.4f", steps, temperature,
+                losses[0], float(np.mean(losses[-50:])))
+    return float(np.mean(losses[-50:]))

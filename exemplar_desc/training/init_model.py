@@ -79,7 +79,7 @@ def model_settings(card: dict) -> dict[str, Any]:
     """TrainConfig settings that give a new model a saved model's descriptor: its head and magnification.
 
     A run with them on a model's trunk (``init``) fits the same form of head (layer, grid,
-    dimension, power), the same way (whitening, patches, the pairs' views and shrinkage),
+    dimension, power), the same way (whitening, patches, the pairs' views, shrinkage, emphasis and tuning),
     and describes patches of the same size, so the two models compare like for like.
 
     Args:
@@ -92,6 +92,10 @@ def model_settings(card: dict) -> dict[str, Any]:
     pairs = head.get("pairs") or {}
     if "views_per_photo" in pairs:
         settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"],
-                        pair_emphasis=pairs.get("emphasis", 0.0), pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"))
+                        pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"))
+        if "emphasis" in pairs:
+            settings["pair_emphasis"] = pairs["emphasis"]
+        if pairs.get("tune"):
+            settings.update(pair_tune_steps=pairs["tune"]["steps"], pair_temperature=pairs["tune"]["temperature"])
     settings["magnification"] = float(card["magnification"])
     return settings

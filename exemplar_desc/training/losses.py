@@ -23,6 +23,7 @@ import logging
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..networks import DescriptorHead, ExemplarClassifier, MatchingHead
 from .config import TrainConfig
@@ -30,7 +31,7 @@ from .init_model import load_init_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hardest_triplet_loss", "distillation_loss", "paired_class_ids", "attach_matching_head"]
+__all__ = ["hardest_triplet_loss", "info_nce_loss", "distillation_loss", "paired_class_ids", "attach_matching_head"]
 
 
 def hardest_triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -52,6 +53,27 @@ def hardest_triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin:
     off = dist + torch.eye(len(dist), device=dist.device, dtype=dist.dtype) * 10
     negative = torch.minimum(off.min(1).values, off.min(0).values)
     return torch.clamp(margin + positive - negative, min=0).mean()
+
+
+def info_nce_loss(anchors: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE (Oord et al. 2018), both ways: the mean cross-entropy of finding row i's positive
+    among all N rows, from anchors to positives and back, on cosine similarities / ``temperature``.
+
+    Args:
+        anchors: (N, D) unit descriptors of the first views; N >= 2.
+        positives: (N, D) unit descriptors of the second views, row i the same point as anchors' row i.
+        temperature: > 0; smaller weighs the closest wrong rows more.
+
+    Returns:
+        () float32 loss, ``log(N)`` when every similarity is equal.
+    """
+    if anchors.shape != positives.shape or anchors.ndim != 2 or len(anchors) < 2:
+        raise ValueError(f"anchors and positives must be (N, D) with N >= 2, got {tuple(anchors.shape)} and {tuple(positives.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = anchors.float() @ positives.float().T / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from exemplar_desc.training import pairs as pairs_module
 from exemplar_desc.training.checkpoint import config_record
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.init_model import load_init_model
-from exemplar_desc.training.losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
+from exemplar_desc.training.losses import attach_matching_head, distillation_loss, hardest_triplet_loss, info_nce_loss, paired_class_ids
 
 #: A run of 8 classes and a few steps, a 16-D head; --magnification skips the tuning.
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
@@ -52,6 +52,25 @@ def test_the_triplet_loss_checks_its_input():
         hardest_triplet_loss(torch.ones(1, 4), torch.ones(1, 4))
     with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\)"):
         hardest_triplet_loss(torch.ones(3, 4), torch.ones(3, 5))
+
+
+def test_info_nce_is_log_n_when_nothing_is_told_apart_and_vanishes_when_all_is():
+    n = 6
+    same = torch.nn.functional.normalize(torch.ones(n, 4), dim=1)
+    # Equal logits: the cross-entropy of a uniform softmax, log(n), up to float32 rounding of the logits (1e-6).
+    assert math.isclose(float(info_nce_loss(same, same, 0.1)), math.log(n), rel_tol=1e-5)
+    basis = torch.eye(n)
+    # Logits 1 / 0.01 = 100 on the diagonal, 0 elsewhere: log(1 + (n - 1) e^-100), below 1e-40.
+    assert float(info_nce_loss(basis, basis, 0.01)) < 1e-6
+    a, p = (torch.nn.functional.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(k)), dim=1) for k in (0, 1))
+    assert torch.isclose(info_nce_loss(a, p, 0.2), info_nce_loss(p, a, 0.2), rtol=1e-6)  # both directions, symmetric
+
+
+def test_info_nce_checks_its_input():
+    with pytest.raises(ValueError, match="N >= 2"):
+        info_nce_loss(torch.ones(1, 4), torch.ones(1, 4), 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce_loss(torch.eye(3), torch.eye(3), 0.0)
 
 
 def test_paired_ids_hold_two_views_of_distinct_seeds():
