@@ -14,6 +14,8 @@ L2 distance between its learned head's descriptors and the teacher's, on the sam
 samples (Hinton et al. 2015, on descriptors rather than logits); the classifier is a probe.
 ``distill+triplet`` adds the triplet term: with the model itself as teacher and init, the
 distillation holds the descriptors near the model's while the triplet term trains the distance.
+
+``info_nce_loss`` tunes the pairs whitening's projection on its photo pairs (:mod:`.head`).
 """
 
 from __future__ import annotations
