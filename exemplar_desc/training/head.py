@@ -250,6 +250,6 @@ def tune_head_on_pairs(
         losses.append(loss.item())
     with torch.no_grad():
         head.projection.copy_(projection)
-    logger.info("tuned the head's projection by %d InfoNCE steps (temperature %g): loss %.4f -> %.4f", steps, temperature,
-                losses[0], float(np.mean(losses[-50:])))
+    logger.info("tuned the head's projection by %d InfoNCE steps (temperature %g): mean loss of the first and last "
+                "(at most) 50 steps %.4f -> %.4f", steps, temperature, float(np.mean(losses[:50])), float(np.mean(losses[-50:])))
     return float(np.mean(losses[-50:]))
