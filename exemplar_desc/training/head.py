@@ -189,7 +189,7 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
     def pooled() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for a, b in configured_pairs(images, magnification, cfg, cfg.seed):
             pair = net.head.pool(net.features(a.to(device))).cpu(), net.head.pool(net.features(b.to(device))).cpu()
-            if cfg.pair_tune_steps:  # half precision: 0.7 GB for the default 81k pairs
+            if cfg.pair_tune_steps:  # half precision: 0.7 GB for the default 81k pairs, and as much for their compressed copy
                 views.append((pair[0].half(), pair[1].half()))
             yield pair
 
@@ -220,7 +220,7 @@ def tune_head_on_pairs(
     The mean stays the fitted one, so the descriptor keeps its form and cost.
 
     Args:
-        head: a fitted head, on the CPU.
+        head: a fitted head, on any device (the views' batches are moved to it).
         views: per view, two (K, F * grid * grid) pooled feature batches (:meth:`DescriptorHead.pool`) of its pairs.
         steps: >= 1.
         temperature: > 0.
@@ -230,9 +230,8 @@ def tune_head_on_pairs(
     """
     gen = torch.Generator().manual_seed(seed)
     compressed = [(head._compress(a.float()).half(), head._compress(b.float()).half()) for a, b in views]
-    start = head.projection.detach().clone()
-    projection = torch.nn.Parameter(start.clone())
-    optimizer = torch.optim.Adam([projection], lr=TUNE_LR * float(start.std()))
+    projection = torch.nn.Parameter(head.projection.clone())
+    optimizer = torch.optim.Adam([projection], lr=TUNE_LR * float(head.projection.std()))
     losses = []
     for _ in tqdm(range(steps), desc="tuning the head", unit="step", leave=False):
         chosen, size = [], 0
@@ -241,7 +240,7 @@ def tune_head_on_pairs(
             size += len(compressed[view][0])
             if size >= TUNE_BATCH:
                 break
-        a, b = (torch.cat([compressed[i][k] for i in chosen])[:TUNE_BATCH].float() for k in (0, 1))
+        a, b = (torch.cat([compressed[i][k] for i in chosen])[:TUNE_BATCH].to(head.mean.device, torch.float32) for k in (0, 1))
         loss = info_nce_loss(F.normalize((a - head.mean) @ projection, dim=1), F.normalize((b - head.mean) @ projection, dim=1),
                              temperature)
         optimizer.zero_grad()
