@@ -93,9 +93,10 @@ def model_settings(card: dict) -> dict[str, Any]:
     if "views_per_photo" in pairs:
         settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"],
                         pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"))
-        if "emphasis" in pairs:
-            settings["pair_emphasis"] = pairs["emphasis"]
-        if pairs.get("tune"):
-            settings.update(pair_tune_steps=pairs["tune"]["steps"], pair_temperature=pairs["tune"]["temperature"])
+    # A head without them (another whitening, or a card older than the options) had neither: 0, whatever a preset says.
+    settings["pair_emphasis"] = pairs.get("emphasis", 0.0)
+    settings["pair_tune_steps"] = (pairs.get("tune") or {}).get("steps", 0)
+    if pairs.get("tune"):
+        settings["pair_temperature"] = pairs["tune"]["temperature"]
     settings["magnification"] = float(card["magnification"])
     return settings
