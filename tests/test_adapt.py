@@ -92,7 +92,8 @@ def test_the_seed_pool_gives_the_most_classes_a_run_can_have_and_its_seeds(photo
 def test_the_adapt_preset_is_the_shipped_stage_from_the_default_with_its_head():
     fast = PRESETS["exemplar-fast-t005"].settings
     assert {k: v for k, v in ADAPT.settings.items() if fast.get(k) != v} == {
-        "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet", "whitening": "pairs", "whiten": 1.0}
+        "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet", "whitening": "pairs", "whiten": 1.0,
+        "pair_emphasis": 0.25, "pair_tune_steps": 600, "pair_temperature": 0.03}
     _, card = load_init_model(DEFAULT_MODEL)
     layers = len(card["architecture"]["spec"].split("-")) - 1  # the convolutions
     preset, from_card = ADAPT.config(), ADAPT.config(**model_settings(card))
@@ -100,10 +101,12 @@ def test_the_adapt_preset_is_the_shipped_stage_from_the_default_with_its_head():
     assert dataclasses.replace(from_card, head_layer=preset.head_layer) == preset  # the default's head is the preset's
 
 
-@pytest.mark.parametrize("model, emphasis", [("exemplar-fast-t005-pairs-emph", 0.175), (DEFAULT_MODEL, 0.0)])
-def test_a_base_model_gives_its_pairs_emphasis_to_the_new_head(model, emphasis):
-    # A card without the key (the default's, older than the option) fits today's head, emphasis 0.
-    assert ADAPT.config(**model_settings(load_init_model(model)[1])).pair_emphasis == emphasis
+@pytest.mark.parametrize("model, emphasis, steps", [
+    ("exemplar-fast-t005-pairs-emph", 0.175, 0), (DEFAULT_MODEL, 0.25, 600), ("exemplar-fast-t005-pairs", 0.0, 0)])
+def test_a_base_model_gives_its_pairs_emphasis_and_tuning_to_the_new_head(model, emphasis, steps):
+    # A card without the keys (exemplar-fast-t005-pairs', older than the options) fits the plain pairs head.
+    cfg = ADAPT.config(**model_settings(load_init_model(model)[1]))
+    assert (cfg.pair_emphasis, cfg.pair_tune_steps) == (emphasis, steps)
 
 
 TABLE = {"overall": {"mAP": 40.0, "MMA@3": 50.0, "H mean": 60.0, "sequences": 6, "pairs": 30},

@@ -65,9 +65,9 @@ FAST_T005 = Preset(
     stages' commands are in their own cards. The time budget sets the run's length, so the
     number of steps depends on the machine: the shipped run made 13,495 steps of 256
     samples on one CPU thread (``num_threads`` 1, a machine setting the preset leaves alone).
-    The shipped default, ``exemplar-fast-t005-pairs``, is this network with a new head (a
-    whitening learned from positive pairs), fitted by ``--refit-head --init
-    exemplar-fast-t005``; the command is in its card.""",
+    The shipped default, ``exemplar-fast-t005-pairs-nce``, is this network with a new head (a
+    whitening learned from positive pairs, its discriminant axes weighted, then tuned by
+    InfoNCE), fitted by ``--refit-head --init exemplar-fast-t005``; the command is in its card.""",
     MappingProxyType({
         "init": "exemplar-fast-t01",
         "num_classes": 2000,
@@ -91,22 +91,25 @@ ADAPT = Preset(
     from the shipped default itself (``init``: ``DEFAULT_MODEL``), for 15 minutes, with the
     softmax+triplet loss, which trains the distance matching compares as well as the
     surrogate classes, and the shipped default's head: the learned whitening of positive
-    pairs (W 1, shrinkage 0.1). The command takes the head and the magnification from the
-    model it adapts (for the default, these settings), and gives a small folder fewer
-    classes than 2000 when its photos give fewer seeds.""",
+    pairs (W 1, shrinkage 0.1, emphasis 0.25) tuned by 600 InfoNCE steps (temperature 0.03).
+    The command takes the head and the magnification from the model it adapts (for the
+    default, these settings), and gives a small folder fewer classes than 2000 when its
+    photos give fewer seeds.""",
     MappingProxyType({**FAST_T005.settings, "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet",
-                      "whitening": "pairs", "whiten": 1.0}),
+                      "whitening": "pairs", "whiten": 1.0, "pair_emphasis": 0.25, "pair_tune_steps": 600,
+                      "pair_temperature": 0.03}),
 )
 
 DISTILL = Preset(
     "distill",
     "distil the shipped default into fast-small, a network of a quarter of its FLOPs, in 40 minutes (loss distill)",
     """The recipe of ``exemplar-fast-small-distilled`` (docs/distillation.md): the ``fast-small``
-    network from random weights learns the shipped default's descriptors (``teacher``:
-    ``DEFAULT_MODEL``) on surrogate samples of 2000 seeds, by the loss ``distill``, for 40
-    minutes at lr 0.25, and keeps the head it learned (``whitening`` learned). The head's
+    network from random weights learns the descriptors of ``exemplar-fast-t005-pairs``
+    (``teacher``, the shipped default when it was trained) on surrogate samples of 2000
+    seeds, by the loss ``distill``, for 40 minutes at lr 0.25, and keeps the head it learned
+    (``whitening`` learned). The head's
     form and the magnification are the teacher's (layer 2 of 3, square root, 128-D, 10).""",
-    MappingProxyType({"arch": "fast-small", "loss": "distill", "teacher": DEFAULT_MODEL, "whitening": "learned",
+    MappingProxyType({"arch": "fast-small", "loss": "distill", "teacher": "exemplar-fast-t005-pairs", "whitening": "learned",
                       "head_layer": 2, "head_power": 0.5, "magnification": 10.0, "num_classes": 2000,
                       "samples_per_class": 1000, "epochs": 1000, "time_budget_minutes": 40.0, "batch_size": 256,
                       "lr": 0.25, "seed": 1}),
