@@ -94,9 +94,10 @@ def model_settings(card: dict) -> dict[str, Any]:
         settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"],
                         pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"))
     # A head without them (another whitening, or a card older than the options) had neither: 0, whatever a preset says.
+    tune = pairs.get("tune") or {}
     settings["pair_emphasis"] = pairs.get("emphasis", 0.0)
-    settings["pair_tune_steps"] = (pairs.get("tune") or {}).get("steps", 0)
-    if pairs.get("tune"):
-        settings["pair_temperature"] = pairs["tune"]["temperature"]
+    settings["pair_tune_steps"] = tune.get("steps", 0)
+    if tune:
+        settings["pair_temperature"] = tune["temperature"]
     settings["magnification"] = float(card["magnification"])
     return settings
