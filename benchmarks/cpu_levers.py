@@ -11,6 +11,11 @@ background load hits them alike; reported are the median time and the median ove
 of the time / SIFT's time of the same round. ``--int8`` adds static int8 post-training
 quantisation of the convolutions (torch.ao, x86 backend, calibrated on the image's own
 patches) and reports its cosine similarity to float32 (descriptors are unit vectors).
+
+``--split`` instead says where one float32 ``compute`` spends its time, on one thread:
+pyramid, sampling, standardisation, each convolution with its rate in GFLOP/s, and the
+head, beside the rate of a float32 matrix product of the same work (the third
+convolution's im2col shape), the most a convolution can reach through a matrix product.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import copy
 import statistics
 import sys
 import time
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -29,7 +35,7 @@ from exemplar_desc.cli import ArgumentParser, report
 from exemplar_desc.checks import check, check_number
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
-__all__ = ["int8_descriptor", "main"]
+__all__ = ["int8_descriptor", "main", "split_times"]
 
 
 def int8_descriptor(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint]) -> ExemplarDescriptor:
@@ -65,6 +71,61 @@ class _QuantisedNet(torch.nn.Module):
         return self.head(self.trunk(patches.contiguous()).float())
 
 
+def _median_ms(call: Callable[[], object], repeats: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+@torch.inference_mode()
+def split_times(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint],
+                repeats: int) -> list[tuple[str, float, float | None]]:
+    """Median milliseconds of each stage of ``descriptor.compute(image, keypoints)`` (one batch, CPU).
+
+    Returns:
+        ``(stage, ms, GFLOP/s or None)`` rows: pyramid, sampling, standardisation, each
+        convolution block (convolution, folded batch norm, ReLU), head, and last a float32
+        matrix product with the FLOPs of the last convolution, ``(N h w, 9 C_in) @ (9 C_in, C_out)``.
+    """
+    gray = gray_tensor(image)
+    xy, size, angle = keypoints_to_arrays(keypoints)
+    frames = keypoint_frames(size, None if descriptor.upright else angle, descriptor.magnification)
+    pyramid = build_pyramid(gray)
+    raw = extract_patches(pyramid, xy, frames, descriptor.patch_size)
+    x = normalize_patches(raw).contiguous(memory_format=torch.channels_last).to(descriptor.net.trunk.blocks[0][0].weight.dtype)
+    rows = [("pyramid", _median_ms(lambda: build_pyramid(gray), repeats), None),
+            ("sampling", _median_ms(lambda: extract_patches(pyramid, xy, frames, descriptor.patch_size), repeats), None),
+            ("standardisation", _median_ms(lambda: normalize_patches(raw), repeats), None)]
+    for i, block in enumerate(descriptor.net.trunk.blocks):
+        conv, out = block[0], block(x)
+        flops = 2 * out.numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        ms = _median_ms(lambda: block(x), repeats)
+        rows.append((f"conv {i + 1} {conv.in_channels}->{conv.out_channels} on {x.shape[-1]}x{x.shape[-1]}", ms, flops / ms / 1e6))
+        x = out
+    rows.append(("head", _median_ms(lambda: descriptor.net.head(x.float()), repeats), None))
+    m, k, n = x.shape[0] * x.shape[2] * x.shape[3], conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels
+    a, b = torch.randn(m, k, generator=torch.Generator().manual_seed(0)), torch.randn(k, n, generator=torch.Generator().manual_seed(1))
+    ms = _median_ms(lambda: a @ b, repeats)
+    rows.append((f"matrix product {m}x{k} @ {k}x{n}", ms, 2 * m * k * n / ms / 1e6))
+    return rows
+
+
+def _print_split(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint], repeats: int) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = split_times(descriptor, image, keypoints, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"{descriptor!r}, {len(keypoints)} keypoints, 1 thread, float32, median of {repeats} runs")
+    for stage, ms, rate in rows:
+        print(f"{stage:<40s} {ms:>8.1f} ms" + (f" {rate:>6.1f} GFLOP/s" if rate is not None else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns 0, or 2 for a bad option."""
     p = ArgumentParser(prog="python -m benchmarks.cpu_levers", description=__doc__.split("\n\n")[0])
@@ -72,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-features", type=int, default=2000, help="SIFT keypoints (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="rounds (default: %(default)s)")
     p.add_argument("--int8", action="store_true", help="also time int8 post-training quantisation")
+    p.add_argument("--split", action="store_true", help="instead, time each stage of one float32 compute on one thread")
+    p.add_argument("--model", default=None, help="model name or card (default: the shipped default)")
     args = p.parse_args(argv)
     try:
         check_number("num_features", args.num_features, low=1, integer=True)
@@ -81,13 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return report(err, p)
     keypoints = cv2.SIFT_create(nfeatures=args.num_features).detect(image, None)
+    if args.split:
+        _print_split(ExemplarDescriptor(args.model, precision="fp32", batch_size=max(1, len(keypoints))), image, keypoints, args.repeats)
+        return 0
     sift = cv2.SIFT_create()
-    fp32, bf16 = ExemplarDescriptor(precision="fp32"), ExemplarDescriptor(precision="bf16")
-    nchw = ExemplarDescriptor(precision="fp32")
+    fp32, bf16 = ExemplarDescriptor(args.model, precision="fp32"), ExemplarDescriptor(args.model, precision="bf16")
+    nchw = ExemplarDescriptor(args.model, precision="fp32")
     nchw.net.to(memory_format=torch.contiguous_format)
     variants = {"fp32": fp32, "fp32 NCHW": nchw, "bf16": bf16}
     if args.int8:
-        variants["int8"] = int8_descriptor(ExemplarDescriptor(precision="fp32"), image, keypoints)
+        variants["int8"] = int8_descriptor(ExemplarDescriptor(args.model, precision="fp32"), image, keypoints)
     reference = fp32.compute(image, keypoints)[1]
     threads = torch.get_num_threads()
     calls = {(name, t): d for name, d in variants.items() for t in sorted({1, threads})}

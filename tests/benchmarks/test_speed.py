@@ -92,3 +92,21 @@ def test_cpu_levers_rejects_bad_options(capsys, tmp_path):
     assert levers(["--image", str(tmp_path / "missing.ppm"), "--repeats", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "missing.ppm" in err[0] and "--repeats 0" in err[1]
+
+
+def test_cpu_levers_split_times_every_stage_and_the_convolutions_rate(images, capsys):
+    from benchmarks.cpu_levers import main as levers
+
+    path = images[0].split(":")[0]
+    assert levers(["--image", path, "--num-features", "30", "--split", "--repeats", "1", "--model", "exemplar-fast-small-distilled"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "exemplar-fast-small-distilled" in lines[0] and "1 thread" in lines[0]
+    stages = [re.match(r"^(.+?)\s+([\d.]+) ms(?:\s+([\d.]+) GFLOP/s)?$", line) for line in lines[1:]]
+    assert all(stages), lines
+    names = [m[1] for m in stages]
+    # fast-small: 16c4s2-32c3s2-64c3, so the last convolution maps 32 to 64 channels on 8x8 and its
+    # im2col product has 9 x 32 = 288 columns and 64 outputs.
+    assert names[:3] == ["pyramid", "sampling", "standardisation"]
+    assert names[3:6] == ["conv 1 1->16 on 32x32", "conv 2 16->32 on 16x16", "conv 3 32->64 on 8x8"]
+    assert names[6] == "head" and re.fullmatch(r"matrix product \d+x288 @ 288x64", names[7])
+    assert all(m[3] is not None for m in stages[3:6]) and stages[7][3] is not None and stages[6][3] is None
