@@ -103,8 +103,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "exemplar-blur": parse_architecture("64c7s2-128c5-256c5-512f"),
     "fast": parse_architecture("32c4s2-64c3s2-128c3-256f", pool_after=0, batch_norm=True),
     # Students distilled from fast (the loss distill): half its channels, a quarter of its
-    # FLOPs; and its first layers with half the channels in the third, about half its FLOPs.
+    # FLOPs; the same with a strided third convolution, a ninth of its FLOPs; and its first
+    # layers with half the channels in the third, about half its FLOPs.
     "fast-small": parse_architecture("16c4s2-32c3s2-64c3-256f", pool_after=0, batch_norm=True),
+    "fast-tiny": parse_architecture("16c4s2-32c3s2-64c3s2-256f", pool_after=0, batch_norm=True),
     "fast-medium": parse_architecture("32c4s2-48c3s2-64c3-256f", pool_after=0, batch_norm=True),
 }
 

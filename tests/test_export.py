@@ -89,9 +89,10 @@ def test_metadata_and_signature(exported):
     }
 
 
-@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "random"])
+@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "exemplar-fast-tiny-distilled", "random"])
 def test_other_models(tmp_path, random_model, model):
-    model = random_model if model == "random" else model  # a card path, a head without power compression
+    # A card path with a head without power compression; the tiny student's 4x4 map, pooled 1x1 per cell.
+    model = random_model if model == "random" else model
     metadata = export_onnx(model, tmp_path / "m.onnx")
     card = load_model(model)[1]
     assert metadata["model"] == card["name"] and metadata["magnification"] == repr(float(card["magnification"]))

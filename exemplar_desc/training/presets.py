@@ -102,14 +102,15 @@ ADAPT = Preset(
 
 DISTILL = Preset(
     "distill",
-    "distil exemplar-fast-t005-pairs into fast-small, a network of a quarter of its FLOPs, in 40 minutes (loss distill)",
-    """The recipe of ``exemplar-fast-small-distilled`` (docs/distillation.md): the ``fast-small``
-    network from random weights learns the descriptors of ``exemplar-fast-t005-pairs``
+    "distil exemplar-fast-t005-pairs-nce into fast-tiny, a network of a ninth of its FLOPs, in 40 minutes (loss distill)",
+    """The recipe of ``exemplar-fast-tiny-distilled`` (docs/distillation.md): the ``fast-tiny``
+    network from random weights learns the descriptors of ``exemplar-fast-t005-pairs-nce``
     (``teacher``, the shipped default when it was trained) on surrogate samples of 2000
     seeds, by the loss ``distill``, for 40 minutes at lr 0.25, and keeps the head it learned
     (``whitening`` learned). The head's form and the magnification are the teacher's (layer
-    2 of 3, square root, 128-D, 10).""",
-    MappingProxyType({"arch": "fast-small", "loss": "distill", "teacher": "exemplar-fast-t005-pairs", "whitening": "learned",
+    2 of 3, square root, 128-D, 10). The earlier student, ``exemplar-fast-small-distilled``,
+    spells its own recipe out in its card.""",
+    MappingProxyType({"arch": "fast-tiny", "loss": "distill", "teacher": "exemplar-fast-t005-pairs-nce", "whitening": "learned",
                       "head_layer": 2, "head_power": 0.5, "magnification": 10.0, "num_classes": 2000,
                       "samples_per_class": 1000, "epochs": 1000, "time_budget_minutes": 40.0, "batch_size": 256,
                       "lr": 0.25, "seed": 1}),
