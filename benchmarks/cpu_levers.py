@@ -106,7 +106,7 @@ def split_times(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: li
         ms = _median_ms(lambda: block(x), repeats)
         rows.append((f"conv {i + 1} {conv.in_channels}->{conv.out_channels} on {x.shape[-1]}x{x.shape[-1]}", ms, flops / ms / 1e6))
         x = out
-    rows.append(("head", _median_ms(lambda: descriptor.net.head(x.float()), repeats), None))
+    rows.append(("head", _median_ms(lambda: descriptor.net.describe_features(x), repeats), None))
     m, k, n = x.shape[0] * x.shape[2] * x.shape[3], conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels
     a, b = torch.randn(m, k, generator=torch.Generator().manual_seed(0)), torch.randn(k, n, generator=torch.Generator().manual_seed(1))
     ms = _median_ms(lambda: a @ b, repeats)

@@ -375,11 +375,28 @@ class DescriptorHead(nn.Module):
         self.projection.copy_((whitening @ axes * variance.clamp_min(eps * variance.max()) ** emphasis).float())
         return variance / total, count
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, F, h, w) conv features -> (B, dim) unit-length descriptors."""
+    def forward(self, features: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
+        """(B, F, h, w) conv features -> (B, dim) unit-length descriptors.
+
+        With ``nonnegative`` (features after a ReLU, as every trunk's) the same map takes fewer
+        passes over the batch: a plain power instead of the signed one, the pooled features in
+        their memory order (cell by cell for channels-last maps, so they are not copied) against
+        the projection's rows in that order, and the centring folded into a bias.
+        """
         if not torch.any(self.projection):
             raise RuntimeError("descriptor head is not fitted: call fit() on pooled features first")
-        return F.normalize((self._compress(self.pool(features)) - self.mean) @ self.projection, dim=1)
+        if not nonnegative:
+            return F.normalize((self._compress(self.pool(features)) - self.mean) @ self.projection, dim=1)
+        pooled = F.adaptive_max_pool2d(features, self.grid)
+        projection = self.projection
+        if not pooled.is_contiguous():  # channels-last: (B, F, g, g) stored as (B, g, g, F)
+            pooled = pooled.permute(0, 2, 3, 1)
+            projection = projection.view(-1, self.grid * self.grid, projection.shape[1]).transpose(0, 1)
+        pooled = pooled.reshape(len(pooled), -1)
+        projection = projection.reshape(pooled.shape[1], -1)
+        if self.power != 1:
+            pooled = pooled.pow(self.power)  # a square root for 0.5
+        return F.normalize(torch.addmm(-(self.mean @ self.projection), pooled, projection), dim=1)
 
 
 class DescriptorNet(nn.Module):
@@ -415,7 +432,11 @@ class DescriptorNet(nn.Module):
         to its dtype and the head (PCA, normalisation) still runs in float32.
         """
         dtype = self.trunk.blocks[0][0].weight.dtype
-        return self.head(self.features(patches.to(dtype)).float())
+        return self.describe_features(self.features(patches.to(dtype)))
+
+    def describe_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F, h, w) feature maps of :meth:`features`, any float dtype -> (B, dim) float32 unit descriptors."""
+        return self.head(features.float(), nonnegative=True)  # the trunk ends with a ReLU
 
 
 def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -102,6 +102,28 @@ def test_head_power_and_partial_whitening():
         DescriptorHead(in_channels=8, grid=2, dim=4, power=0.0)
 
 
+@pytest.mark.parametrize("grid, side, power", [(4, 8, 0.5), (4, 4, 0.5), (2, 6, 1.0)])
+def test_the_heads_path_for_nonnegative_features_is_the_same_map(grid, side, power):
+    g = torch.Generator().manual_seed(0)
+    features = torch.relu(torch.randn(64, 16, side, side, generator=g))
+    head = DescriptorHead(in_channels=16, grid=grid, dim=8, power=power)
+    head.fit(head.pool(features), whiten=0.5)
+    # Float64 reference of the map; both float32 paths round K-term dot products of
+    # (x - m) and the projection, each within K u sum|terms| (u = 2^-24), and a unit vector
+    # r / |r| moves by at most |dr| / |r| per element (first order), plus a few u of its own.
+    pooled = head._compress(head.pool(features.double()))
+    projection, mean = head.projection.double(), head.mean.double()
+    raw = (pooled - mean) @ projection
+    terms = (pooled.abs() + mean.abs()) @ projection.abs()
+    k, u = pooled.shape[1] + 2, 2.0**-24
+    bound = (k * u * terms).norm(dim=1, keepdim=True) / raw.norm(dim=1, keepdim=True) + 4 * u
+    reference = raw / raw.norm(dim=1, keepdim=True)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = features.contiguous(memory_format=memory_format)
+        for out in (head(x), head(x, nonnegative=True)):
+            assert ((out.double() - reference).abs() <= bound).all(), memory_format
+
+
 def test_head_dimension_is_a_parameter():
     with pytest.raises(ValueError):
         DescriptorHead(in_channels=2, grid=2, dim=9)
