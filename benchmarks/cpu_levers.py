@@ -24,7 +24,7 @@ import copy
 import statistics
 import sys
 import time
-from typing import Callable
+from functools import partial
 
 import cv2
 import numpy as np
@@ -48,8 +48,7 @@ def int8_descriptor(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
-    xy, size, angle = keypoints_to_arrays(keypoints)
-    frames = keypoint_frames(size, angle, descriptor.magnification)
+    xy, frames = _keypoint_frames(descriptor, keypoints)
     patches = normalize_patches(extract_patches(build_pyramid(gray_tensor(image)), xy, frames, descriptor.patch_size))
     trunk = torch.nn.Sequential(*copy.deepcopy(descriptor.net.trunk.blocks)).eval()
     prepared = prepare_fx(trunk, get_default_qconfig_mapping("x86"), (patches[:8],))
@@ -68,17 +67,13 @@ class _QuantisedNet(torch.nn.Module):
         self.trunk, self.head = trunk, head
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(patches.contiguous()).float())
+        return self.head(self.trunk(patches.contiguous()).float(), nonnegative=True)  # the trunk ends with a ReLU
 
 
-def _median_ms(call: Callable[[], object], repeats: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def _keypoint_frames(descriptor: ExemplarDescriptor, keypoints: list[cv2.KeyPoint]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) centres and (N, 2, 2) patch frames of ``keypoints``, in pixels, as ``descriptor.compute`` cuts them."""
+    xy, size, angle = keypoints_to_arrays(keypoints)
+    return xy, keypoint_frames(size, None if descriptor.upright else angle, descriptor.magnification)
 
 
 @torch.inference_mode()
@@ -86,32 +81,36 @@ def split_times(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: li
                 repeats: int) -> list[tuple[str, float, float | None]]:
     """Median milliseconds of each stage of ``descriptor.compute(image, keypoints)`` (one batch, CPU).
 
+    The stages alternate within each round (:func:`benchmarks.speed.time_calls`).
+
     Returns:
         ``(stage, ms, GFLOP/s or None)`` rows: pyramid, sampling, standardisation, each
         convolution block (convolution, folded batch norm, ReLU), head, and last a float32
         matrix product with the FLOPs of the last convolution, ``(N h w, 9 C_in) @ (9 C_in, C_out)``.
     """
+    from .speed import time_calls  # here, not at the top: benchmarks.speed imports this module
+
     gray = gray_tensor(image)
-    xy, size, angle = keypoints_to_arrays(keypoints)
-    frames = keypoint_frames(size, None if descriptor.upright else angle, descriptor.magnification)
+    xy, frames = _keypoint_frames(descriptor, keypoints)
     pyramid = build_pyramid(gray)
     raw = extract_patches(pyramid, xy, frames, descriptor.patch_size)
-    x = normalize_patches(raw).contiguous(memory_format=torch.channels_last).to(descriptor.net.trunk.blocks[0][0].weight.dtype)
-    rows = [("pyramid", _median_ms(lambda: build_pyramid(gray), repeats), None),
-            ("sampling", _median_ms(lambda: extract_patches(pyramid, xy, frames, descriptor.patch_size), repeats), None),
-            ("standardisation", _median_ms(lambda: normalize_patches(raw), repeats), None)]
+    maps = [normalize_patches(raw).contiguous(memory_format=torch.channels_last).to(descriptor.net.trunk.blocks[0][0].weight.dtype)]
+    calls = {"pyramid": partial(build_pyramid, gray), "sampling": partial(extract_patches, pyramid, xy, frames, descriptor.patch_size),
+             "standardisation": partial(normalize_patches, raw)}
+    flops: dict[str, int] = {}
     for i, block in enumerate(descriptor.net.trunk.blocks):
-        conv, out = block[0], block(x)
-        flops = 2 * out.numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        ms = _median_ms(lambda: block(x), repeats)
-        rows.append((f"conv {i + 1} {conv.in_channels}->{conv.out_channels} on {x.shape[-1]}x{x.shape[-1]}", ms, flops / ms / 1e6))
-        x = out
-    rows.append(("head", _median_ms(lambda: descriptor.net.describe_features(x), repeats), None))
-    m, k, n = x.shape[0] * x.shape[2] * x.shape[3], conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels
+        conv, x = block[0], maps[-1]
+        maps.append(block(x))
+        name = f"conv {i + 1} {conv.in_channels}->{conv.out_channels} on {x.shape[-1]}x{x.shape[-1]}"
+        calls[name] = partial(block, x)
+        flops[name] = 2 * maps[-1].numel() * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    calls["head"] = partial(descriptor.net.describe_features, maps[-1])
+    m, k, n = maps[-1].shape[0] * maps[-1].shape[2] * maps[-1].shape[3], conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1], conv.out_channels
     a, b = torch.randn(m, k, generator=torch.Generator().manual_seed(0)), torch.randn(k, n, generator=torch.Generator().manual_seed(1))
-    ms = _median_ms(lambda: a @ b, repeats)
-    rows.append((f"matrix product {m}x{k} @ {k}x{n}", ms, 2 * m * k * n / ms / 1e6))
-    return rows
+    name = f"matrix product {m}x{k} @ {k}x{n}"
+    calls[name], flops[name] = partial(torch.matmul, a, b), 2 * m * k * n
+    seconds = time_calls(calls, repeats)
+    return [(name, 1000 * s, flops[name] / s / 1e9 if name in flops else None) for name, s in seconds.items()]
 
 
 def _print_split(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint], repeats: int) -> None:

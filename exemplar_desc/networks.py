@@ -378,15 +378,13 @@ class DescriptorHead(nn.Module):
     def forward(self, features: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
         """(B, F, h, w) conv features -> (B, dim) unit-length descriptors.
 
-        With ``nonnegative`` (features after a ReLU, as every trunk's) the same map takes fewer
-        passes over the batch: a plain power instead of the signed one, the pooled features in
-        their memory order (cell by cell for channels-last maps, so they are not copied) against
-        the projection's rows in that order, and the centring folded into a bias.
+        The pooled features are read in their memory order (cell by cell for channels-last
+        maps, so they are not copied) against the projection's rows in that order, and the
+        centring is a bias of the product. With ``nonnegative`` (features after a ReLU, as
+        every trunk's) the signed power is a plain one, a single pass.
         """
         if not torch.any(self.projection):
             raise RuntimeError("descriptor head is not fitted: call fit() on pooled features first")
-        if not nonnegative:
-            return F.normalize((self._compress(self.pool(features)) - self.mean) @ self.projection, dim=1)
         pooled = F.adaptive_max_pool2d(features, self.grid)
         projection = self.projection
         if not pooled.is_contiguous():  # channels-last: (B, F, g, g) stored as (B, g, g, F)
@@ -394,8 +392,7 @@ class DescriptorHead(nn.Module):
             projection = projection.view(-1, self.grid * self.grid, projection.shape[1]).transpose(0, 1)
         pooled = pooled.reshape(len(pooled), -1)
         projection = projection.reshape(pooled.shape[1], -1)
-        if self.power != 1:
-            pooled = pooled.pow(self.power)  # a square root for 0.5
+        pooled = pooled.pow(self.power) if nonnegative and self.power != 1 else self._compress(pooled)  # pow: a square root for 0.5
         return F.normalize(torch.addmm(-(self.mean @ self.projection), pooled, projection), dim=1)
 
 
