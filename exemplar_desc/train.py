@@ -92,6 +92,7 @@ SPELLING: dict[str, dict[str, Any]] = {
     "pca_source": {"choices": PCA_SOURCES},
     "whitening": {"choices": WHITENINGS},
     "triplet_pairs": {"choices": TRIPLET_PAIRS},
+    "distill_photos": {"action": argparse.BooleanOptionalAction},
 }
 
 
@@ -155,10 +156,12 @@ def add_config_options(
         keywords = {"default": default, "help": f"{text} (default: {unset if default is None else _shown(default)})"}
         if not flag.startswith("--"):
             parser.add_argument(f.name, **keywords, **spelled)
-        elif f.name in SHARED:
-            add_shared_options(parser, flag, **{f.name: {"type": _value_type(hints[f.name]), **keywords, **spelled}})
+            continue
+        typed = {} if "action" in spelled else {"type": _value_type(hints[f.name])}  # a flag (--x / --no-x) takes no value
+        if f.name in SHARED:
+            add_shared_options(parser, flag, **{f.name: {**typed, **keywords, **spelled}})
         else:
-            parser.add_argument(flag, dest=f.name, **{"type": _value_type(hints[f.name]), **keywords, **spelled})
+            parser.add_argument(flag, dest=f.name, **{**typed, **keywords, **spelled})
 
 
 def add_family_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -336,6 +339,10 @@ def _loss_record(cfg: TrainConfig) -> dict:
         record.update(margin=cfg.margin, triplet_weight=cfg.triplet_weight, triplet_pairs=cfg.triplet_pairs)
     if cfg.teacher is not None:
         record["teacher"] = {"model": cfg.teacher, "sha256": load_init_model(cfg.teacher, option="teacher")[1]["sha256"]}
+    if cfg.distill_relation > 0:
+        record.update(distill_relation=cfg.distill_relation, distill_temperature=cfg.distill_temperature)
+    if cfg.distill_photos:
+        record["distill_photos"] = True
     return record
 
 

@@ -58,7 +58,7 @@ class TrainState:
         init: the init model's record (:func:`.init_model.init_trunk`), None for a run from random weights.
         teacher: the loss distill's teacher (eval mode, on the training device; its name is in
             the configuration, so a resumed run loads it again), else None.
-        photo_pairs: the triplet term's pool of positive pairs with ``triplet_pairs`` photos: two
+        photo_pairs: the pool of positive pairs with ``triplet_pairs`` photos or ``distill_photos``: two
             (K, 1, P, P) standardised patch batches on the training device (made again on resuming), else None.
     """
 
@@ -130,7 +130,7 @@ class CheckpointMismatch(OptionError):
 def config_record(cfg: TrainConfig) -> dict:
     """JSON-able record of the settings that must match for a resumed run (those that shape the training)."""
     # A loss on descriptors trains through the head, so the head's form shapes the training too;
-    # with photo pairs for the triplet term, the magnification and the pairs' settings make its pool.
+    # with photo pairs (triplet term or distill_photos), the magnification and the pairs' settings make their pool.
     free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power"} if cfg.learned_head else set())
     if cfg.photo_pairs:
         free -= {"magnification", "pair_photos", "pair_views", "pair_noise", "pair_jpeg"}

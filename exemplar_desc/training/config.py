@@ -76,6 +76,14 @@ class TrainConfig:
     teacher: str | None = _setting(
         None, "model (shipped name or .pt/.json path) whose descriptors the distill losses teach; it must have the "
         "same head_dim and patch_size", "none")
+    distill_relation: float = _setting(
+        0.0, "weight of the distill losses' relational term: the KL divergence from the teacher's to the student's "
+        "softmax over the similarities between the two sides of batch_size / 2 positive pairs, their matching ranking: "
+        "two surrogate views of each seed, or with distill_photos the photo pairs (0: none)")
+    distill_temperature: float = _setting(0.1, "temperature of distill_relation's softmax, in cosine similarity")
+    distill_photos: bool = _setting(
+        False, "the distill losses also teach the teacher's descriptors of batch_size / 2 photo pairs a step, beside the "
+        "batch (the pool of triplet_pairs photos: real keypoint patches in synthetic views; needs magnification)")
     patch_size: int = _setting(32, "side of the network's input patches in pixels")
     context: int = _setting(80, "side of the context crop kept around each seed in pixels")
     val_per_class: int = _setting(1, "held-out surrogate samples per class for the validation accuracy")
@@ -127,13 +135,13 @@ class TrainConfig:
 
     @property
     def paired_views(self) -> bool:
-        """Whether the batch holds two surrogate views of each seed (the triplet term on surrogate pairs)."""
-        return self.matching and self.triplet_pairs == "surrogate"
+        """Whether the batch holds two surrogate views of each seed (the triplet term on surrogate pairs, or the relational distillation)."""
+        return (self.matching and self.triplet_pairs == "surrogate") or (self.distill_relation > 0 and not self.distill_photos)
 
     @property
     def photo_pairs(self) -> bool:
-        """Whether the triplet term takes its pairs from a pool of photo pairs made before training."""
-        return self.matching and self.triplet_pairs == "photos"
+        """Whether the triplet term or the distillation takes pairs from a pool of photo pairs made before training."""
+        return (self.matching and self.triplet_pairs == "photos") or (self.distills and self.distill_photos)
 
     @property
     def distills(self) -> bool:
@@ -210,6 +218,8 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "pair_jpeg": {"low": 1, "high": 95, "integer": True},
     "margin": {"low": 0, "low_open": True, "high": 2},
     "triplet_weight": {"low": 0, "low_open": True},
+    "distill_relation": {"low": 0},
+    "distill_temperature": {"low": 0, "low_open": True},
     "magnification": {"low": 0, "low_open": True},
 }
 
@@ -245,9 +255,13 @@ def _check_loss(cfg: TrainConfig) -> None:
         check(cfg.matching, "triplet_pairs", cfg.triplet_pairs, f"photo pairs are for a loss with the triplet term, not {cfg.loss}")
         check(cfg.magnification is not None, "triplet_pairs", cfg.triplet_pairs,
               "photo pairs are cut at the descriptor's magnification before training: give magnification")
-    if cfg.matching:
+    for name in ("distill_relation", "distill_photos"):
+        check(cfg.distills or not getattr(cfg, name), name, getattr(cfg, name), f"it is for the distill losses, not {cfg.loss}")
+    check(cfg.magnification is not None or not cfg.distill_photos, "distill_photos", cfg.distill_photos,
+          "photo pairs are cut at the descriptor's magnification before training: give magnification")
+    if cfg.matching or cfg.paired_views:
         check(cfg.batch_size % 2 == 0 and cfg.batch_size >= 4, "batch_size", cfg.batch_size,
-              f"loss {cfg.loss} takes batch_size / 2 positive pairs: the batch size must be even and at least 4")
+              f"loss {cfg.loss} takes batch_size / 2 pairs of views: the batch size must be even and at least 4")
     if cfg.paired_views:
         check(cfg.num_classes >= cfg.batch_size // 2, "num_classes", cfg.num_classes,
               f"loss {cfg.loss} takes batch_size / 2 = {cfg.batch_size // 2} distinct classes per batch: give at least that many")

@@ -30,7 +30,7 @@ from .checkpoint import TrainState, read_checkpoint, restore_state, save_checkpo
 from .config import TrainConfig
 from .head import uses_surrogates
 from .init_model import init_trunk, load_init_model
-from .losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids
+from .losses import attach_matching_head, distillation_loss, hardest_triplet_loss, paired_class_ids, relational_distillation_loss
 from .pairs import configured_pairs
 from .schedule import SYNC_EVERY, RunClock, lr_at
 from .seeds import seed_pool
@@ -202,7 +202,7 @@ def _start_state(
 
 
 def _photo_pairs(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pool of the triplet term's photo pairs (:func:`.pairs.configured_pairs`), on ``device``.
+    """The pool of photo pairs of the triplet term or ``distill_photos`` (:func:`.pairs.configured_pairs`), on ``device``.
 
     Drawn with ``cfg.seed + 3``, so the photos and views differ from those of a pairs-whitening fit (``cfg.seed``).
     """
@@ -212,7 +212,7 @@ def _photo_pairs(cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, 
     if sum(len(a) for a, _ in pairs) < cfg.batch_size // 2:
         raise OptionError("pair_photos", cfg.pair_photos, f"the photos gave fewer positive pairs than the {cfg.batch_size // 2} a step takes")
     first, second = (torch.cat([pair[k] for pair in pairs]).to(device) for k in (0, 1))
-    logger.info("%d positive photo pairs of %d photos for the triplet term in %.1f s", len(first),
+    logger.info("%d positive photo pairs of %d photos in %.1f s", len(first),
                 min(cfg.pair_photos, len(images)), time.time() - started)
     return first, second
 
@@ -227,7 +227,7 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
 
     With a matching loss (``cfg.matching``) the batch holds two views of each of B/2 seeds,
     or with ``triplet_pairs`` photos B/2 photo pairs follow the B samples; with ``distill``
-    the teacher describes the same samples. Under DistributedDataParallel
+    the teacher describes the B samples, and with ``distill_photos`` B/2 photo pairs after them. Under DistributedDataParallel
     the backward pass averages the gradients over the ranks, so each step uses the global batch.
 
     Returns:
@@ -258,8 +258,11 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
             loss = loss + cfg.triplet_weight * hardest_triplet_loss(first, second, cfg.margin)
         if state.teacher is not None:
             with torch.no_grad():
-                target = state.teacher(batch[:n])
-            loss = loss + distillation_loss(out[1][:n], target)
+                target = state.teacher(batch if cfg.distill_photos else batch[:n])
+            loss = loss + distillation_loss(out[1][: len(target)], target)
+            if cfg.distill_relation > 0:
+                first = n if cfg.distill_photos else 0
+                loss = loss + cfg.distill_relation * relational_distillation_loss(out[1][first:len(target)], target[first:], cfg.distill_temperature)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()

@@ -14,6 +14,10 @@ L2 distance between its learned head's descriptors and the teacher's, on the sam
 samples (Hinton et al. 2015, on descriptors rather than logits); the classifier is a probe.
 ``distill+triplet`` adds the triplet term: with the model itself as teacher and init, the
 distillation holds the descriptors near the model's while the triplet term trains the distance.
+With ``distill_relation`` the batch holds two views of each seed, and
+:func:`relational_distillation_loss` adds the teacher's matching ranking between the views
+(Park et al., CVPR 2019, on the softmax of cross-view similarities): the squared distance
+weighs every direction of the descriptor alike, matching only asks which view is nearest.
 
 ``info_nce_loss`` tunes the pairs whitening's projection on its photo pairs (:mod:`.head`).
 """
@@ -33,7 +37,7 @@ from .init_model import load_init_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["hardest_triplet_loss", "info_nce_loss", "distillation_loss", "paired_class_ids", "attach_matching_head"]
+__all__ = ["hardest_triplet_loss", "info_nce_loss", "distillation_loss", "relational_distillation_loss", "paired_class_ids", "attach_matching_head"]
 
 
 def hardest_triplet_loss(anchors: torch.Tensor, positives: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -91,6 +95,37 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     if student.shape != teacher.shape or student.ndim != 2 or len(student) < 1:
         raise ValueError(f"student and teacher must be (N, D) with N >= 1, got {tuple(student.shape)} and {tuple(teacher.shape)}")
     return (student.float() - teacher.float()).square().sum(1).mean()
+
+
+def relational_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The KL divergence from the teacher's to the student's softmax over cross-view similarities, both ways.
+
+    Rows ``i`` and ``i + N/2`` are two views of one seed. Each first view's softmax over its
+    cosine similarities to the second views / ``temperature`` (and each second view's over
+    the first views) is taken for both networks; the loss is the mean over rows of
+    ``KL(teacher || student)``, averaged over the two directions.
+
+    Args:
+        student: (N, D) unit descriptors of the network being trained; N even, N >= 4.
+        teacher: (N, D) unit descriptors of the same patches by the teacher (no gradient needed).
+        temperature: > 0, in cosine similarity; smaller weighs the nearest views more.
+
+    Returns:
+        () float32 loss, 0 when the student's similarities between the views are the teacher's.
+    """
+    if student.shape != teacher.shape or student.ndim != 2 or len(student) < 4 or len(student) % 2:
+        raise ValueError(f"student and teacher must be (N, D) with N even and >= 4, got {tuple(student.shape)} and {tuple(teacher.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def cross(views: torch.Tensor) -> torch.Tensor:
+        first, second = views.float().chunk(2)
+        return first @ second.T / temperature
+
+    s, t = cross(student), cross(teacher)
+    rows = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
+    cols = F.kl_div(F.log_softmax(s.T, 1), F.log_softmax(t.T, 1), log_target=True, reduction="batchmean")
+    return (rows + cols) / 2
 
 
 def paired_class_ids(num_classes: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The losses on descriptors: HardNet's hardest-in-batch triplet margin over two views of each seed, and distillation."""
+"""The losses on descriptors: HardNet's hardest-in-batch triplet margin over two views of each seed, and distillation (pointwise and relational)."""
 
 import json
 import math
@@ -18,7 +18,8 @@ from exemplar_desc.training import pairs as pairs_module
 from exemplar_desc.training.checkpoint import config_record
 from exemplar_desc.training.config import TrainConfig
 from exemplar_desc.training.init_model import load_init_model
-from exemplar_desc.training.losses import attach_matching_head, distillation_loss, hardest_triplet_loss, info_nce_loss, paired_class_ids
+from exemplar_desc.training.losses import (attach_matching_head, distillation_loss, hardest_triplet_loss, info_nce_loss, paired_class_ids,
+                                          relational_distillation_loss)
 
 #: A run of 8 classes and a few steps, a 16-D head; --magnification skips the tuning.
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
@@ -90,6 +91,56 @@ def test_the_distillation_loss_is_the_mean_squared_distance():
         distillation_loss(e, e[:, :3])
 
 
+def test_the_relational_loss_is_the_kl_divergence_of_the_views_rankings():
+    e = torch.eye(4)
+    views = torch.cat([e, e])  # two views of 4 seeds, each view its seed's axis
+    assert relational_distillation_loss(views, views, 0.1).item() == 0.0
+    # A student whose views are all alike has uniform softmaxes: KL = log 4 - the teacher's entropy, in both directions.
+    flat = torch.nn.functional.normalize(torch.ones(8, 4), dim=1)
+    p = math.exp(1 / 0.5) / (math.exp(1 / 0.5) + 3)  # the teacher's weight on the matching view at temperature 0.5
+    entropy = -p * math.log(p) - (1 - p) * math.log((1 - p) / 3)
+    assert relational_distillation_loss(flat, views, 0.5).item() == pytest.approx(math.log(4) - entropy, rel=1e-5)  # float32 exp/log
+    with pytest.raises(ValueError, match=r"N even and >= 4, got \(7, 4\)"):
+        relational_distillation_loss(views[:7], views[:7], 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        relational_distillation_loss(views, views, 0.0)
+
+
+@pytest.mark.parametrize("photos", [False, True])
+def test_the_relational_term_takes_pairs_of_views(folder, tmp_path, monkeypatch, photos):
+    """distill_relation ranks two surrogate views of each of B/2 seeds; with distill_photos, the B/2
+    photo pairs after the batch, which the teacher then describes too.
+
+    The photo pool holds one pair repeated, so the rows of a pair's side are all alike; two
+    surrogate views of distinct seeds would not be.
+    """
+    calls = []
+    patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    def pool(images, count, views, magnification, patch_size, seed, noise, jpeg):
+        yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
+
+    def relation(s, t, temperature):
+        calls.append(("relation", tuple(s.shape), temperature, bool(torch.allclose(t[:8], t[:1].expand(8, -1), atol=1e-5))))
+        return real_relation(s, t, temperature)
+
+    real_ids, real_mse, real_relation = loop_module.paired_class_ids, loop_module.distillation_loss, loop_module.relational_distillation_loss
+    monkeypatch.setattr(pairs_module, "warped_pairs", pool)
+    monkeypatch.setattr(loop_module, "paired_class_ids", lambda *args: calls.append("ids") or real_ids(*args))
+    monkeypatch.setattr(loop_module, "distillation_loss", lambda s, t: calls.append(("mse", len(s), len(t))) or real_mse(s, t))
+    monkeypatch.setattr(loop_module, "relational_distillation_loss", relation)
+    argv = [str(folder), *TINY, "--head-dim", "128", "--loss", "distill", "--teacher", "exemplar-fast-t005-pairs", "--whitening",
+            "learned", "--distill-relation", "0.5", "--distill-temperature", "0.2", "--pair-photos", "2", "--pair-views", "1",
+            *(["--distill-photos"] if photos else []), "--workdir", str(tmp_path / "w"), "--out-dir", str(tmp_path / "o"), "--name", "r"]
+    assert train_module.main(argv) == 0
+    rows = 32 if photos else 16  # 16 surrogate samples, then 8 photo pairs
+    first_step = [*([] if photos else ["ids"]), ("mse", rows, rows), ("relation", (16, 128), 0.2, photos)]
+    assert calls[: len(first_step)] == first_step
+    loss = json.loads((tmp_path / "o" / "r.json").read_text())["training"]["loss"]
+    assert loss["distill_relation"] == 0.5 and loss["distill_temperature"] == 0.2
+    assert loss.get("distill_photos", False) == photos
+
+
 @pytest.mark.parametrize(
     "settings, field",
     [({"loss": "hinge"}, "loss"), ({"loss": "triplet", "batch_size": 15}, "batch_size"),
@@ -98,6 +149,10 @@ def test_the_distillation_loss_is_the_mean_squared_distance():
      ({"loss": "softmax+triplet", "teacher": "exemplar-fast-t005-pairs"}, "teacher"),
      ({"loss": "distill+triplet", "teacher": "exemplar-fast-t005-pairs", "batch_size": 15}, "batch_size"),
      ({"loss": "distill", "teacher": "no-such-model"}, "teacher"),
+     ({"loss": "softmax", "distill_relation": 1.0}, "distill_relation"), ({"distill_temperature": 0.0}, "distill_temperature"),
+     ({"loss": "softmax+triplet", "distill_photos": True, "magnification": 10.0}, "distill_photos"),
+     ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "distill_photos": True}, "distill_photos"),
+     ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "distill_relation": 1.0, "batch_size": 15}, "batch_size"),
      ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "head_dim": 64}, "teacher"),
      ({"whitening": "learned"}, "whitening"), ({"triplet_pairs": "views"}, "triplet_pairs"),
      ({"loss": "softmax", "triplet_pairs": "photos", "magnification": 10.0}, "triplet_pairs"),
