@@ -12,10 +12,11 @@ of the time / SIFT's time of the same round. ``--int8`` adds static int8 post-tr
 quantisation of the convolutions (torch.ao, x86 backend, calibrated on the image's own
 patches) and reports its cosine similarity to float32 (descriptors are unit vectors).
 
-``--split`` instead says where one float32 ``compute`` spends its time, on one thread:
-pyramid, sampling, standardisation, each convolution with its rate in GFLOP/s, and the
-head, beside the rate of a float32 matrix product of the same work (the third
-convolution's im2col shape), the most a convolution can reach through a matrix product.
+``--split`` instead says where one ``compute`` (float32, or ``--precision bf16``) spends
+its time, on one thread: pyramid, sampling, standardisation, each convolution with its
+rate in GFLOP/s, and the head, beside the rate of a float32 matrix product of the same work
+(the third convolution's im2col shape), the most a float32 convolution can reach through a
+matrix product.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def _print_split(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: l
         rows = split_times(descriptor, image, keypoints, repeats)
     finally:
         torch.set_num_threads(threads)
-    print(f"{descriptor!r}, {len(keypoints)} keypoints, 1 thread, float32, median of {repeats} runs")
+    print(f"{descriptor!r}, {len(keypoints)} keypoints, 1 thread, median of {repeats} runs")
     for stage, ms, rate in rows:
         print(f"{stage:<40s} {ms:>8.1f} ms" + (f" {rate:>6.1f} GFLOP/s" if rate is not None else ""))
 
@@ -132,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-features", type=int, default=2000, help="SIFT keypoints (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="rounds (default: %(default)s)")
     p.add_argument("--int8", action="store_true", help="also time int8 post-training quantisation")
-    p.add_argument("--split", action="store_true", help="instead, time each stage of one float32 compute on one thread")
+    p.add_argument("--split", action="store_true", help="instead, time each stage of one compute on one thread")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="with --split: the arithmetic of the convolutions (default: %(default)s)")
     p.add_argument("--model", default=None, help="model name or card (default: the shipped default)")
     args = p.parse_args(argv)
     try:
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return report(err, p)
     keypoints = cv2.SIFT_create(nfeatures=args.num_features).detect(image, None)
     if args.split:
-        _print_split(ExemplarDescriptor(args.model, precision="fp32", batch_size=max(1, len(keypoints))), image, keypoints, args.repeats)
+        split = ExemplarDescriptor(args.model, precision=args.precision, batch_size=max(1, len(keypoints)))
+        _print_split(split, image, keypoints, args.repeats)
         return 0
     sift = cv2.SIFT_create()
     fp32, bf16 = ExemplarDescriptor(args.model, precision="fp32"), ExemplarDescriptor(args.model, precision="bf16")

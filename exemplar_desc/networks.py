@@ -376,7 +376,7 @@ class DescriptorHead(nn.Module):
         return variance / total, count
 
     def forward(self, features: torch.Tensor, nonnegative: bool = False) -> torch.Tensor:
-        """(B, F, h, w) conv features -> (B, dim) unit-length descriptors.
+        """(B, F, h, w) conv features, any float dtype -> (B, dim) float32 unit-length descriptors.
 
         The pooled features are read in their memory order (cell by cell for channels-last
         maps, so they are not copied) against the projection's rows in that order, and the
@@ -385,7 +385,9 @@ class DescriptorHead(nn.Module):
         """
         if not torch.any(self.projection):
             raise RuntimeError("descriptor head is not fitted: call fit() on pooled features first")
-        pooled = F.adaptive_max_pool2d(features, self.grid)
+        # Pooled before the cast to float32: a maximum of bfloat16 values is exact, and it leaves
+        # a grid x grid map to convert instead of the whole map.
+        pooled = F.adaptive_max_pool2d(features, self.grid).float()
         projection = self.projection
         if not pooled.is_contiguous():  # channels-last: (B, F, g, g) stored as (B, g, g, F)
             pooled = pooled.permute(0, 2, 3, 1)
@@ -433,7 +435,7 @@ class DescriptorNet(nn.Module):
 
     def describe_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F, h, w) feature maps of :meth:`features`, any float dtype -> (B, dim) float32 unit descriptors."""
-        return self.head(features.float(), nonnegative=True)  # the trunk ends with a ReLU
+        return self.head(features, nonnegative=True)  # the trunk ends with a ReLU
 
 
 def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -124,6 +124,19 @@ def test_the_heads_path_for_nonnegative_features_is_the_same_map(grid, side, pow
             assert ((out.double() - reference).abs() <= bound).all(), memory_format
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_bfloat16_features_give_the_descriptors_of_their_float32_values(memory_format):
+    """The head pools bfloat16 maps before casting them: a maximum of bfloat16 values is exact, so nothing moves."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.relu(torch.randn(64, 16, 8, 8, generator=g)).to(torch.bfloat16).contiguous(memory_format=memory_format)
+    head = DescriptorHead(in_channels=16, grid=4, dim=8, power=0.5)
+    head.fit(head.pool(features.float()), whiten=0.5)
+    for nonnegative in (False, True):
+        out = head(features, nonnegative=nonnegative)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, head(features.float().contiguous(memory_format=memory_format), nonnegative=nonnegative))
+
+
 def test_head_dimension_is_a_parameter():
     with pytest.raises(ValueError):
         DescriptorHead(in_channels=2, grid=2, dim=9)

@@ -94,13 +94,15 @@ def test_cpu_levers_rejects_bad_options(capsys, tmp_path):
     assert "missing.ppm" in err[0] and "--repeats 0" in err[1]
 
 
-def test_cpu_levers_split_times_every_stage_and_the_convolutions_rate(images, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_levers_split_times_every_stage_and_the_convolutions_rate(images, capsys, precision):
     from benchmarks.cpu_levers import main as levers
 
     path = images[0].split(":")[0]
-    assert levers(["--image", path, "--num-features", "30", "--split", "--repeats", "1", "--model", "exemplar-fast-small-distilled"]) == 0
+    argv = ["--image", path, "--num-features", "30", "--split", "--repeats", "1", "--model", "exemplar-fast-small-distilled"]
+    assert levers([*argv, "--precision", precision]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "exemplar-fast-small-distilled" in lines[0] and "1 thread" in lines[0]
+    assert "exemplar-fast-small-distilled" in lines[0] and "1 thread" in lines[0] and f"precision='{precision}'" in lines[0]
     stages = [re.match(r"^(.+?)\s+([\d.]+) ms(?:\s+([\d.]+) GFLOP/s)?$", line) for line in lines[1:]]
     assert all(stages), lines
     names = [m[1] for m in stages]
