@@ -68,7 +68,7 @@ class _QuantisedNet(torch.nn.Module):
         self.trunk, self.head = trunk, head
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(patches.contiguous()).float(), nonnegative=True)  # the trunk ends with a ReLU
+        return self.head(self.trunk(patches.contiguous()), nonnegative=True)  # the trunk ends with a ReLU
 
 
 def _keypoint_frames(descriptor: ExemplarDescriptor, keypoints: list[cv2.KeyPoint]) -> tuple[np.ndarray, np.ndarray]:

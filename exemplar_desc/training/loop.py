@@ -261,8 +261,8 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
                 target = state.teacher(batch if cfg.distill_photos else batch[:n])
             loss = loss + distillation_loss(out[1][: len(target)], target)
             if cfg.distill_relation > 0:
-                first = n if cfg.distill_photos else 0
-                loss = loss + cfg.distill_relation * relational_distillation_loss(out[1][first:len(target)], target[first:], cfg.distill_temperature)
+                start = n if cfg.distill_photos else 0  # the photo pairs, else the surrogate views
+                loss = loss + cfg.distill_relation * relational_distillation_loss(out[1][start:len(target)], target[start:], cfg.distill_temperature)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     state.optimizer.step()
