@@ -170,6 +170,9 @@ def _status(argv: list[str]) -> int:
     (["--hold-out", "0.6"], "error: --hold-out 0.6: must be a finite number > 0 and <= 0.5"),
     (["--num-classes", "1000"], "error: --num-classes 1000: the 6 training photos give only"),  # counted before training
     (["--workdir", "{photos}/work"], "error: --workdir '{photos}/work': lies in the photo folder {photos}"),
+    # The default base's head is tuned (600 steps), a tuning a learned head cannot take: the error says how to drop it.
+    (["--whitening", "learned"], "error: --pair-tune-steps 600: tuning is for the pairs whitening, not learned: give "
+                                 "whitening pairs, or 0 tuning steps"),
 ])
 def test_bad_options_are_one_error_line_and_nothing_written(photos, tmp_path, capsys, options, message):
     options = [option.format(photos=photos) for option in options]

@@ -185,7 +185,7 @@ class TrainConfig:
         check(self.whitening != "learned" or self.learned_head, "whitening", self.whitening,
               "the learned head is trained by a loss on descriptors: give a loss other than softmax")
         check(self.pair_tune_steps == 0 or self.whitening == "pairs", "pair_tune_steps", self.pair_tune_steps,
-              f"tuning is for the pairs whitening, not {self.whitening}: give whitening pairs")
+              f"tuning is for the pairs whitening, not {self.whitening}: give whitening pairs, or 0 tuning steps")
         check(self.whitening == "pca" or self.pca_source == "surrogate", "pca_source", self.pca_source,
               "the pairs whitening is fitted on its pairs; pca_source keypoints applies to the pca whitening only")
         for family in FAMILY_RECORDS:
