@@ -253,12 +253,12 @@ def _check_loss(cfg: TrainConfig) -> None:
     check(cfg.triplet_pairs in TRIPLET_PAIRS, "triplet_pairs", cfg.triplet_pairs, f"expected one of {', '.join(TRIPLET_PAIRS)}")
     if cfg.triplet_pairs == "photos":
         check(cfg.matching, "triplet_pairs", cfg.triplet_pairs, f"photo pairs are for a loss with the triplet term, not {cfg.loss}")
-        check(cfg.magnification is not None, "triplet_pairs", cfg.triplet_pairs,
+    if cfg.photo_pairs:  # named by the option that asked for the pool
+        asked = "triplet_pairs" if cfg.triplet_pairs == "photos" else "distill_photos"
+        check(cfg.magnification is not None, asked, getattr(cfg, asked),
               "photo pairs are cut at the descriptor's magnification before training: give magnification")
     for name in ("distill_relation", "distill_photos"):
         check(cfg.distills or not getattr(cfg, name), name, getattr(cfg, name), f"it is for the distill losses, not {cfg.loss}")
-    check(cfg.magnification is not None or not cfg.distill_photos, "distill_photos", cfg.distill_photos,
-          "photo pairs are cut at the descriptor's magnification before training: give magnification")
     if cfg.matching or cfg.paired_views:
         check(cfg.batch_size % 2 == 0 and cfg.batch_size >= 4, "batch_size", cfg.batch_size,
               f"loss {cfg.loss} takes batch_size / 2 pairs of views: the batch size must be even and at least 4")
