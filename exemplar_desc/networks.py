@@ -386,15 +386,23 @@ class DescriptorHead(nn.Module):
         if not torch.any(self.projection):
             raise RuntimeError("descriptor head is not fitted: call fit() on pooled features first")
         # Pooled before the cast to float32: a maximum of bfloat16 values is exact, and it leaves
-        # a grid x grid map to convert instead of the whole map.
-        pooled = F.adaptive_max_pool2d(features, self.grid).float()
+        # a grid x grid map to convert instead of the whole map. A grid x grid map (the int8
+        # path pools on its integers) is not pooled again: the identity pooling is slow.
+        pooled = features if features.shape[-2:] == (self.grid, self.grid) else F.adaptive_max_pool2d(features, self.grid)
+        pooled = pooled.float()
         projection = self.projection
         if not pooled.is_contiguous():  # channels-last: (B, F, g, g) stored as (B, g, g, F)
             pooled = pooled.permute(0, 2, 3, 1)
             projection = projection.view(-1, self.grid * self.grid, projection.shape[1]).transpose(0, 1)
         pooled = pooled.reshape(len(pooled), -1)
         projection = projection.reshape(pooled.shape[1], -1)
-        pooled = pooled.pow(self.power) if nonnegative and self.power != 1 else self._compress(pooled)  # pow: a square root for 0.5
+        if nonnegative and self.power != 1:
+            # Zeros (a ReLU's) are raised as float32's smallest normal number (1e-19 after a square
+            # root, far below the rounding of the output): torch's vectorised power is ~8x slower
+            # on exact zeros, which are half the pooled values.
+            pooled = pooled.clamp_min(torch.finfo(torch.float32).tiny).pow(self.power)
+        else:
+            pooled = self._compress(pooled)
         return F.normalize(torch.addmm(-(self.mean @ self.projection), pooled, projection), dim=1)
 
 
