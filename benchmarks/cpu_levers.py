@@ -8,9 +8,9 @@ Variants of ``ExemplarDescriptor.compute`` on the same keypoints: float32 (chann
 the default), float32 with contiguous (NCHW) tensors, bfloat16 convolutions, and 1 or 2
 torch threads; SIFT's ``compute`` runs in every round. Rounds alternate all variants, so
 background load hits them alike; reported are the median time and the median over rounds
-of the time / SIFT's time of the same round. ``--int8`` adds static int8 post-training
-quantisation of the convolutions (torch.ao, x86 backend, calibrated on the image's own
-patches) and reports its cosine similarity to float32 (descriptors are unit vectors).
+of the time / SIFT's time of the same round. ``--int8`` adds the int8 convolutions
+(``precision="int8"``, :mod:`exemplar_desc.int8`, with the ranges calibrated in the model
+card); every variant's cosine similarity to float32 is reported (descriptors are unit vectors).
 
 ``--split`` instead says where one ``compute`` (float32, or ``--precision bf16``) spends
 its time, on one thread: pyramid, sampling, standardisation, each convolution with its
@@ -21,7 +21,6 @@ matrix product.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import sys
 import time
@@ -36,39 +35,7 @@ from exemplar_desc.cli import ArgumentParser, report
 from exemplar_desc.checks import check, check_number
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
-__all__ = ["int8_descriptor", "main", "split_times"]
-
-
-def int8_descriptor(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint]) -> ExemplarDescriptor:
-    """``descriptor`` (float32, on the CPU) with its convolutions statically quantised to int8 (x86), in place.
-
-    The activation ranges are calibrated on the patches of ``keypoints`` in ``image``; pass a
-    descriptor of its own, not one still used in float32.
-    """
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    torch.backends.quantized.engine = "x86"
-    xy, frames = _keypoint_frames(descriptor, keypoints)
-    patches = normalize_patches(extract_patches(build_pyramid(gray_tensor(image)), xy, frames, descriptor.patch_size))
-    trunk = torch.nn.Sequential(*copy.deepcopy(descriptor.net.trunk.blocks)).eval()
-    prepared = prepare_fx(trunk, get_default_qconfig_mapping("x86"), (patches[:8],))
-    with torch.inference_mode():
-        for start in range(0, len(patches), 256):  # calibration: activation ranges on real patches
-            prepared(patches[start : start + 256])
-    descriptor.net = _QuantisedNet(convert_fx(prepared), descriptor.net.head)
-    return descriptor
-
-
-class _QuantisedNet(torch.nn.Module):
-    """An int8 trunk (float in and out, quantised inside) followed by the float32 head."""
-
-    def __init__(self, trunk: torch.nn.Module, head: torch.nn.Module) -> None:
-        super().__init__()
-        self.trunk, self.head = trunk, head
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(patches.contiguous()), nonnegative=True)  # the trunk ends with a ReLU
+__all__ = ["main", "split_times"]
 
 
 def _keypoint_frames(descriptor: ExemplarDescriptor, keypoints: list[cv2.KeyPoint]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", required=True, help="image file, e.g. graf img1.ppm")
     p.add_argument("--num-features", type=int, default=2000, help="SIFT keypoints (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="rounds (default: %(default)s)")
-    p.add_argument("--int8", action="store_true", help="also time int8 post-training quantisation")
+    p.add_argument("--int8", action="store_true", help="also time the int8 convolutions (the model card's calibration)")
     p.add_argument("--split", action="store_true", help="instead, time each stage of one compute on one thread")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="with --split: the arithmetic of the convolutions (default: %(default)s)")
@@ -156,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     nchw.net.to(memory_format=torch.contiguous_format)
     variants = {"fp32": fp32, "fp32 NCHW": nchw, "bf16": bf16}
     if args.int8:
-        variants["int8"] = int8_descriptor(ExemplarDescriptor(args.model, precision="fp32"), image, keypoints)
+        variants["int8"] = ExemplarDescriptor(args.model, precision="int8")
     reference = fp32.compute(image, keypoints)[1]
     threads = torch.get_num_threads()
     calls = {(name, t): d for name, d in variants.items() for t in sorted({1, threads})}

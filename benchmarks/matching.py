@@ -29,10 +29,9 @@ import cv2
 import numpy as np
 
 from exemplar_desc.atomic import atomic_write
-from exemplar_desc.registry import check_descriptor_name
+from exemplar_desc.registry import check_descriptor_name, is_exemplar
 from exemplar_desc.cli import ArgumentParser, add_shared_options, report
 from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir, check_output_file
-from exemplar_desc.descriptor import resolve_precision
 
 from .datasets import KINDS, ImageSequence, default_cache_dir, load_sequences
 from .descriptors import as_float, build_descriptors, catalogue
@@ -521,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
                      "detector": args.detector, "num_features": args.num_features,
                      "magnification": args.magnification,
-                     "exemplar_precision": resolve_precision(args.precision, args.device),
+                     "exemplar_precision": {n: d.precision for n, d in descriptors.items() if is_exemplar(n)},
                      "pixel_threshold": args.pixel_threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS),
                      "homography_fit": HOMOGRAPHY_FIT},

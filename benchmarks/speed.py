@@ -10,9 +10,9 @@ Two images: ``--small`` (default: graf img1, 800x640, 2000 keypoints) and ``--la
 (default: a 2832x2128 sceaux_castle photo, 8000 keypoints). Each gets SIFT's own keypoints
 (``cv2.SIFT_create(nfeatures=COUNT)``), so the counts are what SIFT finds in a real photo.
 For every image and every ``--threads`` count (torch's and OpenCV's threads both), SIFT's
-``compute`` and every precision variant of the descriptor (fp32, bf16, int8: static
-post-training quantisation of the convolutions, x86 backend, calibrated on the image's own
-patches of the first image) describe the same keypoints: one warm-up call each, then ``--repeats`` rounds that
+``compute`` and every precision variant of the descriptor (fp32, bf16, int8: the
+convolutions quantised with the ranges calibrated in the model card, :mod:`exemplar_desc.int8`)
+describe the same keypoints: one warm-up call each, then ``--repeats`` rounds that
 alternate all calls, so background load hits them alike; reported are the median times,
 descriptors per second and the ratio to SIFT's median. A variant this machine cannot run
 is listed as skipped, with the reason. The CPU's name and its bfloat16 hardware are printed
@@ -37,9 +37,9 @@ from exemplar_desc.atomic import atomic_write
 from exemplar_desc.cli import ArgumentParser, add_shared_options, report
 from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir
 from exemplar_desc.descriptor import native_bf16
+from exemplar_desc.int8 import int8_available
 from exemplar_desc.registry import is_exemplar
 
-from .cpu_levers import int8_descriptor
 from .descriptors import build_descriptors, catalogue
 
 __all__ = ["time_calls", "cpu_info", "main"]
@@ -156,11 +156,10 @@ def _variants(name: str, wanted: list[str], device: torch.device, batch_size: in
             skipped[variant] = ("no bfloat16 hardware (AVX512-BF16 or AMX) on this CPU" if device.type == "cpu" else
                                 "no bfloat16 hardware on this GPU (compute capability 8.0+)") + "; emulated bf16 is slower than fp32"
             continue
-        if variant == "int8" and (device.type != "cpu" or "x86" not in torch.backends.quantized.supported_engines):
+        if variant == "int8" and (device.type != "cpu" or not int8_available()):
             skipped[variant] = "int8 needs torch's x86 quantized engine on the CPU"
             continue
-        made, reasons = build_descriptors([name], device=str(device), precision="fp32" if variant == "int8" else variant,
-                                          batch_size=batch_size)
+        made, reasons = build_descriptors([name], device=str(device), precision=variant, batch_size=batch_size)
         if name in made:
             built[variant] = made[name]
         else:
@@ -184,8 +183,6 @@ def _run(images: list, threads: list[int], built: dict, skipped: dict[str, str],
         for (_, path, _, _), kps in zip(images, found):
             if not kps:
                 raise ValueError(f"SIFT finds no keypoint in {path}")
-        if "int8" in built:  # calibrated once, on the first image's patches
-            built["int8"] = int8_descriptor(built["int8"], images[0][2], found[0])
         for (label, path, image, _), kps in zip(images, found):
             base = {"image": label, "path": path, "size": f"{image.shape[1]}x{image.shape[0]}", "keypoints": len(kps)}
             for t in threads:

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import torch
 
-from .checks import check_number
+from .checks import check, check_number
+from .int8 import Int8DescriptorNet, native_int8
 from .model_io import load_model
 from .networks import DescriptorNet
 from .quantization import quantize_uint8
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["ExemplarDescriptor", "PRECISIONS", "PRECISION_CHOICES", "describe_frames", "describe_images", "native_bf16",
            "resolve_precision"]
 
-#: Arithmetic of the convolutions: name -> torch dtype (``"auto"`` resolves to one of them).
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: Arithmetic of the convolutions: name -> torch dtype of the trunk (``"auto"`` resolves to one
+#: of them; ``"int8"`` quantises the float32 trunk, :mod:`exemplar_desc.int8`).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 #: What the ``precision`` argument and every ``--precision`` option accept.
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 
@@ -51,9 +53,20 @@ def native_bf16(device: str | torch.device) -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """``"fp32"`` or ``"bf16"``; ``"auto"`` is ``"bf16"`` where :func:`native_bf16` holds, else ``"fp32"``."""
+def resolve_precision(precision: str, device: str | torch.device, int8_calibrated: bool = True) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"int8"``, the arithmetic ``precision`` stands for on ``device``.
+
+    ``"auto"`` is ``"int8"`` on x86 CPUs with AVX512-VNNI (:func:`exemplar_desc.int8.native_int8`)
+    for a model whose card holds an int8 calibration (``int8_calibrated``), else ``"bf16"``
+    where :func:`native_bf16` holds, else ``"fp32"``: the fastest that keeps the benchmark
+    results where it was measured (docs/throughput.md).
+
+    Raises:
+        ValueError: ``precision`` is not one of :data:`PRECISION_CHOICES`.
+    """
     if precision == "auto":
+        if int8_calibrated and native_int8(device):
+            return "int8"
         return "bf16" if native_bf16(device) else "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
@@ -159,12 +172,15 @@ class ExemplarDescriptor:
         detector: ``cv2.Feature2D`` used by :meth:`detect`; default ``cv2.SIFT_create()``.
         output_dtype: ``np.float32`` (default) or ``np.uint8`` (one byte per dimension, constant norm,
             so COLMAP's dot-product matching ranks like L2; see :mod:`exemplar_desc.quantization`).
-        precision: ``"auto"`` (default), ``"fp32"`` or ``"bf16"``. ``"bf16"`` runs the
+        precision: ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"int8"``. ``"bf16"`` runs the
             convolutions in bfloat16 (the head stays float32): on CPUs with AVX512-BF16/AMX
             about 2x faster, descriptors within cosine 0.999 of fp32's and the same benchmark
-            results (docs/throughput.md), but slow on CPUs without them. ``"auto"`` takes
-            ``"bf16"`` where the device has bfloat16 hardware (:func:`native_bf16`), else
-            ``"fp32"``; ``self.precision`` holds the choice.
+            results (docs/throughput.md), but slow on CPUs without them. ``"int8"`` (x86 CPUs)
+            runs them on 8-bit integers with the ranges calibrated in the model card
+            (:mod:`exemplar_desc.int8`), within 0.2 points of fp32's benchmark results. ``"auto"``
+            takes int8 on x86 CPUs with AVX512-VNNI when the card holds the calibration, else
+            bf16 where the device has bfloat16 hardware, else fp32 (:func:`resolve_precision`);
+            ``self.precision`` holds the choice.
     """
 
     def __init__(
@@ -184,10 +200,15 @@ class ExemplarDescriptor:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available; use device='cpu'")
-        precision = resolve_precision(precision, self.device)
+        resolve_precision(precision, self.device)  # a bad value fails before the model loads
+        check(precision != "int8" or self.device.type == "cpu", "precision", precision, "runs on the CPU only")
         self.net, self.card = load_model(model, self.device)
-        self.net = self.net.fuse_batch_norm().to(memory_format=torch.channels_last)
-        self.net.trunk.to(PRECISIONS[precision])
+        precision = resolve_precision(precision, self.device, int8_calibrated=bool(self.card.get("int8")))
+        if precision == "int8":
+            self.net = Int8DescriptorNet(self.net, self.card.get("int8"))
+        else:
+            self.net = self.net.fuse_batch_norm().to(memory_format=torch.channels_last)
+            self.net.trunk.to(PRECISIONS[precision])
         self.precision = precision
         if magnification is not None:
             check_number("magnification", magnification, low=0, low_open=True)

@@ -2,7 +2,7 @@
 
     python -m exemplar_desc.extract --images DIR --out features.h5 [--descriptor NAME]
         [--max-size PX] [--max-keypoints N] [--magnification sfm|card|M] [--device cpu|cuda]
-        [--workers N] [--batch-size N] [--precision auto|fp32|bf16]
+        [--workers N] [--batch-size N] [--precision auto|fp32|bf16|int8]
 
 Images are read, decoded and detected (OpenCV SIFT/DoG) in ``--workers`` processes,
 described on ``--device`` in network batches shared across images, and written as they

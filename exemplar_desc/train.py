@@ -43,8 +43,9 @@ from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
 from .training.config import PCA_SOURCES, TRIPLET_PAIRS, WHITENINGS, TrainConfig
+from .int8 import calibrate_int8
 from .training.head import build_descriptor_net, fit_head_on_keypoints, fit_head_on_pairs, fit_head_on_surrogates, \
-    fitted_on_photos, uses_surrogates
+    keypoint_patches, uses_surrogates
 from .training.init_model import architecture_option, load_init_model
 from .training.loop import train
 from .training.magnification import tune_magnification
@@ -52,6 +53,11 @@ from .training.presets import PRESETS
 from .training.seeds import load_stl10_unlabeled
 from .training.signals import TrainingInterrupted
 from .training.transforms import FAMILIES, FAMILY_RECORDS, TransformConfig
+
+logger = logging.getLogger(__name__)
+
+#: Patches at SIFT keypoints of the training photos on which the int8 ranges are calibrated.
+INT8_PATCHES = 8192
 
 __all__ = ["build_parser", "parse_args", "config_defaults", "add_config_options", "add_family_options", "config_from_args",
            "command_line", "build_card", "finish_model", "describe_run", "main"]
@@ -429,14 +435,12 @@ def finish_model(cfg: TrainConfig, result: dict, command: str, resumed: bool, pr
     net = build_descriptor_net(result["model"], cfg)
     # The keypoints PCA and the pairs whitening are fitted at the chosen magnification; the
     # surrogate PCA is fitted when it is the head, or for the tuning, which describes patches with it.
-    refit = fitted_on_photos(cfg)
     explained = None
     if cfg.whitening == "learned":
         net.head.load_state_dict(result["model"].matching.state_dict())
     elif uses_surrogates(cfg):
         explained = fit_head_on_surrogates(net, result["sampler"], cfg, result["device"], result["generator"])
-    # Read once: STL-10's file may hold 100,000 images.
-    images, source = _training_images(cfg) if refit or cfg.magnification is None else (None, None)
+    images, source = _training_images(cfg)  # read once: STL-10's file may hold 100,000 images
     magnification, tuning = _magnification(cfg, net, images, source)
     pairs = None
     if cfg.pca_source == "keypoints":
@@ -444,9 +448,20 @@ def finish_model(cfg: TrainConfig, result: dict, command: str, resumed: bool, pr
     if cfg.whitening == "pairs":
         explained, pairs = fit_head_on_pairs(net, images, magnification, cfg)
     card = build_card(cfg, command, resumed, result, net, explained, magnification, tuning, preset=preset, pairs=pairs)
+    card["int8"] = _int8_calibration(net, images, magnification, cfg)
     if result["refit_head"]:
         card["training"]["trunk_training"] = load_init_model(cfg.init)[1].get("training")
     return net, card
+
+
+def _int8_calibration(net: DescriptorNet, images: list[Path] | np.ndarray, magnification: float, cfg: TrainConfig) -> dict | None:
+    """The card's ``int8`` record (:func:`calibrate_int8`) from patches at SIFT keypoints of the
+    training photos, cut at the model's magnification; None, with a warning, when they have none."""
+    patches = list(keypoint_patches(images, INT8_PATCHES, magnification, cfg.patch_size, cfg.seed))
+    if not patches:
+        logger.warning("the training photos have no SIFT keypoints, so the model has no int8 calibration")
+        return None
+    return calibrate_int8(net, patches)
 
 
 def describe_run(card: dict) -> str:

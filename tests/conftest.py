@@ -11,6 +11,7 @@ import pytest
 import skimage.data
 import torch
 
+from exemplar_desc.int8 import calibrate_int8
 from exemplar_desc.model_io import save_model
 from exemplar_desc.networks import DescriptorNet, resolve_architecture
 from exemplar_desc.patches import normalize_patches
@@ -49,7 +50,8 @@ def random_model(tmp_path_factory) -> Path:
     with torch.no_grad():
         patches = normalize_patches(torch.rand(512, 1, 32, 32))
         net.head.fit(net.head.pool(net.features(patches)))
-    card = {"architecture": arch.to_dict(), "patch_size": 32, "magnification": 12.0, "head": {"layer": net.layer, "grid": 4, "dim": 128}}
+    card = {"architecture": arch.to_dict(), "patch_size": 32, "magnification": 12.0, "head": {"layer": net.layer, "grid": 4, "dim": 128},
+            "int8": calibrate_int8(net, [patches])}
     return save_model(net, card, tmp_path_factory.mktemp("model"), "random-fast")
 
 

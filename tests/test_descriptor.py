@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import cv2
 import numpy as np
 import pytest
@@ -5,6 +8,7 @@ import torch
 
 from exemplar_desc import ExemplarDescriptor
 from exemplar_desc.descriptor import native_bf16, resolve_precision
+from exemplar_desc.int8 import native_int8
 
 
 @pytest.fixture(scope="module")
@@ -251,13 +255,23 @@ def test_bf16_stays_within_cosine_0999_of_fp32(photo_bgr, keypoints):
     cos = (out * fp32).sum(1)
     assert cos.min() > 0.999 and np.median(cos) > 0.9999
     with pytest.raises(ValueError, match="precision"):
-        ExemplarDescriptor(precision="int8")
+        ExemplarDescriptor(precision="int4")
 
 
-def test_auto_precision_is_bf16_only_with_bfloat16_hardware():
-    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+def test_auto_precision_is_int8_with_vnni_then_bf16_with_bfloat16_hardware(random_model, tmp_path):
+    fallback = "bf16" if native_bf16("cpu") else "fp32"
+    assert resolve_precision("auto", "cpu") == ("int8" if native_int8("cpu") else fallback)
+    assert resolve_precision("auto", "cpu", int8_calibrated=False) == fallback
     assert ExemplarDescriptor().precision == resolve_precision("auto", "cpu")
-    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
-    assert not native_bf16("meta")
+    # A card without the int8 calibration never resolves to int8.
+    card = json.loads(random_model.read_text())
+    del card["int8"]
+    uncalibrated = tmp_path / random_model.name
+    uncalibrated.write_text(json.dumps(card))
+    shutil.copy(random_model.with_suffix(".pt"), tmp_path)
+    assert ExemplarDescriptor(uncalibrated).precision == fallback
+    for name in ("fp32", "bf16", "int8"):
+        assert resolve_precision(name, "cpu") == name
+    assert not native_bf16("meta") and not native_int8("meta") and resolve_precision("auto", "meta") == "fp32"
     with pytest.raises(ValueError, match="auto, fp32, bf16"):
         resolve_precision("fp16", "cpu")

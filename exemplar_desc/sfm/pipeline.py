@@ -109,7 +109,7 @@ class SfmSettings:
             5, which ``python -m exemplar_desc.extract`` describes with too. Smaller patches
             trade 3D points for a lower reprojection error (docs/model-development.md, "SfM
             settings: magnification 5 and ratio 0.95").
-        precision: convolutions of the Exemplar descriptors, ``"auto"``, ``"fp32"`` or ``"bf16"``
+        precision: convolutions of the Exemplar descriptors, ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"int8"``
             (see :class:`exemplar_desc.ExemplarDescriptor`).
     """
 

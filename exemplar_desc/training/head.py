@@ -113,7 +113,7 @@ def keypoint_patches(
     sift = cv2.SIFT_create()
     per_image = math.ceil(count / max(1, len(images)))
     left = count
-    for image in tqdm(images, desc="PCA keypoint patches", unit="img", leave=False):
+    for image in tqdm(images, desc="keypoint patches", unit="img", leave=False):
         if left <= 0:
             return
         gray = read_gray(image)

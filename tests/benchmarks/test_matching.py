@@ -170,7 +170,7 @@ def test_precision_reaches_the_exemplar_descriptors_and_the_protocol(tiny_data, 
                  "--num-features", "100", "--out", str(tmp_path), "--no-progress"]) == 0
     assert built[name].precision == "bf16"
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["protocol"]["exemplar_precision"] == "bf16"
+    assert results["protocol"]["exemplar_precision"] == {name: "bf16"}
     assert results["descriptors"][name]["summary"]["num_pairs"] == 4
 
 

@@ -86,7 +86,7 @@ def test_bad_option_is_one_error_line_exit_2_nothing_written(root, extra, option
     ({"ratio": 1.5}, ValueError, "ratio 1.5: must be a finite number > 0 and <= 1"),
     ({"pairs": "sequential:0"}, ValueError, "pairs 'sequential:0'"),
     ({"mapper": "fast"}, TypeError, "mapper must be a MapperSettings"),
-    ({"precision": "int8"}, ValueError, "precision 'int8': must be auto, fp32, bf16"),
+    ({"precision": "int4"}, ValueError, "precision 'int4': must be auto, fp32, bf16, int8"),
 ])
 def test_settings_refuse_bad_values_on_creation(kwargs, error, message):
     with pytest.raises(error) as info:

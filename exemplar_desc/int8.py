@@ -1,0 +1,172 @@
+"""int8 inference of the descriptor network on x86 CPUs: static quantisation of the trunk.
+
+The convolutions (each fused with its ReLU) run on 8-bit integers through PyTorch's x86
+quantised engine (VNNI where the CPU has it, AVX2 elsewhere): weights per output channel,
+symmetric int8; activations per tensor, unsigned 8-bit over their full range. The ranges of
+the activations are calibrated once, on patches at SIFT keypoints of the training photos, by
+the training command, which records them in the model card (``card["int8"]``); loading
+builds the quantised trunk from them, so the descriptors of every image share one scale.
+The head's max pooling runs on the integers (a maximum commutes with the monotone
+dequantisation, so it is exact) and the rest of the head in float32.
+
+Example::
+
+    descriptor = ExemplarDescriptor(precision="int8")  # the default model's card holds the ranges
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .networks import DescriptorNet
+
+__all__ = ["int8_available", "native_int8", "calibrate_int8", "Int8DescriptorNet"]
+
+#: PyTorch's quantised engine the int8 path runs on.
+ENGINE = "x86"
+_QMIN, _QMAX = 0, 255  # unsigned 8-bit activations, full range (VNNI needs no reduced range)
+
+
+def int8_available() -> bool:
+    """Whether this PyTorch build has the x86 quantised engine (x86 CPUs; not ARM)."""
+    return ENGINE in torch.backends.quantized.supported_engines
+
+
+def native_int8(device: str | torch.device) -> bool:
+    """Whether int8 is the fastest arithmetic of ``device``: an x86 CPU with AVX512-VNNI (and the x86 engine).
+
+    Measured there (docs/throughput.md); CPUs with AVX2 alone, without 8-bit dot products,
+    are not, so ``precision="auto"`` leaves them float32.
+    """
+    probe = getattr(torch.cpu, "_is_vnni_supported", lambda: False)  # private torch.cpu probe: AVX512-VNNI
+    return torch.device(device).type == "cpu" and int8_available() and probe()
+
+
+@contextmanager
+def _engine() -> Iterator[None]:
+    """The x86 engine while weights are packed; the caller's engine is restored afterwards."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = ENGINE
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def _float_trunk(net: DescriptorNet) -> nn.Sequential:
+    """The trunk as one flat float32 Sequential, batch norms folded, so each convolution meets its ReLU."""
+    trunk = copy.deepcopy(net).cpu().fuse_batch_norm().trunk.float().eval()
+    return nn.Sequential(*[m for block in trunk.blocks for m in block if not isinstance(m, nn.Identity)])
+
+
+def _prepare(trunk: nn.Sequential, activation_observer: type, example: torch.Tensor) -> torch.fx.GraphModule:
+    from torch.ao.quantization import QConfig, QConfigMapping
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    qconfig = QConfig(activation=activation_observer.with_args(dtype=torch.quint8, quant_min=_QMIN, quant_max=_QMAX),
+                      weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that FX quantisation moves to torchao
+        # The output stays quantised, so that the head's max pooling runs on the integers.
+        return prepare_fx(trunk, QConfigMapping().set_global(qconfig), (example,),
+                          prepare_custom_config=PrepareCustomConfig().set_output_quantized_indexes([0]))
+
+
+def _activation_observers(prepared: torch.fx.GraphModule) -> list[nn.Module]:
+    """The activation observers in graph order: the input, then each fused convolution's output."""
+    from torch.ao.quantization.observer import ObserverBase
+
+    return [m for node in prepared.graph.nodes if node.op == "call_module"
+            for m in [prepared.get_submodule(node.target)] if isinstance(m, ObserverBase)]
+
+
+@torch.inference_mode()
+def calibrate_int8(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> dict:
+    """Activation ranges of ``net``'s trunk for int8 inference, from a histogram of real activations.
+
+    Each range is the one that minimises the quantisation error of its activation
+    (PyTorch's ``HistogramObserver``), so rare outliers are clipped rather than coarsening
+    every value.
+
+    Args:
+        net: descriptor network (eval mode, any device; run here on the CPU in float32).
+        batches: (B, 1, P, P) standardised patches, as :func:`exemplar_desc.patches.normalize_patches`
+            gives them; patches at keypoints of photos of the model's domain.
+
+    Returns:
+        The card's ``int8`` record: ``{"activation_ranges": [[low, high], ...], "patches": N, ...}``,
+        one range (in the activation's units) per observed tensor, the input first.
+
+    Raises:
+        ValueError: ``batches`` is empty.
+    """
+    from torch.ao.quantization.observer import HistogramObserver
+
+    trunk, prepared, count = _float_trunk(net), None, 0
+    for batch in batches:
+        batch = batch.detach().float().cpu()
+        if prepared is None:
+            prepared = _prepare(trunk, HistogramObserver, batch[:1])
+        prepared(batch)
+        count += len(batch)
+    if prepared is None:
+        raise ValueError("batches is empty: int8 calibration needs patches")
+    ranges = []
+    for observer in _activation_observers(prepared):
+        scale, zero_point = (float(v) for v in observer.calculate_qparams())
+        ranges.append([(_QMIN - zero_point) * scale, (_QMAX - zero_point) * scale])
+    return {"activation_ranges": ranges, "patches": count, "observer": "histogram, uint8 over the full range",
+            "weights": "int8, symmetric per output channel"}
+
+
+class Int8DescriptorNet(nn.Module):
+    """A :class:`DescriptorNet` whose trunk runs in int8 (x86), from its card's calibration.
+
+    Shape:
+        - Input: (B, 1, P, P) float standardised patches.
+        - Output: (B, dim) float32 unit-length descriptors, as ``DescriptorNet``'s.
+
+    Raises:
+        ValueError: the card holds no int8 calibration, or the number of its ranges does not fit the trunk.
+        RuntimeError: PyTorch lacks the x86 quantised engine (:func:`int8_available`).
+    """
+
+    def __init__(self, net: DescriptorNet, calibration: dict | None) -> None:
+        super().__init__()
+        if not int8_available():
+            raise RuntimeError(f"int8 needs PyTorch's {ENGINE!r} quantised engine (x86 CPUs); this build has "
+                               f"{', '.join(torch.backends.quantized.supported_engines)}")
+        if not calibration or "activation_ranges" not in calibration:
+            raise ValueError("the model card holds no int8 calibration (card['int8']); models written by the "
+                             "training command hold one")
+        from torch.ao.quantization.observer import MinMaxObserver
+        from torch.ao.quantization.quantize_fx import convert_fx
+
+        trunk, size = _float_trunk(net), net.head.grid
+        prepared = _prepare(trunk, MinMaxObserver, torch.zeros(1, 1, 32, 32))
+        observers, ranges = _activation_observers(prepared), calibration["activation_ranges"]
+        if len(ranges) != len(observers):
+            raise ValueError(f"the card's int8 calibration has {len(ranges)} ranges, the trunk needs {len(observers)}")
+        for observer, (low, high) in zip(observers, ranges):
+            observer.min_val, observer.max_val = torch.tensor(float(low)), torch.tensor(float(high))
+        with _engine(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao's deprecation notices of quantised tensors
+            self.trunk = convert_fx(prepared)
+        self.head = net.head
+        self.grid = size
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        features = self.trunk(patches.float())
+        height, width = features.shape[-2:]
+        if height % self.grid == 0 and width % self.grid == 0:  # quantised max pooling has no adaptive form
+            features = F.max_pool2d(features, (height // self.grid, width // self.grid))
+        return self.head(features.dequantize(), nonnegative=True)  # the trunk ends with a ReLU

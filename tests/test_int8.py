@@ -1,0 +1,95 @@
+"""int8 inference: calibration record, the quantisation error bound, pooling on the integers, errors."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from exemplar_desc import ExemplarDescriptor
+from exemplar_desc.int8 import Int8DescriptorNet, calibrate_int8, int8_available
+from exemplar_desc.networks import DescriptorNet, parse_architecture
+from exemplar_desc.patches import normalize_patches
+
+pytestmark = pytest.mark.skipif(not int8_available(), reason="PyTorch's x86 quantised engine is x86-only")
+
+
+def _patches(count: int, seed: int) -> torch.Tensor:
+    return normalize_patches(torch.rand(count, 1, 32, 32, generator=torch.Generator().manual_seed(seed)))
+
+
+def _one_conv_net() -> DescriptorNet:
+    """A fitted descriptor network of one 4x4 stride-2 convolution (16 x 16 maps, pooled 4 x 4)."""
+    torch.manual_seed(0)
+    net = DescriptorNet(parse_architecture("8c4s2", pool_after=0), grid=4, dim=16).eval()
+    with torch.no_grad():
+        net.head.fit(net.head.pool(net.features(_patches(256, 1))))
+    return net
+
+
+def test_calibration_records_one_range_per_activation():
+    net = _one_conv_net()
+    record = calibrate_int8(net, [_patches(100, 2), _patches(60, 3)])
+    (in_low, in_high), (out_low, out_high) = record["activation_ranges"]
+    assert record["patches"] == 160
+    assert in_low < 0 < in_high  # standardised patches
+    assert out_low == 0 < out_high  # after the ReLU
+    with pytest.raises(ValueError, match="batches is empty"):
+        calibrate_int8(net, [])
+
+
+def test_int8_convolution_stays_within_its_rounding_bound():
+    """|int8 - float| per output <= sum_i |w_i| s_x / 2 + |x_i| s_w / 2 (+ their product) + s_x s_w / 2 + s_y / 2:
+    input, weight, bias and output rounding, no clipping (the ranges cover the activations)."""
+    net, x = _one_conv_net(), _patches(64, 4)
+    with torch.no_grad():
+        y = net.features(x)
+    conv = net.trunk.blocks[0][0]
+    ranges = [[float(x.min()), float(x.max())], [0.0, float(y.max())]]
+    int8 = Int8DescriptorNet(net, {"activation_ranges": ranges})
+    got = int8.trunk(x).dequantize()
+    s_x, s_y = (ranges[0][1] - ranges[0][0]) / 255, ranges[1][1] / 255
+    s_w = dict(int8.trunk.named_modules())["0"].weight().q_per_channel_scales().float().view(1, -1, 1, 1)
+    w_abs = conv.weight.detach().abs()
+    x_abs = x.abs() + s_x / 2
+    bound = (F.conv2d(torch.full_like(x, s_x / 2), w_abs, stride=2, padding=1)
+             + F.conv2d(x_abs, torch.ones_like(w_abs), stride=2, padding=1) * s_w / 2
+             + s_x * s_w / 2 + s_y / 2)
+    error = (got - y).abs()
+    assert float(error.max()) > 0  # the integers differ from the floats
+    assert bool((error <= bound * (1 + 1e-5) + 1e-6).all())
+
+
+def test_pooling_on_the_integers_equals_pooling_the_floats():
+    net = _one_conv_net()
+    int8 = Int8DescriptorNet(net, calibrate_int8(net, [_patches(128, 5)]))
+    x = _patches(32, 6)
+    with torch.no_grad():
+        expected = net.head(int8.trunk(x).dequantize(), nonnegative=True)
+        got = int8(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.allclose(got.norm(dim=1), torch.ones(len(got)), atol=1e-5)
+
+
+def test_int8_needs_the_cards_calibration(random_model):
+    net = _one_conv_net()
+    with pytest.raises(ValueError, match=r"card\['int8'\]"):
+        Int8DescriptorNet(net, None)
+    with pytest.raises(ValueError, match="has 1 ranges, the trunk needs 2"):
+        Int8DescriptorNet(net, {"activation_ranges": [[0.0, 1.0]]})
+    with pytest.raises(ValueError, match="precision 'int8': runs on the CPU only"):
+        ExemplarDescriptor(random_model, device="meta", precision="int8")
+
+
+def test_shipped_default_runs_in_int8(photo_bgr):
+    """The default's card carries its calibration; int8 descriptors are unit vectors near float32's."""
+    keypoints = cv2.SIFT_create(nfeatures=300).detect(photo_bgr, None)
+    fp32 = ExemplarDescriptor(precision="fp32").compute(photo_bgr, keypoints)[1]
+    int8 = ExemplarDescriptor(precision="int8")
+    assert "precision='int8'" in repr(int8)
+    out = int8.compute(photo_bgr, keypoints)[1]
+    assert out.dtype == np.float32 and out.shape == fp32.shape
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    # Each keypoint's nearest float32 descriptor is its own (or an identical one): int8 keeps what matching uses.
+    similarity = out @ fp32.T
+    assert np.all(similarity.diagonal() >= similarity.max(axis=1) - 1e-6)
