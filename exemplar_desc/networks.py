@@ -398,8 +398,8 @@ class DescriptorHead(nn.Module):
         projection = projection.reshape(pooled.shape[1], -1)
         if nonnegative and self.power != 1:
             # Zeros (a ReLU's) are raised as float32's smallest normal number (1e-19 after a square
-            # root, far below the rounding of the output): torch's vectorised power is ~8x slower
-            # on exact zeros, which are half the pooled values.
+            # root, far below the rounding of the output): torch's vectorised root is several
+            # times slower on exact zeros, which are half the pooled values.
             pooled = pooled.clamp_min(torch.finfo(torch.float32).tiny).pow(self.power)
         else:
             pooled = self._compress(pooled)

@@ -14,6 +14,7 @@ clockwise in image coordinates, -1 when the detector gives none.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Sequence
 
 import cv2
@@ -241,8 +242,12 @@ def extract_patches(
         offset = ((c + 0.5) * to_grid - 1).float()  # (n, 2)
         a = (a * to_grid[:, None]).float()  # (n, 2, 2)
         grid = offset[:, None, None, :] + torch.einsum("nij,pqj->npqi", a, uv)  # (n, P, P, 2)
+        # On the CPU grid_sample runs one thread per batch element: the level goes in as one
+        # view per thread (no copy), each sampling its share of the grid rows.
+        chunks = math.gcd(torch.get_num_threads(), len(grid) * patch_size) if device.type == "cpu" else 1
         sampled = F.grid_sample(
-            image, grid.reshape(1, -1, patch_size, 2), mode="bilinear", padding_mode="reflection", align_corners=False
+            image.expand(chunks, -1, -1, -1), grid.reshape(chunks, -1, patch_size, 2), mode="bilinear",
+            padding_mode="reflection", align_corners=False,
         ).reshape(-1, 1, patch_size, patch_size)
         if idx is None:
             return sampled

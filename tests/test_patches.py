@@ -185,3 +185,20 @@ def test_gray_tensor_is_opencvs_conversion():
     np.testing.assert_allclose(gray_tensor(bgr).numpy(), ref, atol=1e-6)
     bgra = cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)
     np.testing.assert_allclose(gray_tensor(bgra).numpy(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_sampling_split_across_threads_gives_the_same_patches(threads):
+    """Each thread samples its share of the grid rows from a view of the level: bit-identical patches."""
+    rng = np.random.default_rng(5)
+    pyramid = build_pyramid(cv2.GaussianBlur(rng.random((300, 340)).astype(np.float32), (0, 0), 1.5))
+    centers = rng.uniform(-20, 360, (37, 2))  # some beyond the border, reflected
+    frames = keypoint_frames(rng.uniform(2, 40, 37), rng.uniform(0, 360, 37), 6.0)  # levels 0 to 3
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = extract_patches(pyramid, centers, frames, 32)
+        torch.set_num_threads(threads)
+        assert torch.equal(extract_patches(pyramid, centers, frames, 32), one)
+    finally:
+        torch.set_num_threads(saved)
