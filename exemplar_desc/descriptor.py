@@ -175,7 +175,7 @@ class ExemplarDescriptor:
         precision: ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"int8"``. ``"bf16"`` runs the
             convolutions in bfloat16 (the head stays float32): on CPUs with AVX512-BF16/AMX
             about 2x faster, descriptors within cosine 0.999 of fp32's and the same benchmark
-            results (docs/throughput.md), but slow on CPUs without them. ``"int8"`` (x86 CPUs)
+            results (docs/throughput.md), but slow on CPUs without them. ``"int8"`` (x86 CPUs with AVX512-VNNI)
             runs them on 8-bit integers with the ranges calibrated in the model card
             (:mod:`exemplar_desc.int8`), within 0.2 points of fp32's benchmark results. ``"auto"``
             takes int8 on x86 CPUs with AVX512-VNNI when the card holds the calibration, else
@@ -201,7 +201,8 @@ class ExemplarDescriptor:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available; use device='cpu'")
         resolve_precision(precision, self.device)  # a bad value fails before the model loads
-        check(precision != "int8" or self.device.type == "cpu", "precision", precision, "runs on the CPU only")
+        check(precision != "int8" or native_int8(self.device), "precision", precision,
+              "needs an x86 CPU with AVX512-VNNI (torch's x86 quantised engine); use 'auto' or 'fp32'")
         self.net, self.card = load_model(model, self.device)
         precision = resolve_precision(precision, self.device, int8_calibrated=bool(self.card.get("int8")))
         if precision == "int8":

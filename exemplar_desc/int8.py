@@ -1,7 +1,7 @@
-"""int8 inference of the descriptor network on x86 CPUs: static quantisation of the trunk.
+"""int8 inference of the descriptor network on x86 CPUs with AVX512-VNNI: static quantisation of the trunk.
 
 The convolutions (each fused with its ReLU) run on 8-bit integers through PyTorch's x86
-quantised engine (VNNI where the CPU has it, AVX2 elsewhere): weights per output channel,
+quantised engine, on CPUs with AVX512-VNNI (:func:`int8_available`): weights per output channel,
 symmetric int8; activations per tensor, unsigned 8-bit over their full range. The ranges of
 the activations are calibrated once, on patches at SIFT keypoints of the training photos, by
 the training command, which records them in the model card (``card["int8"]``); loading
@@ -35,18 +35,21 @@ _QMIN, _QMAX = 0, 255  # unsigned 8-bit activations, full range (VNNI needs no r
 
 
 def int8_available() -> bool:
-    """Whether this PyTorch build has the x86 quantised engine (x86 CPUs; not ARM)."""
-    return ENGINE in torch.backends.quantized.supported_engines
+    """Whether this machine computes the int8 trunk exactly: torch's x86 quantised engine on a
+    CPU with AVX512-VNNI.
+
+    Without VNNI the engine multiplies 8-bit pairs with AVX2's ``vpmaddubsw``, whose 16-bit
+    sums saturate for activations over the full 8-bit range (hence torch's "reduced range"
+    there); the ranges in the cards are full, so int8 is refused on such CPUs (and on ARM).
+    """
+    probe = getattr(torch.cpu, "_is_vnni_supported", lambda: False)  # private torch.cpu probe: AVX512-VNNI
+    return ENGINE in torch.backends.quantized.supported_engines and probe()
 
 
 def native_int8(device: str | torch.device) -> bool:
-    """Whether int8 is the fastest arithmetic of ``device``: an x86 CPU with AVX512-VNNI (and the x86 engine).
-
-    Measured there (docs/throughput.md); CPUs with AVX2 alone, without 8-bit dot products,
-    are not, so ``precision="auto"`` leaves them float32.
-    """
-    probe = getattr(torch.cpu, "_is_vnni_supported", lambda: False)  # private torch.cpu probe: AVX512-VNNI
-    return torch.device(device).type == "cpu" and int8_available() and probe()
+    """Whether ``device`` runs int8 (:func:`int8_available` on the CPU): there it is the fastest
+    arithmetic that keeps the benchmark results (docs/throughput.md), so ``precision="auto"`` takes it."""
+    return torch.device(device).type == "cpu" and int8_available()
 
 
 @contextmanager
@@ -137,14 +140,15 @@ class Int8DescriptorNet(nn.Module):
 
     Raises:
         ValueError: the card holds no int8 calibration, or the number of its ranges does not fit the trunk.
-        RuntimeError: PyTorch lacks the x86 quantised engine (:func:`int8_available`).
+        RuntimeError: int8 does not run on this machine (:func:`int8_available`).
     """
 
     def __init__(self, net: DescriptorNet, calibration: dict | None) -> None:
         super().__init__()
         if not int8_available():
-            raise RuntimeError(f"int8 needs PyTorch's {ENGINE!r} quantised engine (x86 CPUs); this build has "
-                               f"{', '.join(torch.backends.quantized.supported_engines)}")
+            raise RuntimeError("int8 needs an x86 CPU with AVX512-VNNI and PyTorch's x86 quantised engine "
+                               f"(engines here: {', '.join(torch.backends.quantized.supported_engines)}); "
+                               "use precision='fp32' or 'auto'")
         if not calibration or "activation_ranges" not in calibration:
             raise ValueError("the model card holds no int8 calibration (card['int8']); models written by the "
                              "training command hold one")

@@ -400,7 +400,7 @@ class DescriptorHead(nn.Module):
             # Zeros (a ReLU's) are raised as float32's smallest normal number (1e-19 after a square
             # root, far below the rounding of the output): torch's vectorised root is several
             # times slower on exact zeros, which are half the pooled values.
-            pooled = pooled.clamp_min(torch.finfo(torch.float32).tiny).pow(self.power)
+            pooled = pooled.clamp_min(torch.finfo(torch.float32).tiny).pow_(self.power)  # in place: one fewer large buffer
         else:
             pooled = self._compress(pooled)
         return F.normalize(torch.addmm(-(self.mean @ self.projection), pooled, projection), dim=1)

@@ -11,7 +11,7 @@ from exemplar_desc.int8 import Int8DescriptorNet, calibrate_int8, int8_available
 from exemplar_desc.networks import DescriptorNet, parse_architecture
 from exemplar_desc.patches import normalize_patches
 
-pytestmark = pytest.mark.skipif(not int8_available(), reason="PyTorch's x86 quantised engine is x86-only")
+pytestmark = pytest.mark.skipif(not int8_available(), reason="int8 needs an x86 CPU with AVX512-VNNI")
 
 
 def _patches(count: int, seed: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_int8_needs_the_cards_calibration(random_model):
         Int8DescriptorNet(net, None)
     with pytest.raises(ValueError, match="has 1 ranges, the trunk needs 2"):
         Int8DescriptorNet(net, {"activation_ranges": [[0.0, 1.0]]})
-    with pytest.raises(ValueError, match="precision 'int8': runs on the CPU only"):
+    with pytest.raises(ValueError, match="precision 'int8': needs an x86 CPU with AVX512-VNNI"):
         ExemplarDescriptor(random_model, device="meta", precision="int8")
 
 

@@ -34,7 +34,8 @@ def _rows(out):
 
 
 def test_speed_table_has_every_image_threads_and_variant(capsys, tmp_path, random_model, images, monkeypatch):
-    monkeypatch.setattr(speed, "native_bf16", lambda device: False)  # bf16 shows as skipped on any CPU
+    monkeypatch.setattr(speed, "native_bf16", lambda device: False)  # bf16 and int8 show as skipped on any CPU
+    monkeypatch.setattr(speed, "native_int8", lambda device: False)
     assert main(["--descriptor", f"exemplar:{random_model}", "--small", images[0], "--large", images[1],
                  "--threads", "1,2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -46,6 +47,8 @@ def test_speed_table_has_every_image_threads_and_variant(capsys, tmp_path, rando
     for r in rows:
         if r[4] == "bf16":
             assert r[8] and "bfloat16" in r[8]
+        elif r[4] == "int8":
+            assert r[8] and "AVX512-VNNI" in r[8]
         else:
             assert float(r[5]) > 0 and int(r[6]) > 0 and 0 < int(r[2]) <= 70
         if r[4] == "SIFT":

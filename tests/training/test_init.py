@@ -7,6 +7,7 @@ import torch
 
 from exemplar_desc import ExemplarDescriptor
 from exemplar_desc import train as train_module
+from exemplar_desc.int8 import int8_available
 from exemplar_desc.model_io import load_model
 from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
 from exemplar_desc.training import init_model, loop
@@ -47,7 +48,8 @@ def test_run_starts_from_the_init_weights_and_records_them(random_model, folder,
     assert card["training"]["steps"] == 2
     # Every written card carries its int8 calibration, from patches of the training photos.
     assert len(card["int8"]["activation_ranges"]) == 4 and card["int8"]["patches"] > 0  # the input, 3 convolutions
-    assert ExemplarDescriptor(out / "m.json", precision="int8").precision == "int8"
+    if int8_available():
+        assert ExemplarDescriptor(out / "m.json", precision="int8").precision == "int8"
     trained, source = _trunk(load_model(out / "m.json")[0]), _trunk(load_model(random_model)[0])
     # With a vanishing learning rate the weights are the init model's (batch-norm running
     # statistics move with every forward pass in training mode, whatever the lr).
