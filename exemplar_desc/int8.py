@@ -1,13 +1,15 @@
-"""int8 inference of the descriptor network on x86 CPUs with AVX512-VNNI: static quantisation of the trunk.
+"""int8 inference of the descriptor network on x86 CPUs with AVX512-VNNI: static quantisation.
 
-The convolutions (each fused with its ReLU) run on 8-bit integers through PyTorch's x86
-quantised engine, on CPUs with AVX512-VNNI (:func:`int8_available`): weights per output channel,
-symmetric int8; activations per tensor, unsigned 8-bit over their full range. The ranges of
-the activations are calibrated once, on patches at SIFT keypoints of the training photos, by
-the training command, which records them in the model card (``card["int8"]``); loading
-builds the quantised trunk from them, so the descriptors of every image share one scale.
-The head's max pooling runs on the integers (a maximum commutes with the monotone
-dequantisation, so it is exact) and the rest of the head in float32.
+The convolutions (each fused with its ReLU) and the head's projection run on 8-bit integers
+through PyTorch's x86 quantised engine, on CPUs with AVX512-VNNI (:func:`int8_available`):
+weights symmetric int8 per output channel; activations unsigned 8-bit per tensor over their
+full range. The ranges of the activations (the trunk's input and each convolution's output,
+the projection's input and output) are calibrated once, on patches at SIFT keypoints of the
+training photos, by the training command, which records them in the model card
+(``card["int8"]``); loading builds the quantised network from them, so the descriptors of
+every image share one scale. The head max-pools the trunk's integers (a maximum commutes
+with the positive scaling, so this is exact); its power and the final normalisation run in
+float32.
 
 Example::
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .networks import DescriptorNet
+from .networks import DescriptorNet, compress_nonnegative
 
 __all__ = ["int8_available", "native_int8", "calibrate_int8", "Int8DescriptorNet"]
 
@@ -69,7 +71,36 @@ def _float_trunk(net: DescriptorNet) -> nn.Sequential:
     return nn.Sequential(*[m for block in trunk.blocks for m in block if not isinstance(m, nn.Identity)])
 
 
-def _prepare(trunk: nn.Sequential, activation_observer: type, example: torch.Tensor) -> torch.fx.GraphModule:
+def _float_projection(net: DescriptorNet) -> nn.Sequential:
+    """The head's centring and projection as one float32 Linear on cell-major pooled features (:func:`_pooled`)."""
+    head = net.head
+    cells, dim = head.grid * head.grid, head.projection.shape[1]
+    weight = head.projection.detach().cpu().float().view(-1, cells, dim).transpose(0, 1).reshape(-1, dim)
+    linear = nn.Linear(weight.shape[0], dim)
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        linear.bias.copy_(-(head.mean.detach().cpu().float() @ head.projection.detach().cpu().float()))
+    return nn.Sequential(linear).eval()
+
+
+def _pooled(features: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, F, h, w) feature maps, quantised or float -> (B, grid * grid * F) float max-pooled features, cell by cell.
+
+    A quantised map is pooled on its integers where the grid divides it (a maximum commutes
+    with the positive scaling, so this is exact; quantised pooling has no adaptive form).
+    """
+    if features.is_quantized:
+        height, width = features.shape[-2:]
+        if height % grid == 0 and width % grid == 0:
+            features = F.max_pool2d(features, (height // grid, width // grid))
+        features = features.dequantize()
+    if features.shape[-2:] != (grid, grid):
+        features = F.adaptive_max_pool2d(features, grid)
+    return features.permute(0, 2, 3, 1).reshape(len(features), -1)
+
+
+def _prepare(module: nn.Sequential, activation_observer: type, example: torch.Tensor,
+             quantized_output: bool) -> torch.fx.GraphModule:
     from torch.ao.quantization import QConfig, QConfigMapping
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.observer import PerChannelMinMaxObserver
@@ -77,24 +108,33 @@ def _prepare(trunk: nn.Sequential, activation_observer: type, example: torch.Ten
 
     qconfig = QConfig(activation=activation_observer.with_args(dtype=torch.quint8, quant_min=_QMIN, quant_max=_QMAX),
                       weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    custom = PrepareCustomConfig().set_output_quantized_indexes([0] if quantized_output else [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's notice that FX quantisation moves to torchao
-        # The output stays quantised, so that the head's max pooling runs on the integers.
-        return prepare_fx(trunk, QConfigMapping().set_global(qconfig), (example,),
-                          prepare_custom_config=PrepareCustomConfig().set_output_quantized_indexes([0]))
+        return prepare_fx(module, QConfigMapping().set_global(qconfig), (example,), prepare_custom_config=custom)
 
 
-def _activation_observers(prepared: torch.fx.GraphModule) -> list[nn.Module]:
-    """The activation observers in graph order: the input, then each fused convolution's output."""
+def _prepared_pair(net: DescriptorNet, activation_observer: type, example: torch.Tensor) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The trunk (quantised output, so the pooling runs on the integers) and the projection (float output), prepared."""
+    trunk = _float_trunk(net)
+    with torch.no_grad():  # the projection's example input, before any observer sees the trunk
+        pooled = compress_nonnegative(_pooled(trunk(example), net.head.grid), net.head.power)
+    return (_prepare(trunk, activation_observer, example, quantized_output=True),
+            _prepare(_float_projection(net), activation_observer, pooled, quantized_output=False))
+
+
+def _activation_observers(*prepared: torch.fx.GraphModule) -> list[nn.Module]:
+    """The activation observers in graph order: the trunk's input and each fused convolution's
+    output, then the projection's input and output."""
     from torch.ao.quantization.observer import ObserverBase
 
-    return [m for node in prepared.graph.nodes if node.op == "call_module"
-            for m in [prepared.get_submodule(node.target)] if isinstance(m, ObserverBase)]
+    return [m for module in prepared for node in module.graph.nodes if node.op == "call_module"
+            for m in [module.get_submodule(node.target)] if isinstance(m, ObserverBase)]
 
 
 @torch.inference_mode()
 def calibrate_int8(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> dict:
-    """Activation ranges of ``net``'s trunk for int8 inference, from a histogram of real activations.
+    """Activation ranges of ``net`` for int8 inference, from a histogram of real activations.
 
     Each range is the one that minimises the quantisation error of its activation
     (PyTorch's ``HistogramObserver``), so rare outliers are clipped rather than coarsening
@@ -107,24 +147,26 @@ def calibrate_int8(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> dict:
 
     Returns:
         The card's ``int8`` record: ``{"activation_ranges": [[low, high], ...], "patches": N, ...}``,
-        one range (in the activation's units) per observed tensor, the input first.
+        one range (in the activation's units) per observed tensor: the trunk's input and each
+        convolution's output, then the head projection's input and output.
 
     Raises:
         ValueError: ``batches`` is empty.
     """
     from torch.ao.quantization.observer import HistogramObserver
 
-    trunk, prepared, count = _float_trunk(net), None, 0
+    prepared, count = None, 0
     for batch in batches:
         batch = batch.detach().float().cpu()
         if prepared is None:
-            prepared = _prepare(trunk, HistogramObserver, batch[:1])
-        prepared(batch)
+            prepared = _prepared_pair(net, HistogramObserver, batch[:1])
+        trunk, projection = prepared
+        projection(compress_nonnegative(_pooled(trunk(batch), net.head.grid), net.head.power))
         count += len(batch)
     if prepared is None:
         raise ValueError("batches is empty: int8 calibration needs patches")
     ranges = []
-    for observer in _activation_observers(prepared):
+    for observer in _activation_observers(*prepared):
         scale, zero_point = (float(v) for v in observer.calculate_qparams())
         ranges.append([(_QMIN - zero_point) * scale, (_QMAX - zero_point) * scale])
     return {"activation_ranges": ranges, "patches": count, "observer": "histogram, uint8 over the full range",
@@ -132,14 +174,16 @@ def calibrate_int8(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> dict:
 
 
 class Int8DescriptorNet(nn.Module):
-    """A :class:`DescriptorNet` whose trunk runs in int8 (x86), from its card's calibration.
+    """A :class:`DescriptorNet` run in int8 (x86, AVX512-VNNI) with its card's calibration: the
+    trunk's convolutions and the head's projection on 8-bit integers, the pooling on the
+    trunk's integers, the power and the normalisation in float32.
 
     Shape:
         - Input: (B, 1, P, P) float standardised patches.
         - Output: (B, dim) float32 unit-length descriptors, as ``DescriptorNet``'s.
 
     Raises:
-        ValueError: the card holds no int8 calibration, or the number of its ranges does not fit the trunk.
+        ValueError: the card holds no int8 calibration, or the number of its ranges does not fit the network.
         RuntimeError: int8 does not run on this machine (:func:`int8_available`).
     """
 
@@ -155,22 +199,17 @@ class Int8DescriptorNet(nn.Module):
         from torch.ao.quantization.observer import MinMaxObserver
         from torch.ao.quantization.quantize_fx import convert_fx
 
-        trunk, size = _float_trunk(net), net.head.grid
-        prepared = _prepare(trunk, MinMaxObserver, torch.zeros(1, 1, 32, 32))
-        observers, ranges = _activation_observers(prepared), calibration["activation_ranges"]
+        prepared = _prepared_pair(net, MinMaxObserver, torch.zeros(1, 1, 32, 32))
+        observers, ranges = _activation_observers(*prepared), calibration["activation_ranges"]
         if len(ranges) != len(observers):
-            raise ValueError(f"the card's int8 calibration has {len(ranges)} ranges, the trunk needs {len(observers)}")
+            raise ValueError(f"the card's int8 calibration has {len(ranges)} ranges, the network needs {len(observers)}")
         for observer, (low, high) in zip(observers, ranges):
             observer.min_val, observer.max_val = torch.tensor(float(low)), torch.tensor(float(high))
         with _engine(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notices of quantised tensors
-            self.trunk = convert_fx(prepared)
-        self.head = net.head
-        self.grid = size
+            self.trunk, self.projection = (convert_fx(module) for module in prepared)
+        self.head = net.head  # for its shape and device (exemplar_desc.descriptor.describe_images)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        features = self.trunk(patches.float())
-        height, width = features.shape[-2:]
-        if height % self.grid == 0 and width % self.grid == 0:  # quantised max pooling has no adaptive form
-            features = F.max_pool2d(features, (height // self.grid, width // self.grid))
-        return self.head(features.dequantize(), nonnegative=True)  # the trunk ends with a ReLU
+        pooled = _pooled(self.trunk(patches.float()), self.head.grid)
+        return F.normalize(self.projection(compress_nonnegative(pooled, self.head.power)), dim=1)

@@ -30,6 +30,7 @@ __all__ = [
     "MatchingHead",
     "DescriptorHead",
     "DescriptorNet",
+    "compress_nonnegative",
     "count_flops",
 ]
 
@@ -242,6 +243,18 @@ def _compress(pooled: torch.Tensor, power: float) -> torch.Tensor:
     return pooled if power == 1 else pooled.sign() * pooled.abs().clamp_min(1e-12).pow(power)
 
 
+def compress_nonnegative(pooled: torch.Tensor, power: float) -> torch.Tensor:
+    """``pooled ** power`` of features that leave a ReLU (>= 0), as a new tensor: the descriptor head's power.
+
+    Zeros (a ReLU's) are raised as float32's smallest normal number (1e-19 after a square
+    root, far below the rounding of the output): torch's vectorised root is several times
+    slower on exact zeros, which are half the pooled values.
+    """
+    if power == 1:
+        return pooled
+    return pooled.clamp_min(torch.finfo(torch.float32).tiny).pow_(power)  # in place: one fewer large buffer
+
+
 def _pair_moments(
     pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], compress: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -396,13 +409,7 @@ class DescriptorHead(nn.Module):
             projection = projection.view(-1, self.grid * self.grid, projection.shape[1]).transpose(0, 1)
         pooled = pooled.reshape(len(pooled), -1)
         projection = projection.reshape(pooled.shape[1], -1)
-        if nonnegative and self.power != 1:
-            # Zeros (a ReLU's) are raised as float32's smallest normal number (1e-19 after a square
-            # root, far below the rounding of the output): torch's vectorised root is several
-            # times slower on exact zeros, which are half the pooled values.
-            pooled = pooled.clamp_min(torch.finfo(torch.float32).tiny).pow_(self.power)  # in place: one fewer large buffer
-        else:
-            pooled = self._compress(pooled)
+        pooled = compress_nonnegative(pooled, self.power) if nonnegative else self._compress(pooled)
         return F.normalize(torch.addmm(-(self.mean @ self.projection), pooled, projection), dim=1)
 
 

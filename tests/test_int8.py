@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from exemplar_desc import ExemplarDescriptor
-from exemplar_desc.int8 import Int8DescriptorNet, calibrate_int8, int8_available
+from exemplar_desc.int8 import Int8DescriptorNet, _pooled, calibrate_int8, int8_available
 from exemplar_desc.networks import DescriptorNet, parse_architecture
 from exemplar_desc.patches import normalize_patches
 
@@ -30,10 +30,12 @@ def _one_conv_net() -> DescriptorNet:
 def test_calibration_records_one_range_per_activation():
     net = _one_conv_net()
     record = calibrate_int8(net, [_patches(100, 2), _patches(60, 3)])
-    (in_low, in_high), (out_low, out_high) = record["activation_ranges"]
+    (in_low, in_high), (out_low, out_high), (root_low, root_high), (desc_low, desc_high) = record["activation_ranges"]
     assert record["patches"] == 160
     assert in_low < 0 < in_high  # standardised patches
     assert out_low == 0 < out_high  # after the ReLU
+    assert root_low == 0 < root_high  # the head's square root of the pooled features
+    assert desc_low < 0 < desc_high  # the centred projection
     with pytest.raises(ValueError, match="batches is empty"):
         calibrate_int8(net, [])
 
@@ -46,7 +48,8 @@ def test_int8_convolution_stays_within_its_rounding_bound():
         y = net.features(x)
     conv = net.trunk.blocks[0][0]
     ranges = [[float(x.min()), float(x.max())], [0.0, float(y.max())]]
-    int8 = Int8DescriptorNet(net, {"activation_ranges": ranges})
+    head_ranges = calibrate_int8(net, [x])["activation_ranges"][2:]
+    int8 = Int8DescriptorNet(net, {"activation_ranges": ranges + head_ranges})
     got = int8.trunk(x).dequantize()
     s_x, s_y = (ranges[0][1] - ranges[0][0]) / 255, ranges[1][1] / 255
     s_w = dict(int8.trunk.named_modules())["0"].weight().q_per_channel_scales().float().view(1, -1, 1, 1)
@@ -60,22 +63,32 @@ def test_int8_convolution_stays_within_its_rounding_bound():
     assert bool((error <= bound * (1 + 1e-5) + 1e-6).all())
 
 
-def test_pooling_on_the_integers_equals_pooling_the_floats():
+@pytest.mark.parametrize("side", [16, 10])
+def test_pooling_on_the_integers_equals_pooling_the_floats(side):
+    """16 x 16 maps pool 4 x 4 on the integers, 10 x 10 ones (no whole cells) after dequantising: the same maxima."""
+    g = torch.Generator().manual_seed(6)
+    features = torch.quantize_per_tensor(torch.rand(8, 5, side, side, generator=g), 0.01, 0, torch.quint8)
+    expected = F.adaptive_max_pool2d(features.dequantize(), 4).permute(0, 2, 3, 1).reshape(8, -1)
+    assert torch.equal(_pooled(features, 4), expected)
+    assert torch.equal(_pooled(features.dequantize(), 4), expected)
+
+
+def test_int8_descriptors_are_unit_vectors_near_float32s():
     net = _one_conv_net()
-    int8 = Int8DescriptorNet(net, calibrate_int8(net, [_patches(128, 5)]))
-    x = _patches(32, 6)
+    int8 = Int8DescriptorNet(net, calibrate_int8(net, [_patches(256, 5)]))
+    x = _patches(64, 7)
     with torch.no_grad():
-        expected = net.head(int8.trunk(x).dequantize(), nonnegative=True)
-        got = int8(x)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        got, reference = int8(x), net(x)
+    assert got.shape == reference.shape == (64, 16) and got.dtype == torch.float32
     assert torch.allclose(got.norm(dim=1), torch.ones(len(got)), atol=1e-5)
+    assert float((got * reference).sum(1).min()) > 0.9  # far from chance (a random 16-D pair: |cos| ~ 0.25)
 
 
 def test_int8_needs_the_cards_calibration(random_model):
     net = _one_conv_net()
     with pytest.raises(ValueError, match=r"card\['int8'\]"):
         Int8DescriptorNet(net, None)
-    with pytest.raises(ValueError, match="has 1 ranges, the trunk needs 2"):
+    with pytest.raises(ValueError, match="has 1 ranges, the network needs 4"):
         Int8DescriptorNet(net, {"activation_ranges": [[0.0, 1.0]]})
     with pytest.raises(ValueError, match="precision 'int8': needs an x86 CPU with AVX512-VNNI"):
         ExemplarDescriptor(random_model, device="meta", precision="int8")

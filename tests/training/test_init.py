@@ -47,7 +47,7 @@ def test_run_starts_from_the_init_weights_and_records_them(random_model, folder,
     assert card["training"]["init"] == {"model": str(random_model), "sha256": init_card["sha256"], "conv_layers": "3 of 3"}
     assert card["training"]["steps"] == 2
     # Every written card carries its int8 calibration, from patches of the training photos.
-    assert len(card["int8"]["activation_ranges"]) == 4 and card["int8"]["patches"] > 0  # the input, 3 convolutions
+    assert len(card["int8"]["activation_ranges"]) == 6 and card["int8"]["patches"] > 0  # input, 3 convolutions, projection in and out
     if int8_available():
         assert ExemplarDescriptor(out / "m.json", precision="int8").precision == "int8"
     trained, source = _trunk(load_model(out / "m.json")[0]), _trunk(load_model(random_model)[0])
