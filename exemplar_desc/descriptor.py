@@ -204,7 +204,9 @@ class ExemplarDescriptor:
         check(precision != "int8" or native_int8(self.device), "precision", precision,
               "needs an x86 CPU with AVX512-VNNI (torch's x86 quantised engine); use 'auto' or 'fp32'")
         self.net, self.card = load_model(model, self.device)
-        precision = resolve_precision(precision, self.device, int8_calibrated=bool(self.card.get("int8")))
+        if precision == "auto":
+            precision = resolve_precision(precision, self.device, int8_calibrated=bool(self.card.get("int8")))
+            logger.info("precision='auto' runs %s on %s for %s", precision, self.device, self.card["name"])
         if precision == "int8":
             self.net = Int8DescriptorNet(self.net, self.card.get("int8"))
         else:

@@ -101,6 +101,7 @@ def _pooled(features: torch.Tensor, grid: int) -> torch.Tensor:
 
 def _prepare(module: nn.Sequential, activation_observer: type, example: torch.Tensor,
              quantized_output: bool) -> torch.fx.GraphModule:
+    """``module`` with observers (``activation_observer`` for activations, per-channel symmetric for weights)."""
     from torch.ao.quantization import QConfig, QConfigMapping
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.observer import PerChannelMinMaxObserver
@@ -114,7 +115,9 @@ def _prepare(module: nn.Sequential, activation_observer: type, example: torch.Te
         return prepare_fx(module, QConfigMapping().set_global(qconfig), (example,), prepare_custom_config=custom)
 
 
-def _prepared_pair(net: DescriptorNet, activation_observer: type, example: torch.Tensor) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+def _prepared_pair(
+    net: DescriptorNet, activation_observer: type, example: torch.Tensor
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """The trunk (quantised output, so the pooling runs on the integers) and the projection (float output), prepared."""
     trunk = _float_trunk(net)
     with torch.no_grad():  # the projection's example input, before any observer sees the trunk

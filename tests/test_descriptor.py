@@ -258,11 +258,13 @@ def test_bf16_stays_within_cosine_0999_of_fp32(photo_bgr, keypoints):
         ExemplarDescriptor(precision="int4")
 
 
-def test_auto_precision_is_int8_with_vnni_then_bf16_with_bfloat16_hardware(random_model, tmp_path):
+def test_auto_precision_is_int8_with_vnni_then_bf16_with_bfloat16_hardware(random_model, tmp_path, caplog):
     fallback = "bf16" if native_bf16("cpu") else "fp32"
     assert resolve_precision("auto", "cpu") == ("int8" if native_int8("cpu") else fallback)
     assert resolve_precision("auto", "cpu", int8_calibrated=False) == fallback
-    assert ExemplarDescriptor().precision == resolve_precision("auto", "cpu")
+    with caplog.at_level("INFO", logger="exemplar_desc.descriptor"):
+        assert ExemplarDescriptor().precision == resolve_precision("auto", "cpu")
+    assert f"precision='auto' runs {resolve_precision('auto', 'cpu')} on cpu" in caplog.text  # says which it picked
     # A card without the int8 calibration never resolves to int8.
     card = json.loads(random_model.read_text())
     del card["int8"]
