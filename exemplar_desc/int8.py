@@ -197,8 +197,8 @@ class Int8DescriptorNet(nn.Module):
                                f"(engines here: {', '.join(torch.backends.quantized.supported_engines)}); "
                                "use precision='fp32' or 'auto'")
         if not calibration or "activation_ranges" not in calibration:
-            raise ValueError("the model card holds no int8 calibration (card['int8']); models written by the "
-                             "training command hold one")
+            raise ValueError("the model card holds no int8 calibration (card['int8']), which the training command "
+                             "writes with every model; use precision 'auto', 'fp32' or 'bf16' for this one")
         from torch.ao.quantization.observer import MinMaxObserver
         from torch.ao.quantization.quantize_fx import convert_fx
 
