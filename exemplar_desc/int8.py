@@ -74,9 +74,8 @@ def _float_trunk(net: DescriptorNet) -> nn.Sequential:
 def _float_projection(net: DescriptorNet) -> nn.Sequential:
     """The head's centring and projection as one float32 Linear on cell-major pooled features (:func:`_pooled`)."""
     head = net.head
-    cells, dim = head.grid * head.grid, head.projection.shape[1]
-    weight = head.projection.detach().cpu().float().view(-1, cells, dim).transpose(0, 1).reshape(-1, dim)
-    linear = nn.Linear(weight.shape[0], dim)
+    weight = head.cell_major_projection().detach().cpu().float().reshape(-1, head.projection.shape[1])
+    linear = nn.Linear(*weight.shape)
     with torch.no_grad():
         linear.weight.copy_(weight.T)
         linear.bias.copy_(-(head.mean.detach().cpu().float() @ head.projection.detach().cpu().float()))

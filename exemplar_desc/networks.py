@@ -303,6 +303,11 @@ class DescriptorHead(nn.Module):
     def _compress(self, pooled: torch.Tensor) -> torch.Tensor:
         return _compress(pooled, self.power)
 
+    def cell_major_projection(self) -> torch.Tensor:
+        """(F * grid * grid, dim) the projection's rows reordered cell by cell, the order of
+        pooled channels-last maps (``(B, g, g, F)`` flattened); a view where no copy is needed."""
+        return self.projection.view(-1, self.grid * self.grid, self.projection.shape[1]).transpose(0, 1)
+
     def _principal(self, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The ``dim`` leading eigenpairs of a symmetric (D, D) float64 matrix, from one eigendecomposition:
         (dim,) eigenvalues (descending, clamped at 0), (D, dim) eigenvectors, each signed so that
@@ -399,14 +404,14 @@ class DescriptorHead(nn.Module):
         if not torch.any(self.projection):
             raise RuntimeError("descriptor head is not fitted: call fit() on pooled features first")
         # Pooled before the cast to float32: a maximum of bfloat16 values is exact, and it leaves
-        # a grid x grid map to convert instead of the whole map. A grid x grid map (the int8
-        # path pools on its integers) is not pooled again: the identity pooling is slow.
+        # a grid x grid map to convert instead of the whole map. A map already grid x grid (the
+        # fast-tiny students') is not pooled again: the identity pooling is slow.
         pooled = features if features.shape[-2:] == (self.grid, self.grid) else F.adaptive_max_pool2d(features, self.grid)
         pooled = pooled.float()
         projection = self.projection
         if not pooled.is_contiguous():  # channels-last: (B, F, g, g) stored as (B, g, g, F)
             pooled = pooled.permute(0, 2, 3, 1)
-            projection = projection.view(-1, self.grid * self.grid, projection.shape[1]).transpose(0, 1)
+            projection = self.cell_major_projection()
         pooled = pooled.reshape(len(pooled), -1)
         projection = projection.reshape(pooled.shape[1], -1)
         pooled = compress_nonnegative(pooled, self.power) if nonnegative else self._compress(pooled)

@@ -39,11 +39,11 @@ from .checks import check, check_number, check_output_dir
 from .cli import ArgumentParser, add_shared_options, flag_names, report, settings_from_args
 from .distributed import close_distributed, init_distributed, rank_from_env, world_size_from_env
 from .images import gather_images
+from .int8 import calibrate_int8
 from .model_io import save_model
 from .networks import DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
 from .training.config import PCA_SOURCES, TRIPLET_PAIRS, WHITENINGS, TrainConfig
-from .int8 import calibrate_int8
 from .training.head import build_descriptor_net, fit_head_on_keypoints, fit_head_on_pairs, fit_head_on_surrogates, \
     keypoint_patches, uses_surrogates
 from .training.init_model import architecture_option, load_init_model
