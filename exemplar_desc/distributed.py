@@ -14,6 +14,7 @@ also tells every rank, and so rank 0, which rank failed and why.
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -191,6 +192,12 @@ def init_distributed(
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    # Importing torch._dynamo (the int8 path's quantisation does) takes references to the live
+    # process groups that destroy_process_group leaves behind, and Gloo's threads then outlive
+    # it: one still freeing a finished collective when the interpreter exits aborts the rank.
+    # Imported before the group exists, it holds none.
+    importlib.import_module("torch._dynamo")
+
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         timeout=datetime.timedelta(minutes=timeout_minutes),
