@@ -37,7 +37,7 @@ from exemplar_desc.atomic import atomic_write
 from exemplar_desc.cli import ArgumentParser, add_shared_options, report
 from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir
 from exemplar_desc.descriptor import native_bf16
-from exemplar_desc.int8 import native_int8
+from exemplar_desc.int8 import INT8_CPUS, native_int8
 from exemplar_desc.registry import is_exemplar
 
 from .descriptors import build_descriptors, catalogue
@@ -157,7 +157,7 @@ def _variants(name: str, wanted: list[str], device: torch.device, batch_size: in
                                 "no bfloat16 hardware on this GPU (compute capability 8.0+)") + "; emulated bf16 is slower than fp32"
             continue
         if variant == "int8" and not native_int8(device):
-            skipped[variant] = "int8 needs an x86 CPU with AVX512-VNNI (torch's x86 quantised engine)"
+            skipped[variant] = f"int8 needs {INT8_CPUS} (torch's x86 quantised engine)"
             continue
         made, reasons = build_descriptors([name], device=str(device), precision=variant, batch_size=batch_size)
         if name in made:

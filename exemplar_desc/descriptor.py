@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .checks import check, check_number
-from .int8 import Int8DescriptorNet, native_int8
+from .int8 import INT8_CPUS, Int8DescriptorNet, native_int8
 from .model_io import load_model
 from .networks import DescriptorNet
 from .quantization import quantize_uint8
@@ -56,10 +56,10 @@ def native_bf16(device: str | torch.device) -> bool:
 def resolve_precision(precision: str, device: str | torch.device, int8_calibrated: bool = True) -> str:
     """``"fp32"``, ``"bf16"`` or ``"int8"``, the arithmetic ``precision`` stands for on ``device``.
 
-    ``"auto"`` is ``"int8"`` on x86 CPUs with AVX512-VNNI (:func:`exemplar_desc.int8.native_int8`)
-    for a model whose card holds an int8 calibration (``int8_calibrated``), else ``"bf16"``
-    where :func:`native_bf16` holds, else ``"fp32"``: the fastest that keeps the benchmark
-    results where it was measured (docs/throughput.md).
+    ``"auto"`` is ``"int8"`` on x86 CPUs with AVX512-VNNI, or with AVX2 and no AVX512
+    (:func:`exemplar_desc.int8.native_int8`), for a model whose card holds an int8 calibration
+    (``int8_calibrated``), else ``"bf16"`` where :func:`native_bf16` holds, else ``"fp32"``:
+    the fastest that keeps the benchmark results where it was measured (docs/throughput.md).
 
     Raises:
         ValueError: ``precision`` is not one of :data:`PRECISION_CHOICES`.
@@ -175,10 +175,10 @@ class ExemplarDescriptor:
         precision: ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"int8"``. ``"bf16"`` runs the
             convolutions in bfloat16 (the head stays float32): on CPUs with AVX512-BF16/AMX
             about 2x faster, descriptors within cosine 0.999 of fp32's and the same benchmark
-            results (docs/throughput.md), but slow on CPUs without them. ``"int8"`` (x86 CPUs with AVX512-VNNI)
-            runs them on 8-bit integers with the ranges calibrated in the model card
-            (:mod:`exemplar_desc.int8`), within 0.5 points of fp32's benchmark results. ``"auto"``
-            takes int8 on x86 CPUs with AVX512-VNNI when the card holds the calibration, else
+            results (docs/throughput.md), but slow on CPUs without them. ``"int8"`` (x86 CPUs
+            with AVX512-VNNI, or with AVX2 and no AVX512) runs them on 8-bit integers with the
+            ranges calibrated in the model card (:mod:`exemplar_desc.int8`), within 0.5 points of
+            fp32's benchmark results. ``"auto"`` takes int8 on those CPUs when the card holds the calibration, else
             bf16 where the device has bfloat16 hardware, else fp32 (:func:`resolve_precision`);
             ``self.precision`` holds the choice.
     """
@@ -202,7 +202,7 @@ class ExemplarDescriptor:
             raise ValueError("device='cuda' requested but CUDA is not available; use device='cpu'")
         resolve_precision(precision, self.device)  # a bad value fails before the model loads
         check(precision != "int8" or native_int8(self.device), "precision", precision,
-              "needs an x86 CPU with AVX512-VNNI (torch's x86 quantised engine); use 'auto' or 'fp32'")
+              f"needs {INT8_CPUS} (torch's x86 quantised engine); use 'auto' or 'fp32'")
         self.net, self.card = load_model(model, self.device)
         if precision == "auto":
             precision = resolve_precision(precision, self.device, int8_calibrated=bool(self.card.get("int8")))

@@ -1,7 +1,8 @@
-"""int8 inference of the descriptor network on x86 CPUs with AVX512-VNNI: static quantisation.
+"""int8 inference of the descriptor network on x86 CPUs: static quantisation.
 
 The convolutions (each fused with its ReLU) and the head's projection run on 8-bit integers
-through PyTorch's x86 quantised engine, on CPUs with AVX512-VNNI (:func:`int8_available`):
+through PyTorch's x86 quantised engine, on CPUs with AVX512-VNNI or with AVX2 and no AVX512
+(:func:`int8_available`):
 weights symmetric int8 per output channel; activations unsigned 8-bit per tensor over their
 full range. The ranges of the activations (the trunk's input and each convolution's output,
 the projection's input and output) are calibrated once, on patches at SIFT keypoints of the
@@ -33,19 +34,25 @@ __all__ = ["int8_available", "native_int8", "calibrate_int8", "Int8DescriptorNet
 
 #: PyTorch's quantised engine the int8 path runs on.
 ENGINE = "x86"
-_QMIN, _QMAX = 0, 255  # unsigned 8-bit activations, full range (VNNI needs no reduced range)
+#: The CPUs :func:`int8_available` accepts, for messages.
+INT8_CPUS = "an x86 CPU with AVX512-VNNI, or with AVX2 and no AVX512"
+_QMIN, _QMAX = 0, 255  # unsigned 8-bit activations over their full range (see int8_available)
 
 
 def int8_available() -> bool:
-    """Whether this machine computes the int8 trunk exactly: torch's x86 quantised engine on a
-    CPU with AVX512-VNNI.
+    """Whether this machine runs the int8 network as it was measured: torch's x86 quantised
+    engine on a CPU with AVX512-VNNI, or on one with AVX2 and no AVX512.
 
-    Without VNNI the engine multiplies 8-bit pairs with AVX2's ``vpmaddubsw``, whose 16-bit
-    sums saturate for activations over the full 8-bit range (hence torch's "reduced range"
-    there); the ranges in the cards are full, so int8 is refused on such CPUs (and on ARM).
+    On CPUs without VNNI the engine picks other kernels. oneDNN's AVX2 convolutions give the
+    VNNI kernels' descriptors within a cosine of 0.9998; its AVX512 ones without VNNI
+    lose the cards' full-range activations (descriptors off by a cosine of up to 0.09), so
+    int8 is refused there, and on ARM (docs/throughput.md).
     """
-    probe = getattr(torch.cpu, "_is_vnni_supported", lambda: False)  # private torch.cpu probe: AVX512-VNNI
-    return ENGINE in torch.backends.quantized.supported_engines and probe()
+    def probe(name: str) -> bool:  # private torch.cpu probes of the CPU's instruction sets
+        return getattr(torch.cpu, name, lambda: False)()
+
+    measured = probe("_is_vnni_supported") or (probe("_is_avx2_supported") and not probe("_is_avx512_supported"))
+    return ENGINE in torch.backends.quantized.supported_engines and measured
 
 
 def native_int8(device: str | torch.device) -> bool:
@@ -176,7 +183,7 @@ def calibrate_int8(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> dict:
 
 
 class Int8DescriptorNet(nn.Module):
-    """A :class:`DescriptorNet` run in int8 (x86, AVX512-VNNI) with its card's calibration: the
+    """A :class:`DescriptorNet` run in int8 (x86, :func:`int8_available`) with its card's calibration: the
     trunk's convolutions and the head's projection on 8-bit integers, the pooling on the
     trunk's integers, the power and the normalisation in float32.
 
@@ -192,7 +199,7 @@ class Int8DescriptorNet(nn.Module):
     def __init__(self, net: DescriptorNet, calibration: dict | None) -> None:
         super().__init__()
         if not int8_available():
-            raise RuntimeError("int8 needs an x86 CPU with AVX512-VNNI and PyTorch's x86 quantised engine "
+            raise RuntimeError(f"int8 needs {INT8_CPUS} and PyTorch's x86 quantised engine "
                                f"(engines here: {', '.join(torch.backends.quantized.supported_engines)}); "
                                "use precision='fp32' or 'auto'")
         if not calibration or "activation_ranges" not in calibration:

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from exemplar_desc import ExemplarDescriptor
-from exemplar_desc.int8 import Int8DescriptorNet, _pooled, calibrate_int8, int8_available
+from exemplar_desc.int8 import INT8_CPUS, Int8DescriptorNet, _pooled, calibrate_int8, int8_available
 from exemplar_desc.networks import DescriptorNet, parse_architecture
 from exemplar_desc.patches import normalize_patches
 
-pytestmark = pytest.mark.skipif(not int8_available(), reason="int8 needs an x86 CPU with AVX512-VNNI")
+pytestmark = pytest.mark.skipif(not int8_available(), reason=f"int8 needs {INT8_CPUS}")
 
 
 def _patches(count: int, seed: int) -> torch.Tensor:
