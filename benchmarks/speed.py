@@ -67,7 +67,9 @@ def time_calls(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str
 
 
 def cpu_info() -> dict[str, object]:
-    """The CPU's name (``/proc/cpuinfo``'s model name, else ``platform.processor()``) and its bfloat16 hardware."""
+    """The CPU's name (``/proc/cpuinfo``'s model name, else ``platform.processor()``), the instruction
+    sets that decide the int8 and bf16 variants, and the kernels torch dispatches to (``ATEN_CPU_CAPABILITY``
+    can hold them below the CPU's)."""
     name = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -77,8 +79,9 @@ def cpu_info() -> dict[str, object]:
     except OSError:
         pass
     probe = lambda attr: bool(getattr(torch.cpu, attr, lambda: False)())  # private torch.cpu probes
-    return {"name": name or platform.processor() or "unknown", "avx512_bf16": probe("_is_avx512_bf16_supported"),
-            "amx": probe("_is_amx_tile_supported"), "logical_cores": torch.multiprocessing.cpu_count()}
+    flags = {key: probe(f"_is_{key}_supported") for key in ("avx2", "avx512", "vnni", "avx512_bf16")}
+    return {"name": name or platform.processor() or "unknown", **flags, "amx": probe("_is_amx_tile_supported"),
+            "torch_kernels": torch.backends.cpu.get_cpu_capability(), "logical_cores": torch.multiprocessing.cpu_count()}
 
 
 def _image_option(dest: str, text: str) -> tuple[str, np.ndarray, int]:
@@ -223,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(note)
     cpu = cpu_info()
-    print(f"CPU {cpu['name']} ({cpu['logical_cores']} logical cores); AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'}, "
-          f"AMX {'yes' if cpu['amx'] else 'no'}")
+    flags = {"AVX2": "avx2", "AVX512": "avx512", "AVX512-VNNI": "vnni", "AVX512-BF16": "avx512_bf16", "AMX": "amx"}
+    print(f"CPU {cpu['name']} ({cpu['logical_cores']} logical cores); "
+          + ", ".join(f"{flag} {'yes' if cpu[key] else 'no'}" for flag, key in flags.items())
+          + f"; torch kernels {cpu['torch_kernels']}")
     print(f"{name} on {device}" + (f", batch {batch_size}" if is_exemplar(name) else "")
           + f"; median of {args.repeats} rounds after a warm-up; x SIFT = time / SIFT's time, same image and threads")
     print(f"{'image':<6s} {'size':>9s} {'keypoints':>9s} {'threads':>7s} {'variant':<6s} {'median ms':>10s} {'desc/s':>9s} {'x SIFT':>7s}")

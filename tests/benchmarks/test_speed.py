@@ -39,7 +39,7 @@ def test_speed_table_has_every_image_threads_and_variant(capsys, tmp_path, rando
     assert main(["--descriptor", f"exemplar:{random_model}", "--small", images[0], "--large", images[1],
                  "--threads", "1,2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^CPU .+; AVX512-BF16 (yes|no), AMX (yes|no)$", out, re.M)
+    assert re.search(r"^CPU .+; AVX2 (yes|no), AVX512 (yes|no), AVX512-VNNI (yes|no), AVX512-BF16 (yes|no), AMX (yes|no); torch kernels \w+$", out, re.M)
     rows = _rows(out)
     keys = [(r[0], int(r[3]), r[4]) for r in rows]
     assert keys == [(image, t, v) for image in ("small", "large") for t in (1, 2) for v in ("SIFT", "fp32", "bf16", "int8")]
@@ -54,7 +54,7 @@ def test_speed_table_has_every_image_threads_and_variant(capsys, tmp_path, rando
         if r[4] == "SIFT":
             assert r[7] == "1.00"
     result = json.loads((tmp_path / "results.json").read_text())
-    assert set(result["cpu"]) >= {"name", "avx512_bf16", "amx"} and result["cpu"]["name"]
+    assert set(result["cpu"]) >= {"name", "avx2", "avx512", "vnni", "avx512_bf16", "amx", "torch_kernels"} and result["cpu"]["name"]
     assert [(r["image"], r["threads"], r["variant"]) for r in result["rows"]] == keys
     assert not list(tmp_path.glob(".*.tmp"))
 
