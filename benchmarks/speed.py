@@ -37,6 +37,7 @@ from exemplar_desc.atomic import atomic_write
 from exemplar_desc.cli import ArgumentParser, add_shared_options, report
 from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir
 from exemplar_desc.descriptor import native_bf16
+from exemplar_desc.hardware import cpu_supports
 from exemplar_desc.int8 import INT8_CPUS, native_int8
 from exemplar_desc.registry import is_exemplar
 
@@ -78,9 +79,8 @@ def cpu_info() -> dict[str, object]:
                 break
     except OSError:
         pass
-    probe = lambda attr: bool(getattr(torch.cpu, attr, lambda: False)())  # private torch.cpu probes
-    flags = {key: probe(f"_is_{key}_supported") for key in ("avx2", "avx512", "vnni", "avx512_bf16")}
-    return {"name": name or platform.processor() or "unknown", **flags, "amx": probe("_is_amx_tile_supported"),
+    flags = {key: cpu_supports(key) for key in ("avx2", "avx512", "vnni", "avx512_bf16")}
+    return {"name": name or platform.processor() or "unknown", **flags, "amx": cpu_supports("amx_tile"),
             "torch_kernels": torch.backends.cpu.get_cpu_capability(), "logical_cores": torch.multiprocessing.cpu_count()}
 
 

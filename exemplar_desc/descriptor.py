@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .checks import check, check_number
+from .hardware import cpu_supports
 from .int8 import INT8_CPUS, Int8DescriptorNet, native_int8
 from .model_io import load_model
 from .networks import DescriptorNet
@@ -48,8 +49,7 @@ def native_bf16(device: str | torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu probes
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+        return cpu_supports("avx512_bf16") or cpu_supports("amx_tile")
     return False
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hardware import cpu_supports
 from .networks import DescriptorNet, compress_nonnegative
 
 __all__ = ["int8_available", "native_int8", "calibrate_int8", "Int8DescriptorNet"]
@@ -48,10 +49,7 @@ def int8_available() -> bool:
     AVX512 ones without VNNI lose the cards' full-range activations (min cosine 0.905), so
     int8 is refused there, and on ARM (docs/model-development.md, section 9).
     """
-    def probe(name: str) -> bool:  # private torch.cpu probes of the CPU's instruction sets
-        return getattr(torch.cpu, name, lambda: False)()
-
-    measured = probe("_is_vnni_supported") or (probe("_is_avx2_supported") and not probe("_is_avx512_supported"))
+    measured = cpu_supports("vnni") or (cpu_supports("avx2") and not cpu_supports("avx512"))
     return ENGINE in torch.backends.quantized.supported_engines and measured
 
 
