@@ -1,7 +1,7 @@
 """int8 inference of the descriptor network on x86 CPUs: static quantisation.
 
 The convolutions (each fused with its ReLU) and the head's projection run on 8-bit integers
-through PyTorch's x86 quantised engine, on CPUs with AVX512-VNNI or with AVX2 and no AVX512
+through PyTorch's oneDNN quantised engine, on CPUs with AVX512-VNNI or with AVX2 and no AVX512
 (:func:`int8_available`):
 weights symmetric int8 per output channel; activations unsigned 8-bit per tensor over their
 full range. The ranges of the activations (the trunk's input and each convolution's output,
@@ -33,21 +33,23 @@ from .networks import DescriptorNet, compress_nonnegative
 
 __all__ = ["int8_available", "native_int8", "calibrate_int8", "Int8DescriptorNet"]
 
-#: PyTorch's quantised engine the int8 path runs on.
-ENGINE = "x86"
+#: PyTorch's quantised engine the int8 path runs on. Not "x86": that engine hands the
+#: convolutions to FBGEMM on CPUs without AVX512-VNNI and on every OS but Linux, and FBGEMM's
+#: AVX2 and AVX512 kernels saturate the cards' full-range activations (min cosine 0.918 on graf).
+ENGINE = "onednn"
 #: The CPUs :func:`int8_available` accepts, for messages.
 INT8_CPUS = "an x86 CPU with AVX512-VNNI, or with AVX2 and no AVX512"
 _QMIN, _QMAX = 0, 255  # unsigned 8-bit activations over their full range (see int8_available)
 
 
 def int8_available() -> bool:
-    """Whether this machine runs the int8 network as it was measured: torch's x86 quantised
+    """Whether this machine runs the int8 network as it was measured: torch's oneDNN quantised
     engine on a CPU with AVX512-VNNI, or on one with AVX2 and no AVX512.
 
-    On CPUs without VNNI the engine picks other kernels. With oneDNN's AVX2 convolutions the
-    descriptors stay as close to float32's as with VNNI (min cosine 0.996 on graf); its
-    AVX512 ones without VNNI lose the cards' full-range activations (min cosine 0.905), so
-    int8 is refused there, and on ARM (docs/model-development.md, section 9).
+    On CPUs without VNNI oneDNN picks other kernels. With its AVX2 ones the descriptors stay
+    as close to float32's as with VNNI (min cosine 0.996 on graf); its AVX512 ones without
+    VNNI lose the cards' full-range activations (min cosine 0.905), so int8 is refused there,
+    and on ARM (docs/model-development.md, section 9).
     """
     measured = cpu_supports("vnni") or (cpu_supports("avx2") and not cpu_supports("avx512"))
     return ENGINE in torch.backends.quantized.supported_engines and measured
@@ -61,7 +63,7 @@ def native_int8(device: str | torch.device) -> bool:
 
 @contextmanager
 def _engine() -> Iterator[None]:
-    """The x86 engine while weights are packed; the caller's engine is restored afterwards."""
+    """:data:`ENGINE` while weights are packed (the packing picks the kernels); the caller's engine is restored afterwards."""
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = ENGINE
     try:
@@ -197,7 +199,7 @@ class Int8DescriptorNet(nn.Module):
     def __init__(self, net: DescriptorNet, calibration: dict | None) -> None:
         super().__init__()
         if not int8_available():
-            raise RuntimeError(f"int8 needs {INT8_CPUS} and PyTorch's x86 quantised engine "
+            raise RuntimeError(f"int8 needs {INT8_CPUS} and PyTorch's {ENGINE} quantised engine "
                                f"(engines here: {', '.join(torch.backends.quantized.supported_engines)}); "
                                "use precision='fp32' or 'auto'")
         if not calibration or "activation_ranges" not in calibration:
