@@ -56,7 +56,7 @@ def native_bf16(device: str | torch.device) -> bool:
 def resolve_precision(precision: str, device: str | torch.device, int8_calibrated: bool = True) -> str:
     """``"fp32"``, ``"bf16"`` or ``"int8"``, the arithmetic ``precision`` stands for on ``device``.
 
-    ``"auto"`` is ``"int8"`` on x86 CPUs with AVX512-VNNI, or with AVX2 and no AVX512
+    ``"auto"`` is ``"int8"`` on x86 CPUs with AVX2
     (:func:`exemplar_desc.int8.native_int8`), for a model whose card holds an int8 calibration
     (``int8_calibrated``), else ``"bf16"`` where :func:`native_bf16` holds, else ``"fp32"``:
     the fastest that keeps the benchmark results where it was measured (docs/throughput.md).
@@ -176,7 +176,7 @@ class ExemplarDescriptor:
             convolutions in bfloat16 (the head stays float32): on CPUs with AVX512-BF16/AMX
             about 2x faster, descriptors within cosine 0.999 of fp32's and the same benchmark
             results (docs/throughput.md), but slow on CPUs without them. ``"int8"`` (x86 CPUs
-            with AVX512-VNNI, or with AVX2 and no AVX512) runs them on 8-bit integers with the
+            with AVX2) runs them on 8-bit integers with the
             ranges calibrated in the model card (:mod:`exemplar_desc.int8`), within 0.5 points of
             fp32's benchmark results. ``"auto"`` takes int8 on those CPUs when the card holds the calibration, else
             bf16 where the device has bfloat16 hardware, else fp32 (:func:`resolve_precision`);

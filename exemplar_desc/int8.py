@@ -1,10 +1,9 @@
 """int8 inference of the descriptor network on x86 CPUs: static quantisation.
 
 The convolutions (each fused with its ReLU) and the head's projection run on 8-bit integers
-through PyTorch's oneDNN quantised engine, on CPUs with AVX512-VNNI or with AVX2 and no AVX512
-(:func:`int8_available`):
+through PyTorch's oneDNN quantised engine, on x86 CPUs with AVX2 (:func:`int8_available`):
 weights symmetric int8 per output channel; activations unsigned 8-bit per tensor over their
-full range. The ranges of the activations (the trunk's input and each convolution's output,
+full range, or 7-bit on AVX512 CPUs without VNNI (:func:`activation_max`). The ranges of the activations (the trunk's input and each convolution's output,
 the projection's input and output) are calibrated once, on patches at SIFT keypoints of the
 training photos, by the training command, which records them in the model card
 (``card["int8"]``); loading builds the quantised network from them, so the descriptors of
@@ -31,28 +30,36 @@ from torch import nn
 from .hardware import cpu_supports
 from .networks import DescriptorNet, compress_nonnegative
 
-__all__ = ["int8_available", "native_int8", "calibrate_int8", "Int8DescriptorNet"]
+__all__ = ["int8_available", "native_int8", "activation_max", "calibrate_int8", "Int8DescriptorNet"]
 
 #: PyTorch's quantised engine the int8 path runs on. Not "x86": that engine hands the
 #: convolutions to FBGEMM on CPUs without AVX512-VNNI and on every OS but Linux, and FBGEMM's
 #: AVX2 and AVX512 kernels saturate the cards' full-range activations (min cosine 0.918 on graf).
 ENGINE = "onednn"
 #: The CPUs :func:`int8_available` accepts, for messages.
-INT8_CPUS = "an x86 CPU with AVX512-VNNI, or with AVX2 and no AVX512"
-_QMIN, _QMAX = 0, 255  # unsigned 8-bit activations over their full range (see int8_available)
+INT8_CPUS = "an x86 CPU with AVX2"
+_QMIN, _QMAX = 0, 255  # unsigned 8-bit activations over their full range: the calibration's codes
 
 
 def int8_available() -> bool:
     """Whether this machine runs the int8 network as it was measured: torch's oneDNN quantised
-    engine on a CPU with AVX512-VNNI, or on one with AVX2 and no AVX512.
+    engine on an x86 CPU with AVX2 (with AVX512-VNNI, AVX512 without VNNI, or AVX2 alone).
 
-    On CPUs without VNNI oneDNN picks other kernels. With its AVX2 ones the descriptors stay
-    as close to float32's as with VNNI (min cosine 0.996 on graf); its AVX512 ones without
-    VNNI lose the cards' full-range activations (min cosine 0.905), so int8 is refused there,
-    and on ARM (docs/model-development.md, section 9).
+    Refused on ARM, whose kernels were not measured (docs/model-development.md, section 9).
     """
-    measured = cpu_supports("vnni") or (cpu_supports("avx2") and not cpu_supports("avx512"))
-    return ENGINE in torch.backends.quantized.supported_engines and measured
+    return ENGINE in torch.backends.quantized.supported_engines and cpu_supports("avx2")
+
+
+def activation_max() -> int:
+    """The largest activation code of the int8 network on this CPU: 255, or 127 on AVX512 CPUs without VNNI.
+
+    Without VNNI, oneDNN's AVX512 kernels sum two products of 8-bit activations and weights
+    in 16 bits, which 255 x 127 x 2 overflows and 127 x 127 x 2 does not (min cosine to
+    float32 on graf 0.905 with 8-bit activations, 0.982 with 7-bit ones). Its AVX2 kernels
+    and its VNNI ones keep 8 bits (0.996). The card's ranges serve both: 7 bits spread the
+    same range over half the codes.
+    """
+    return _QMAX if cpu_supports("vnni") or not cpu_supports("avx512") else _QMAX // 2
 
 
 def native_int8(device: str | torch.device) -> bool:
@@ -106,14 +113,15 @@ def _pooled(features: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def _prepare(module: nn.Sequential, activation_observer: type, example: torch.Tensor,
-             quantized_output: bool) -> torch.fx.GraphModule:
-    """``module`` with observers (``activation_observer`` for activations, per-channel symmetric for weights)."""
+             quantized_output: bool, quant_max: int) -> torch.fx.GraphModule:
+    """``module`` with observers (``activation_observer`` for activations over codes [0, quant_max],
+    per-channel symmetric for weights)."""
     from torch.ao.quantization import QConfig, QConfigMapping
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.observer import PerChannelMinMaxObserver
     from torch.ao.quantization.quantize_fx import prepare_fx
 
-    qconfig = QConfig(activation=activation_observer.with_args(dtype=torch.quint8, quant_min=_QMIN, quant_max=_QMAX),
+    qconfig = QConfig(activation=activation_observer.with_args(dtype=torch.quint8, quant_min=_QMIN, quant_max=quant_max),
                       weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
     custom = PrepareCustomConfig().set_output_quantized_indexes([0] if quantized_output else [])
     with warnings.catch_warnings():
@@ -122,14 +130,15 @@ def _prepare(module: nn.Sequential, activation_observer: type, example: torch.Te
 
 
 def _prepared_pair(
-    net: DescriptorNet, activation_observer: type, example: torch.Tensor
+    net: DescriptorNet, activation_observer: type, example: torch.Tensor, quant_max: int = _QMAX
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """The trunk (quantised output, so the pooling runs on the integers) and the projection (float output), prepared."""
+    """The trunk (quantised output, so the pooling runs on the integers) and the projection (float output), prepared
+    with activation codes [0, ``quant_max``]."""
     trunk = _float_trunk(net)
     with torch.no_grad():  # the projection's example input, before any observer sees the trunk
         pooled = compress_nonnegative(_pooled(trunk(example), net.head.grid), net.head.power)
-    return (_prepare(trunk, activation_observer, example, quantized_output=True),
-            _prepare(_float_projection(net), activation_observer, pooled, quantized_output=False))
+    return (_prepare(trunk, activation_observer, example, True, quant_max),
+            _prepare(_float_projection(net), activation_observer, pooled, False, quant_max))
 
 
 def _activation_observers(*prepared: torch.fx.GraphModule) -> list[nn.Module]:
@@ -184,8 +193,9 @@ def calibrate_int8(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> dict:
 
 class Int8DescriptorNet(nn.Module):
     """A :class:`DescriptorNet` run in int8 (x86, :func:`int8_available`) with its card's calibration: the
-    trunk's convolutions and the head's projection on 8-bit integers, the pooling on the
-    trunk's integers, the power and the normalisation in float32.
+    trunk's convolutions and the head's projection on 8-bit integers (activations over
+    :func:`activation_max` codes), the pooling on the trunk's integers, the power and the
+    normalisation in float32.
 
     Shape:
         - Input: (B, 1, P, P) float standardised patches.
@@ -208,7 +218,7 @@ class Int8DescriptorNet(nn.Module):
         from torch.ao.quantization.observer import MinMaxObserver
         from torch.ao.quantization.quantize_fx import convert_fx
 
-        prepared = _prepared_pair(net, MinMaxObserver, torch.zeros(1, 1, 32, 32))
+        prepared = _prepared_pair(net, MinMaxObserver, torch.zeros(1, 1, 32, 32), activation_max())
         observers, ranges = _activation_observers(*prepared), calibration["activation_ranges"]
         if len(ranges) != len(observers):
             raise ValueError(f"the card's int8 calibration has {len(ranges)} ranges, the network needs {len(observers)}")

@@ -9,7 +9,7 @@ import torch
 from exemplar_desc import ExemplarDescriptor
 from exemplar_desc.checks import OptionError
 from exemplar_desc.descriptor import native_bf16, resolve_precision
-from exemplar_desc.int8 import native_int8
+from exemplar_desc.int8 import ENGINE as INT8_ENGINE, activation_max, native_int8
 
 
 @pytest.fixture(scope="module")
@@ -259,19 +259,21 @@ def test_bf16_stays_within_cosine_0999_of_fp32(photo_bgr, keypoints):
         ExemplarDescriptor(precision="int4")
 
 
-@pytest.mark.parametrize("vnni, avx2, avx512, runs", [
-    (True, True, True, True),  # AVX512-VNNI
-    (False, True, False, True),  # AVX2 alone: oneDNN's AVX2 kernels
-    (False, True, True, False),  # AVX512 without VNNI: its kernels lose the full-range activations
-    (False, False, False, False),  # neither (and ARM)
+@pytest.mark.parametrize("vnni, avx2, avx512, codes", [
+    (True, True, True, 255),  # AVX512-VNNI
+    (False, True, False, 255),  # AVX2 alone: oneDNN's AVX2 kernels keep 8-bit activations
+    (False, True, True, 127),  # AVX512 without VNNI: its kernels sum pairs in 16 bits, so 7-bit activations
+    (False, False, False, None),  # neither (and ARM)
 ])
-def test_int8_runs_on_the_cpus_its_kernels_were_measured_on(monkeypatch, vnni, avx2, avx512, runs):
+def test_int8_runs_on_the_cpus_its_kernels_were_measured_on(monkeypatch, vnni, avx2, avx512, codes):
     for probe, value in (("_is_vnni_supported", vnni), ("_is_avx2_supported", avx2), ("_is_avx512_supported", avx512)):
         monkeypatch.setattr(torch.cpu, probe, lambda value=value: value)
-    x86 = "x86" in torch.backends.quantized.supported_engines
-    assert native_int8("cpu") == (runs and x86)
-    if not native_int8("cpu"):
-        with pytest.raises(OptionError, match="precision 'int8': needs an x86 CPU with AVX512-VNNI, or with AVX2 and no AVX512"):
+    engine = INT8_ENGINE in torch.backends.quantized.supported_engines
+    assert native_int8("cpu") == (codes is not None and engine)
+    if native_int8("cpu"):
+        assert activation_max() == codes
+    else:
+        with pytest.raises(OptionError, match="precision 'int8': needs an x86 CPU with AVX2"):
             ExemplarDescriptor(device="cpu", precision="int8")
 
 
