@@ -411,6 +411,8 @@ def _parser() -> ArgumentParser:
     add_shared_options(p, "--device", "--precision", "--magnification", magnification={
         "help": "patch side / KeyPoint.size (> 0) for the Exemplar models and the kornia patch descriptors "
                 "(default: each model card's, each peer's own)"})
+    p.add_argument("--min-patch-side", type=float, metavar="PIXELS",
+                   help="smallest patch side in pixels (>= 0) for the Exemplar models (default: each model card's, else 0)")
     p.add_argument("--out", type=Path, help="write results.json, results.csv and PNG plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -446,6 +448,8 @@ def _check_args(args) -> tuple[list[str] | None, Path]:
     _check_protocol(args.detector, args.num_features, args.pixel_threshold, args.ratio)
     if args.magnification is not None:
         check_number("magnification", args.magnification, low=0, low_open=True)
+    if args.min_patch_side is not None:
+        check_number("min_patch_side", args.min_patch_side, low=0)
     check_device("device", args.device)
     names = _check_descriptor_names(args.descriptors)
     cache = args.cache or default_cache_dir()
@@ -484,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as err:
         return report(err, parser)
     descriptors, skipped = build_descriptors(names, device=args.device, magnification=args.magnification,
-                                             precision=args.precision)
+                                             precision=args.precision, min_patch_side=args.min_patch_side)
     if not descriptors:
         for name, reason in skipped.items():
             print(f"skipped {name}: {reason}", file=sys.stderr)
@@ -519,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
                      "detector": args.detector, "num_features": args.num_features,
-                     "magnification": args.magnification,
+                     "magnification": args.magnification, "min_patch_side": args.min_patch_side,
                      "exemplar_precision": {n: d.precision for n, d in descriptors.items() if is_exemplar(n)},
                      "pixel_threshold": args.pixel_threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
                      "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS),

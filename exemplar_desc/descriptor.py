@@ -168,6 +168,8 @@ class ExemplarDescriptor:
         device: torch device, ``"cpu"`` (default) or ``"cuda"``.
         upright: ignore keypoint angles.
         magnification: patch side in units of ``KeyPoint.size``; ``None`` uses the model card's.
+        min_patch_side: smallest patch side in pixels (``keypoint_frames``' ``min_side``); ``None``
+            uses the model card's, 0 where it has none.
         batch_size: keypoints per network batch; bounds memory for any number of keypoints.
         detector: ``cv2.Feature2D`` used by :meth:`detect`; default ``cv2.SIFT_create()``.
         output_dtype: ``np.float32`` (default) or ``np.uint8`` (one byte per dimension, constant norm,
@@ -189,12 +191,15 @@ class ExemplarDescriptor:
         device: str | torch.device = "cpu",
         upright: bool = False,
         magnification: float | None = None,
+        min_patch_side: float | None = None,
         batch_size: int = 1024,
         detector: cv2.Feature2D | None = None,
         output_dtype: type = np.float32,
         precision: str = "auto",
     ) -> None:
         check_number("batch_size", batch_size, low=1, integer=True)
+        if min_patch_side is not None:
+            check_number("min_patch_side", min_patch_side, low=0)
         if np.dtype(output_dtype) not in (np.float32, np.uint8):
             raise ValueError(f"output_dtype must be np.float32 or np.uint8, got {output_dtype}")
         self.device = torch.device(device)
@@ -216,6 +221,7 @@ class ExemplarDescriptor:
         if magnification is not None:
             check_number("magnification", magnification, low=0, low_open=True)
         self.magnification = float(self.card["magnification"] if magnification is None else magnification)
+        self.min_patch_side = float(self.card.get("min_patch_side", 0.0) if min_patch_side is None else min_patch_side)
         self.patch_size = int(self.card["patch_size"])
         self.upright = upright
         self.batch_size = int(batch_size)
@@ -348,7 +354,7 @@ class ExemplarDescriptor:
                 gray = gray_tensor(image, self.device, image_name.format(i))  # checks every image
                 if arr is not None:
                     xy, size, angle = arr
-                    frames = keypoint_frames(size, None if self.upright else angle, self.magnification)
+                    frames = keypoint_frames(size, None if self.upright else angle, self.magnification, self.min_patch_side)
                     yield build_pyramid(gray), torch.from_numpy(xy).to(self.device), torch.from_numpy(frames).to(self.device)
 
         counts = [len(k) for k in lists]

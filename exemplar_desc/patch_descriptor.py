@@ -91,10 +91,12 @@ class ExemplarPatchDescriptor(nn.Module):
         return self.net(normalize_patches(patches))
 
 
-def keypoint_lafs(keypoints: Sequence[cv2.KeyPoint], magnification: float, upright: bool = False) -> torch.Tensor:
+def keypoint_lafs(
+    keypoints: Sequence[cv2.KeyPoint], magnification: float, upright: bool = False, min_side: float = 0.0
+) -> torch.Tensor:
     """kornia LAFs of the patches :class:`~exemplar_desc.ExemplarDescriptor` describes for cv2.KeyPoints.
 
-    Equal to ``kornia.feature.laf_from_center_scale_ori(xy, magnification * size / 2, -angle)``
+    Equal to ``kornia.feature.laf_from_center_scale_ori(xy, max(magnification * size, min_side) / 2, -angle)``
     (angles of -1, no orientation, and ``upright`` give ``ori = 0``).
 
     Args:
@@ -102,11 +104,12 @@ def keypoint_lafs(keypoints: Sequence[cv2.KeyPoint], magnification: float, uprig
             in degrees clockwise on screen, -1 for none).
         magnification: patch side in units of ``KeyPoint.size`` (the model card's).
         upright: ignore the keypoints' angles.
+        min_side: smallest patch side in pixels (the descriptor's ``min_patch_side``).
 
     Returns:
         (1, N, 2, 3) float32 LAFs ``[A | c]`` in pixels.
     """
     xy, size, angle = keypoints_to_arrays(list(keypoints))
-    frames = keypoint_frames(size, None if upright else angle, magnification)
+    frames = keypoint_frames(size, None if upright else angle, magnification, min_side)
     lafs = np.concatenate([frames, xy[:, :, None].astype(np.float64)], axis=2)
     return torch.from_numpy(lafs.astype(np.float32))[None]

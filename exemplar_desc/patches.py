@@ -174,18 +174,21 @@ def build_pyramid(gray: np.ndarray | torch.Tensor, min_side: int = 16) -> list[t
     return levels
 
 
-def keypoint_frames(size: np.ndarray, angle: np.ndarray | None, magnification: float) -> np.ndarray:
-    """Patch frames of keypoints: squares of side ``magnification * size`` turned by ``angle``.
+def keypoint_frames(size: np.ndarray, angle: np.ndarray | None, magnification: float, min_side: float = 0.0) -> np.ndarray:
+    """Patch frames of keypoints: squares of side ``max(magnification * size, min_side)`` turned by ``angle``.
 
     Args:
         size: (N,) keypoint diameters in pixels.
         angle: (N,) degrees, clockwise on screen (OpenCV); negative values and ``None`` mean upright.
         magnification: patch side in units of ``size``.
+        min_side: smallest patch side in pixels of the image (0: none). A patch narrower than
+            the network's input is upsampled, so its pixels' noise fills the input; the floor
+            keeps the smallest keypoints' patches wide enough to average it.
 
     Returns:
         (N, 2, 2) float64 frames ``A`` for :func:`extract_patches`.
     """
-    size = np.asarray(size, dtype=np.float64)
+    size = np.maximum(np.asarray(size, dtype=np.float64), min_side / magnification)
     theta = np.zeros_like(size) if angle is None else np.deg2rad(np.where(np.asarray(angle) < 0, 0.0, angle))
     cos, sin = np.cos(theta), np.sin(theta)
     # With y pointing down, this rotation by +angle turns the patch clockwise on screen, as OpenCV's angle does.

@@ -291,6 +291,7 @@ def build_card(
         "architecture_name": cfg.arch,
         "patch_size": cfg.patch_size,
         "magnification": magnification,
+        "min_patch_side": cfg.min_patch_side,
         "magnification_tuning": tuning,
         "input": "grey patch, standardised to zero mean and unit variance",
         "head": {
@@ -366,7 +367,7 @@ def _magnification(
     """--magnification, or the one tuned on the training photos (from :func:`_training_images`)."""
     if cfg.magnification is not None:
         return cfg.magnification, None
-    magnification, tuning = tune_magnification(net, images, seed=cfg.seed)
+    magnification, tuning = tune_magnification(net, images, seed=cfg.seed, min_side=cfg.min_patch_side)
     return magnification, {**tuning, "images": source}
 
 
@@ -457,7 +458,7 @@ def finish_model(cfg: TrainConfig, result: dict, command: str, resumed: bool, pr
 def _int8_calibration(net: DescriptorNet, images: list[Path] | np.ndarray, magnification: float, cfg: TrainConfig) -> dict | None:
     """The card's ``int8`` record (:func:`calibrate_int8`) from patches at SIFT keypoints of the
     training photos, cut at the model's magnification; None, with a warning, when they have none."""
-    patches = list(keypoint_patches(images, INT8_PATCHES, magnification, cfg.patch_size, cfg.seed))
+    patches = list(keypoint_patches(images, INT8_PATCHES, magnification, cfg.patch_size, cfg.seed, cfg.min_patch_side))
     if not patches:
         logger.warning("the training photos have no SIFT keypoints, so the model has no int8 calibration")
         return None

@@ -231,6 +231,25 @@ def test_bad_magnification_is_refused(random_model, value):
         ExemplarDescriptor(random_model, magnification=value)
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, "24"])
+def test_bad_min_patch_side_is_refused(random_model, value):
+    with pytest.raises(ValueError, match="min_patch_side"):
+        ExemplarDescriptor(random_model, min_patch_side=value)
+
+
+def test_min_patch_side_changes_only_the_smallest_keypoints(random_model, photo_bgr):
+    """A floor of 30 px at magnification 12 widens the patches of keypoints under 2.5 px and no others."""
+    keypoints = cv2.SIFT_create(nfeatures=300).detect(photo_bgr, None)
+    plain = ExemplarDescriptor(random_model, precision="fp32", magnification=12).compute(photo_bgr, keypoints)[1]
+    floored = ExemplarDescriptor(random_model, precision="fp32", magnification=12, min_patch_side=30)
+    assert floored.min_patch_side == 30.0
+    out = floored.compute(photo_bgr, keypoints)[1]
+    small = np.array([k.size < 2.5 for k in keypoints])
+    assert 0 < small.sum() < len(small)
+    np.testing.assert_array_equal(out[~small], plain[~small])
+    assert np.all(np.abs(out[small] - plain[small]).max(axis=1) > 1e-3)
+
+
 @pytest.mark.parametrize("value", [2.5, 0, -1, float("inf"), "64", True])
 def test_bad_batch_size_is_refused(random_model, value):
     with pytest.raises(ValueError, match="batch_size"):

@@ -76,6 +76,14 @@ def test_upright_patch_is_the_crop_around_the_keypoint():
     assert torch.allclose(patch[0, 0], torch.from_numpy(image[16:48, 16:48]), atol=1e-5)
 
 
+def test_min_side_widens_only_the_patches_narrower_than_it():
+    angles = np.array([0.0, 30.0, 30.0])
+    frames = keypoint_frames(np.array([1.0, 2.0, 4.0]), angles, magnification=10.0, min_side=25.0)
+    expected = keypoint_frames(np.array([2.5, 2.5, 4.0]), angles, magnification=10.0)
+    np.testing.assert_allclose(frames, expected)  # sides 25, 25 (floored), 40 (kept), same orientations
+    np.testing.assert_allclose(np.abs(np.linalg.det(frames)), np.array([25.0, 25.0, 40.0]) ** 2 / 4)
+
+
 def test_angle_turns_the_patch_clockwise():
     image = np.zeros((64, 64), np.float32)
     image[10:20, 28:36] = 1.0  # a blob straight above the centre

@@ -123,6 +123,9 @@ class TrainConfig:
         "cut at the chosen magnification")
     magnification: float | None = _setting(
         None, "patch side / KeyPoint.size of the descriptor", "tuned on synthetic warps of the training images")
+    min_patch_side: float = _setting(
+        0.0, "smallest patch side in pixels of the descriptor's patches (0: none): keypoints narrower than "
+        "min_patch_side / magnification get patches of this side (the head's, the int8 calibration's and the card's)")
     init: str | None = _setting(
         None, "model (shipped name or .pt/.json path) whose conv layers the run starts from; the classifier layers "
         "start fresh, and arch must give the model's architecture", "random weights")
@@ -221,6 +224,7 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "distill_relation": {"low": 0},
     "distill_temperature": {"low": 0, "low_open": True},
     "magnification": {"low": 0, "low_open": True},
+    "min_patch_side": {"low": 0},
 }
 
 

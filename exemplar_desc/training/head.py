@@ -94,13 +94,14 @@ def fit_head_on_surrogates(
 
 
 def keypoint_patches(
-    images: Sequence[Path | np.ndarray], count: int, magnification: float, patch_size: int = 32, seed: int = 0
+    images: Sequence[Path | np.ndarray], count: int, magnification: float, patch_size: int = 32, seed: int = 0,
+    min_side: float = 0.0,
 ) -> Iterator[torch.Tensor]:
     """Patches at SIFT keypoints of the images, cut as :class:`exemplar_desc.ExemplarDescriptor` cuts them.
 
     Each image gives ``ceil(count / len(images))`` of its keypoints (OpenCV's SIFT detector
     with its defaults), drawn at random with ``seed``, or all it has if fewer; the patches
-    are oriented by the keypoints' angles, ``magnification x KeyPoint.size`` pixels wide.
+    are oriented by the keypoints' angles, ``magnification x KeyPoint.size`` pixels wide, at least ``min_side``.
 
     Args:
         images: paths (unreadable ones are skipped) or (H, W, 3) RGB / (H, W) grey uint8 arrays.
@@ -125,7 +126,7 @@ def keypoint_patches(
         chosen = rng.choice(len(kps), min(per_image, left, len(kps)), replace=False)
         xy, size, angle = keypoints_to_arrays([kps[i] for i in chosen])
         pyramid = build_pyramid(gray.astype(np.float32) / 255)
-        yield normalize_patches(extract_patches(pyramid, xy, keypoint_frames(size, angle, magnification), patch_size))
+        yield normalize_patches(extract_patches(pyramid, xy, keypoint_frames(size, angle, magnification, min_side), patch_size))
         left -= len(chosen)
 
 
@@ -148,7 +149,8 @@ def fit_head_on_keypoints(
     Raises:
         OptionError (``pca_source``): the images have fewer keypoints than the head has dimensions.
     """
-    pooled = _pooled(net.eval(), keypoint_patches(images, cfg.pca_patches, magnification, cfg.patch_size, cfg.seed))
+    pooled = _pooled(net.eval(), keypoint_patches(images, cfg.pca_patches, magnification, cfg.patch_size, cfg.seed,
+                                                  cfg.min_patch_side))
     dim = net.head.projection.shape[1]
     if len(pooled) <= dim:
         raise OptionError("pca_source", "keypoints", f"the training images gave {len(pooled)} SIFT keypoints, "

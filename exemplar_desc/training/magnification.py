@@ -113,6 +113,7 @@ def tune_magnification(
     seed: int = 0,
     max_side: int = 640,
     min_keypoints: int = 20,
+    min_side: float = 0.0,
 ) -> tuple[float, dict]:
     """Pick the magnification with the best mean matching accuracy on synthetic warps.
 
@@ -123,6 +124,7 @@ def tune_magnification(
         candidates: magnifications to try.
         threshold: reprojection error in pixels for a correct match.
         min_keypoints: images (or warps) with fewer SIFT keypoints are skipped.
+        min_side: smallest patch side in pixels (:func:`exemplar_desc.patches.keypoint_frames`), the model's.
 
     Returns:
         (best magnification, record with each candidate's accuracy and the settings used).
@@ -152,7 +154,7 @@ def tune_magnification(
             descs, points = [], []
             for k, pyramid in zip(kps, pyramids):
                 xy, size, angle = keypoints_to_arrays(k)
-                descs.append(describe_frames(net, pyramid, xy, keypoint_frames(size, angle, m)))
+                descs.append(describe_frames(net, pyramid, xy, keypoint_frames(size, angle, m, min_side)))
                 points.append(xy)
             matches, _ = mutual_nearest_neighbours(*descs)
             err = np.linalg.norm(project(hom, points[0][matches[:, 0]]) - points[1][matches[:, 1]], axis=1)

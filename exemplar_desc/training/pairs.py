@@ -81,18 +81,18 @@ def match_frames(
     return np.stack([i[first], j[first]], 1).astype(np.int64)
 
 
-def _keypoint_frames(sift: cv2.SIFT, gray: np.ndarray, magnification: float) -> tuple[np.ndarray, np.ndarray]:
+def _keypoint_frames(sift: cv2.SIFT, gray: np.ndarray, magnification: float, min_side: float) -> tuple[np.ndarray, np.ndarray]:
     """(N, 2) positions and (N, 2, 2) patch frames of the SIFT keypoints of a (H, W) uint8 image."""
     kps = sift.detect(gray, None)
     if not kps:
         return np.zeros((0, 2)), np.zeros((0, 2, 2))
     xy, size, angle = keypoints_to_arrays(kps)
-    return xy, keypoint_frames(size, angle, magnification)
+    return xy, keypoint_frames(size, angle, magnification, min_side)
 
 
 def warped_pairs(
     images: Sequence[Path | np.ndarray], photos: int, views: int, magnification: float, patch_size: int = 32, seed: int = 0,
-    noise: float = 0.0, jpeg: int | None = None,
+    noise: float = 0.0, jpeg: int | None = None, min_side: float = 0.0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Patches of positive pairs (:func:`match_frames`) between photos and their synthetic views.
 
@@ -103,6 +103,7 @@ def warped_pairs(
         images: paths or (H, W, 3) RGB / (H, W) grey uint8 arrays.
         magnification: patch side in units of ``KeyPoint.size``, the model's.
         noise, jpeg: the views' sensor noise and JPEG compression (:func:`.magnification.synthetic_view`).
+        min_side: smallest patch side in pixels, the model's (:func:`exemplar_desc.patches.keypoint_frames`).
 
     Yields:
         Per view, two (K, 1, P, P) float32 standardised patch batches: the photo's and the view's.
@@ -115,11 +116,11 @@ def warped_pairs(
         if gray is None:
             return
         gray = downscale(gray, PAIR_SETTINGS["max_side"])
-        xy0, frames0 = _keypoint_frames(sift, gray, magnification)
+        xy0, frames0 = _keypoint_frames(sift, gray, magnification, min_side)
         pyramid = build_pyramid(gray.astype(np.float32) / 255)
         for _ in range(views):
             view, hom = synthetic_view(gray, rng, light=True, noise=noise, jpeg=jpeg)
-            xy1, frames1 = _keypoint_frames(sift, view, magnification)
+            xy1, frames1 = _keypoint_frames(sift, view, magnification, min_side)
             pairs = match_frames((xy0, xy1), (frames0, frames1), hom)
             if len(pairs):
                 yield (
@@ -133,5 +134,6 @@ def configured_pairs(
     images: Sequence[Path | np.ndarray], magnification: float, cfg: "TrainConfig", seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`warped_pairs` with the run's pair settings (``pair_photos``, ``pair_views``,
-    ``pair_noise``, ``pair_jpeg``, ``patch_size``), drawn with ``seed``."""
-    return warped_pairs(images, cfg.pair_photos, cfg.pair_views, magnification, cfg.patch_size, seed, cfg.pair_noise, cfg.pair_jpeg)
+    ``pair_noise``, ``pair_jpeg``, ``patch_size``, ``min_patch_side``), drawn with ``seed``."""
+    return warped_pairs(images, cfg.pair_photos, cfg.pair_views, magnification, cfg.patch_size, seed, cfg.pair_noise, cfg.pair_jpeg,
+                        cfg.min_patch_side)

@@ -55,6 +55,8 @@ CASES = [
     (["--magnification", "-1"], "--magnification"),
     (["--magnification", "nan"], "--magnification"),
     (["--magnification", "inf"], "--magnification"),
+    (["--min-patch-side", "-1"], "--min-patch-side"),
+    (["--min-patch-side", "nan"], "--min-patch-side"),
     (["--device", "gpu"], "--device"),
     (["--device", "cuda:99"], "--device"),
     (["--detector", "harris"], "--detector"),

@@ -34,6 +34,14 @@ def test_keypoint_patches_are_standardised_and_spread_over_the_images():
     assert not torch.equal(patches, other)
 
 
+def test_keypoint_patches_widen_the_smallest_keypoints_to_min_side():
+    images = [getattr(skimage.data, name)() for name in PHOTOS]
+    plain = torch.cat(list(keypoint_patches(images, 300, magnification=8, seed=3)))
+    floored = torch.cat(list(keypoint_patches(images, 300, magnification=8, seed=3, min_side=24)))
+    changed = (plain - floored).abs().amax((1, 2, 3)) > 1e-4
+    assert 0 < int(changed.sum()) < 300  # keypoints under 3 px (8 x 3 = 24) only, the same ones drawn
+
+
 def test_keypoint_patches_stop_at_the_count_and_skip_unreadable_files(tmp_path):
     photos = [getattr(skimage.data, name)() for name in PHOTOS]
     assert [len(b) for b in keypoint_patches(photos, 250, magnification=8)] == [84, 84, 82]  # ceil(250 / 3) each, then the rest

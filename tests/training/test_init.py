@@ -11,6 +11,7 @@ from exemplar_desc.int8 import int8_available
 from exemplar_desc.model_io import load_model
 from exemplar_desc.networks import ExemplarClassifier, resolve_architecture
 from exemplar_desc.training import init_model, loop
+from exemplar_desc.training.init_model import model_settings
 
 #: A run of 8 classes and 2 steps; --magnification skips the tuning.
 TINY = ["--num-classes", "8", "--seeds-per-image", "8", "--samples-per-class", "4", "--batch-size", "16",
@@ -46,6 +47,7 @@ def test_run_starts_from_the_init_weights_and_records_them(random_model, folder,
     assert card["architecture_name"] == "fast"  # taken from the init model, --arch not given
     assert card["training"]["init"] == {"model": str(random_model), "sha256": init_card["sha256"], "conv_layers": "3 of 3"}
     assert card["training"]["steps"] == 2
+    assert card["min_patch_side"] == 0.0  # none asked
     # Every written card carries its int8 calibration, from patches of the training photos.
     assert len(card["int8"]["activation_ranges"]) == 6 and card["int8"]["patches"] > 0  # input, 3 convolutions, projection in and out
     if int8_available():
@@ -59,8 +61,11 @@ def test_run_starts_from_the_init_weights_and_records_them(random_model, folder,
 
     # --resume of the finished run takes the trunk from the checkpoint, never again from --init.
     monkeypatch.setattr(loop, "init_trunk", lambda *a: pytest.fail("--resume re-initialised from --init"))
-    assert train_module.main([*args, "--resume", "--head-dim", "8"]) == 0
-    assert json.loads((out / "m.json").read_text())["training"]["init"] == card["training"]["init"]
+    assert train_module.main([*args, "--resume", "--head-dim", "8", "--min-patch-side", "20"]) == 0
+    refitted = json.loads((out / "m.json").read_text())
+    assert refitted["training"]["init"] == card["training"]["init"]
+    assert refitted["min_patch_side"] == 20.0 and model_settings(refitted)["min_patch_side"] == 20.0  # a head setting
+    assert ExemplarDescriptor(out / "m.json", precision="fp32").min_patch_side == 20.0
 
 
 def test_a_run_without_init_records_none_and_resumes_a_checkpoint_older_than_the_light_families_and_seed_scales(folder, tmp_path, capsys):

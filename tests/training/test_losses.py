@@ -117,7 +117,7 @@ def test_the_relational_term_takes_pairs_of_views(folder, tmp_path, monkeypatch,
     calls = []
     patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
 
-    def pool(images, count, views, magnification, patch_size, seed, noise, jpeg):
+    def pool(images, count, views, magnification, patch_size, seed, noise, jpeg, min_side):
         yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
 
     def relation(s, t, temperature):
@@ -220,7 +220,7 @@ def test_photo_pairs_feed_the_triplet_term(folder, tmp_path, monkeypatch):
     made, taken = [], []
     patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
 
-    def pool(images, photos, views, magnification, patch_size, seed, noise, jpeg):
+    def pool(images, photos, views, magnification, patch_size, seed, noise, jpeg, min_side):
         made.append((photos, views, magnification, seed))
         yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
 
