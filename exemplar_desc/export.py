@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         return report(err, parser)
     metadata = export_onnx(graph, out)
-    geometry = ", ".join(f"{key} {metadata[key]}" for key in ("magnification", "patch_size", "descriptor_size"))
+    geometry = ", ".join(f"{key} {metadata[key]}" for key in ("magnification", "min_patch_side", "patch_size", "descriptor_size"))
     print(f"{metadata['model']} ({geometry}) -> {out}")
     return 0
 

@@ -36,7 +36,7 @@ OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "patches", "descriptors"
 #: Keys of the file's metadata_props: model name, sha256 of its weights file, patch side in
 #: units of KeyPoint.size, patch side P in pixels, descriptor length D (all stored as strings).
-METADATA_KEYS = ("model", "sha256", "magnification", "patch_size", "descriptor_size")
+METADATA_KEYS = ("model", "sha256", "magnification", "min_patch_side", "patch_size", "descriptor_size")
 
 
 class OnnxDescriptorGraph(nn.Module):
@@ -129,7 +129,7 @@ def export_onnx(
     proto = onnx.load_from_string(_onnx_bytes(graph.eval(), opset))
     metadata = {
         "model": str(card["name"]), "sha256": str(card["sha256"]), "magnification": repr(float(card["magnification"])),
-        "patch_size": str(graph.patch_size), "descriptor_size": str(int(card["head"]["dim"])),
+        "min_patch_side": repr(float(card.get("min_patch_side", 0.0))), "patch_size": str(graph.patch_size), "descriptor_size": str(int(card["head"]["dim"])),
     }
     onnx.helper.set_model_props(proto, metadata)
     proto.doc_string = (

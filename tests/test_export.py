@@ -77,7 +77,8 @@ def test_metadata_and_signature(exported):
     proto = onnx.load(str(exported))
     card = load_model(None)[1]
     assert {p.key: p.value for p in proto.metadata_props} == {
-        "model": DEFAULT_MODEL, "sha256": card["sha256"], "magnification": "10.0", "patch_size": "32", "descriptor_size": "128",
+        "model": DEFAULT_MODEL, "sha256": card["sha256"], "magnification": "10.0", "min_patch_side": "0.0", "patch_size": "32",
+        "descriptor_size": "128",
     }
     (inp,), (out,) = proto.graph.input, proto.graph.output
     dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (inp, out)]
@@ -116,7 +117,7 @@ def test_command_line_writes_the_file_and_replaces_an_existing_one(tmp_path, cap
     out.write_bytes(b"an older file")
     assert main(["--format", "onnx", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed == f"{DEFAULT_MODEL} (magnification 10.0, patch_size 32, descriptor_size 128) -> {out}\n"
+    assert printed == f"{DEFAULT_MODEL} (magnification 10.0, min_patch_side 0.0, patch_size 32, descriptor_size 128) -> {out}\n"
     assert [p.name for p in tmp_path.iterdir()] == ["exemplar.onnx"]  # no temporary file left
     assert run_cv2(out, np.zeros((2, 1, 32, 32), np.float32)).shape == (2, 128)
 
@@ -160,8 +161,8 @@ def test_the_guides_opencv_program_describes_as_compute(exported, tmp_path):
     assert "python -m exemplar_desc.export --format onnx --out exemplar.onnx" in page  # the file the block reads
     (language, code), = [block for block in FENCE.findall(page) if block[0] == "python"]
     metadata = {p.key: p.value for p in onnx.load(str(exported)).metadata_props}
-    constants = re.search(r"^MAGNIFICATION, PATCH = ([\d.]+), (\d+)", code, re.M)
-    assert constants and constants.groups() == (metadata["magnification"], metadata["patch_size"])
+    constants = re.search(r"^MAGNIFICATION, MIN_SIDE, PATCH = ([\d.]+), ([\d.]+), (\d+)", code, re.M)
+    assert constants and constants.groups() == (metadata["magnification"], metadata["min_patch_side"], metadata["patch_size"])
     image = shared_data("oxford", "graf", "img1.ppm")
     out = tmp_path / "features.npz"
     printed = run_block(language, code, MODEL=exported, IMAGE=image, OUT=out)
