@@ -51,6 +51,8 @@ class ExemplarPatchDescriptor(nn.Module):
         patch_size: side P of the patches the model takes (32 for the shipped models).
         magnification: the model card's patch side in units of ``KeyPoint.size``; kornia
             frames of the same patches have scale ``magnification * size / 2``.
+        min_patch_side: the card's smallest patch side in pixels (0: none); the scale is then
+            ``max(magnification * size, min_patch_side) / 2`` (:func:`keypoint_lafs`).
         card: the model card (dict).
     """
 
@@ -59,6 +61,7 @@ class ExemplarPatchDescriptor(nn.Module):
         self.net, self.card = load_model(model)
         self.patch_size = int(self.card["patch_size"])
         self.magnification = float(self.card["magnification"])
+        self.min_patch_side = float(self.card.get("min_patch_side", 0.0))
 
     @property
     def descriptor_size(self) -> int:
