@@ -32,8 +32,8 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "--precision": {
         "default": "auto",
         "choices": PRECISION_CHOICES,
-        "help": "network convolutions in float32, bfloat16 or int8 (x86 CPUs with AVX512-VNNI, or with AVX2 and no "
-                "AVX512; the model card's calibration); auto: int8 on those CPUs for a calibrated model, else bfloat16 where the CPU or GPU "
+        "help": "network convolutions in float32, bfloat16 or int8 (x86 CPUs with AVX2; the model card's "
+                "calibration); auto: int8 on those CPUs for a calibrated model, else bfloat16 where the CPU or GPU "
                 "has it in hardware, else float32 (default: %(default)s)",
     },
     "--magnification": {

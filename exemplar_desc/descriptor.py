@@ -221,7 +221,7 @@ class ExemplarDescriptor:
         if magnification is not None:
             check_number("magnification", magnification, low=0, low_open=True)
         self.magnification = float(self.card["magnification"] if magnification is None else magnification)
-        self.min_patch_side = float(self.card.get("min_patch_side", 0.0) if min_patch_side is None else min_patch_side)
+        self.min_patch_side = float(self.card["min_patch_side"] if min_patch_side is None else min_patch_side)
         self.patch_size = int(self.card["patch_size"])
         self.upright = upright
         self.batch_size = int(batch_size)

@@ -107,7 +107,8 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
     """Load a model by shipped name or card/weights path, verifying the weights' sha256.
 
     Returns:
-        (network in eval mode on ``device``, model card dict).
+        (network in eval mode on ``device``, model card dict; ``min_patch_side`` is 0 where a card
+        older than that setting lacks it).
 
     Raises:
         FileNotFoundError: unknown model or missing file.
@@ -142,4 +143,5 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
         net.load_state_dict(state)
     except Exception as err:  # torch raises many types for bad files; name the file instead
         raise ValueError(f"cannot load weights file {weights_path}: {err}") from err
+    card.setdefault("min_patch_side", 0.0)  # cards written before the setting had no floor
     return net.to(device).eval(), card

@@ -129,7 +129,7 @@ def export_onnx(
     proto = onnx.load_from_string(_onnx_bytes(graph.eval(), opset))
     metadata = {
         "model": str(card["name"]), "sha256": str(card["sha256"]), "magnification": repr(float(card["magnification"])),
-        "min_patch_side": repr(float(card.get("min_patch_side", 0.0))), "patch_size": str(graph.patch_size), "descriptor_size": str(int(card["head"]["dim"])),
+        "min_patch_side": repr(float(card["min_patch_side"])), "patch_size": str(graph.patch_size), "descriptor_size": str(int(card["head"]["dim"])),
     }
     onnx.helper.set_model_props(proto, metadata)
     proto.doc_string = (

@@ -61,7 +61,7 @@ class ExemplarPatchDescriptor(nn.Module):
         self.net, self.card = load_model(model)
         self.patch_size = int(self.card["patch_size"])
         self.magnification = float(self.card["magnification"])
-        self.min_patch_side = float(self.card.get("min_patch_side", 0.0))
+        self.min_patch_side = float(self.card["min_patch_side"])
 
     @property
     def descriptor_size(self) -> int:

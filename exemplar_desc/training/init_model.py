@@ -100,5 +100,5 @@ def model_settings(card: dict) -> dict[str, Any]:
     if tune:
         settings["pair_temperature"] = tune["temperature"]
     settings["magnification"] = float(card["magnification"])
-    settings["min_patch_side"] = float(card.get("min_patch_side", 0.0))
+    settings["min_patch_side"] = float(card["min_patch_side"])
     return settings
