@@ -39,6 +39,7 @@ from .extraction import (
     extract_features,
     extract_features_across_ranks,
     resolve_magnification,
+    resolve_min_patch_side,
 )
 from .formats.hloc import OutputConflictError, check_feature_file
 from .images import list_images
@@ -60,8 +61,9 @@ def _parser() -> ArgumentParser:
         p, "--max-keypoints", "--magnification", "--device", "--precision", "--dist-timeout",
         max_keypoints={"default": 8192},
         magnification={"type": str, "default": DEFAULT_MAGNIFICATION, "metavar": "sfm|card|M",
-                       "help": f"patch side / KeyPoint.size of an Exemplar descriptor: sfm ({SFM_MAGNIFICATION:g}, "
-                               "the SfM command's), card (the model card's) or a number (default: %(default)s)"},
+                       "help": f"patch side / KeyPoint.size of an Exemplar descriptor: sfm ({SFM_MAGNIFICATION:g} and no "
+                               "smallest patch side, the SfM command's), card (the model card's) or a number, with the "
+                               "card's smallest patch side (default: %(default)s)"},
     )
     p.add_argument("--workers", type=int, default=2, metavar="N",
                    help="processes that read, decode and detect, 0 for none (default: %(default)s)")
@@ -103,6 +105,7 @@ def _descriptor(args: argparse.Namespace, device: torch.device) -> Any:
     kwargs = {}
     if is_exemplar(args.descriptor):
         kwargs = {"magnification": resolve_magnification(args.magnification),
+                  "min_patch_side": resolve_min_patch_side(args.magnification),
                   "batch_size": args.batch_size or (8192 if device.type == "cuda" else 1024), "precision": args.precision}
     try:
         return create_descriptor(args.descriptor, device=str(device), **kwargs)

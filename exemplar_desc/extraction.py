@@ -8,7 +8,8 @@ Keypoints are found once per image by OpenCV's SIFT (DoG) detector on the image
 downscaled to ``max_size``, and every descriptor describes the same keypoints, so runs
 with different descriptors compare descriptors only. An Exemplar descriptor describes
 patches of side ``magnification x KeyPoint.size``; both command lines take the magnification
-by the names of :data:`MAGNIFICATIONS` (:func:`resolve_magnification`), ``sfm`` by default.
+by the names of :data:`MAGNIFICATIONS` (:func:`resolve_magnification`), ``sfm`` by default,
+which also sets the smallest patch side (:func:`resolve_min_patch_side`).
 
 Streaming: images are read, decoded, resized and detected in ``workers`` processes (a torch
 DataLoader; 0 does it in the calling process), in input order; an Exemplar descriptor
@@ -17,7 +18,7 @@ describes the keypoints of consecutive images together in network batches of its
 as soon as it is described.
 
 Re-runs: each group records the image file's SHA-1, the descriptor name, its identity (an
-Exemplar model's weights hash and patch magnification) and the extraction settings; an
+Exemplar model's weights hash and patch geometry) and the extraction settings; an
 image whose record matches is copied from the previous file instead of being processed
 again. Files are written to ``<name>.tmp`` and moved into place with ``os.replace`` after
 the root attribute ``complete`` is set, so an interrupted run never leaves a partial file
@@ -52,7 +53,9 @@ __all__ = [
     "SFM_MAGNIFICATION",
     "MAGNIFICATIONS",
     "DEFAULT_MAGNIFICATION",
+    "SFM_MIN_PATCH_SIDE",
     "resolve_magnification",
+    "resolve_min_patch_side",
     "ExtractionResult",
     "extract_features",
     "extract_features_across_ranks",
@@ -72,6 +75,11 @@ MAGNIFICATIONS: dict[str, float | None] = {"sfm": SFM_MAGNIFICATION, "card": Non
 #: What ``python -m exemplar_desc.extract`` and the SfM command describe with unless told:
 #: features for hloc and COLMAP are features for a reconstruction.
 DEFAULT_MAGNIFICATION = "sfm"
+#: Smallest patch side in pixels of the Exemplar descriptors at :data:`SFM_MAGNIFICATION`:
+#: none, whatever the card's. A card's floor is chosen at the card's magnification; at 5 it
+#: would widen most keypoints' patches, and the rule that chose 5 keeps none
+#: (docs/model-development.md, "SfM settings: magnification 5 and ratio 0.95").
+SFM_MIN_PATCH_SIDE = 0.0
 
 
 def resolve_magnification(value: str | float | None) -> float | None:
@@ -100,6 +108,16 @@ def resolve_magnification(value: str | float | None) -> float | None:
     return float(value)
 
 
+def resolve_min_patch_side(magnification: str | float | None) -> float | None:
+    """The smallest patch side that goes with a magnification as :func:`resolve_magnification` takes it.
+
+    Returns:
+        :data:`SFM_MIN_PATCH_SIDE` (pixels) for ``"sfm"``, the SfM patch geometry; None (the
+        model card's) for ``"card"``, None or a number.
+    """
+    return SFM_MIN_PATCH_SIDE if magnification == "sfm" else None
+
+
 @dataclass
 class ExtractionResult:
     """What :func:`extract_features` did.
@@ -122,7 +140,8 @@ def _identity(descriptor: Any) -> str:
     card = getattr(descriptor, "card", None)
     if card is not None:
         precision = "" if descriptor.precision == "fp32" else f", precision {descriptor.precision}"
-        return f"sha256 {card['sha256']}, magnification {descriptor.magnification:g}, upright {descriptor.upright}{precision}"
+        floor = f", min patch side {descriptor.min_patch_side:g}" if descriptor.min_patch_side else ""
+        return f"sha256 {card['sha256']}, magnification {descriptor.magnification:g}{floor}, upright {descriptor.upright}{precision}"
     return f"{type(descriptor).__name__}, OpenCV {cv2.__version__}"
 
 

@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from ..checks import OptionError, check_number
 from ..cli import EXIT_BAD_OPTION, ArgumentParser, add_shared_options, flag_names, report, settings_from_args
 from ..distributed import DistributedError, close_distributed, init_distributed, rank_from_env
-from ..extraction import DEFAULT_MAGNIFICATION, SFM_MAGNIFICATION, resolve_magnification
+from ..extraction import DEFAULT_MAGNIFICATION, SFM_MAGNIFICATION, resolve_magnification, resolve_min_patch_side
 from ..formats.hloc import OutputConflictError
 from .pipeline import SfmError, SfmSettings, expand_compare, run_sfm
 from .reconstruction import MapperSettings
@@ -60,8 +60,9 @@ def _parser() -> ArgumentParser:
     add_shared_options(
         p, "--magnification", "--precision", "--device", "--dist-timeout",
         magnification={"type": str, "default": DEFAULT_MAGNIFICATION, "metavar": "sfm|card|M",
-                       "help": f"patch side / KeyPoint.size of Exemplar descriptors: sfm ({SFM_MAGNIFICATION:g}, for "
-                               "precisely placed matches), card (the model card's) or a number (default: %(default)s)"},
+                       "help": f"patch side / KeyPoint.size of Exemplar descriptors: sfm ({SFM_MAGNIFICATION:g} and no "
+                               "smallest patch side, for precisely placed matches), card (the model card's) or a number, "
+                               "with the card's smallest patch side (default: %(default)s)"},
         device={"default": defaults.device,
                 "help": "torch device for descriptors and matching, cpu or cuda; under torchrun each rank uses "
                         "cuda:LOCAL_RANK with cuda (default: %(default)s)"},
@@ -88,9 +89,10 @@ def _parser() -> ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> SfmSettings:
-    """The settings the options give, a named magnification resolved to its value."""
+    """The settings the options give, a named magnification resolved to its patch geometry."""
     return settings_from_args(SfmSettings, args, mapper=settings_from_args(MapperSettings, args),
-                   magnification=resolve_magnification(args.magnification))
+                              magnification=resolve_magnification(args.magnification),
+                              min_patch_side=resolve_min_patch_side(args.magnification))
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -46,7 +46,7 @@ from ..atomic import atomic_write
 from ..checks import OptionError, check, check_device, check_number, check_output_dir
 from ..descriptor import PRECISION_CHOICES
 from ..distributed import Distributed
-from ..extraction import SFM_MAGNIFICATION, ExtractionResult, extract_features, extract_features_across_ranks
+from ..extraction import SFM_MAGNIFICATION, SFM_MIN_PATCH_SIDE, ExtractionResult, extract_features, extract_features_across_ranks
 from ..formats.colmap import COLMAP_DESCRIPTOR_DIM, export_colmap_text
 from ..formats.hloc import check_feature_file, merge_parts, pair_key
 from ..images import list_images
@@ -109,6 +109,10 @@ class SfmSettings:
             5, which ``python -m exemplar_desc.extract`` describes with too. Smaller patches
             trade 3D points for a lower reprojection error (docs/model-development.md, "SfM
             settings: magnification 5 and ratio 0.95").
+        min_patch_side: smallest patch side in pixels (>= 0) of the Exemplar descriptors (None:
+            the model card's); the default is
+            :data:`exemplar_desc.extraction.SFM_MIN_PATCH_SIDE`, 0, none: a card's floor is
+            chosen at the card's magnification.
         precision: convolutions of the Exemplar descriptors, ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"int8"``
             (see :class:`exemplar_desc.ExemplarDescriptor`).
     """
@@ -123,6 +127,7 @@ class SfmSettings:
     export_colmap: bool = False
     focal_length: float | None = None
     magnification: float | None = SFM_MAGNIFICATION
+    min_patch_side: float | None = SFM_MIN_PATCH_SIDE
     precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -142,6 +147,8 @@ class SfmSettings:
             check_number("focal_length", self.focal_length, low=0, low_open=True)
         if self.magnification is not None:
             check_number("magnification", self.magnification, low=0, low_open=True)
+        if self.min_patch_side is not None:
+            check_number("min_patch_side", self.min_patch_side, low=0)
         check(self.precision in PRECISION_CHOICES, "precision", self.precision, f"must be {', '.join(PRECISION_CHOICES)}")
         if not isinstance(self.mapper, MapperSettings):
             raise TypeError(f"mapper must be a MapperSettings, got {type(self.mapper).__name__}")
@@ -167,7 +174,7 @@ def _create_extractors(descriptors: Sequence[str], settings: SfmSettings, device
         try:
             if is_exemplar(name):
                 extractors[name] = create_descriptor(name, device=device, magnification=settings.magnification,
-                                                    precision=settings.precision)
+                                                    min_patch_side=settings.min_patch_side, precision=settings.precision)
             else:
                 extractors[name] = create_descriptor(name, device=device)
         except (ImportError, FileNotFoundError) as err:  # a missing dependency or weights file

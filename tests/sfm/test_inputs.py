@@ -184,6 +184,24 @@ def test_cli_magnification_card_uses_the_model_card(tmp_path, random_model):
         assert f"magnification {card['magnification']:g}," in f["a.png"].attrs["descriptor_identity"]
 
 
+def test_the_sfm_magnification_describes_without_the_cards_smallest_patch_side(tmp_path, random_model):
+    # A card's floor is chosen at its own magnification; the SfM geometry (magnification 5) keeps none.
+    net, card = load_model(random_model)
+    floored = save_model(net, {**{k: card[k] for k in ("architecture", "patch_size", "magnification", "head", "int8")},
+                               "min_patch_side": 40.0}, tmp_path / "floored", "floored")
+    assert SfmSettings().min_patch_side == extraction.resolve_min_patch_side("sfm") == 0
+    assert extraction.resolve_min_patch_side("card") is extraction.resolve_min_patch_side(7.0) is None
+    images = tmp_path / "images"
+    write_views(images, NAMES3)
+    for value in ("sfm", "card"):
+        out = tmp_path / value
+        main(["--images", str(images), "--out", str(out), "--descriptor", f"exemplar:{floored}", "--max-size", "200",
+              "--max-keypoints", "100", "--magnification", value, "--precision", "fp32"])
+        with h5py.File(out / "features.h5", "r") as f:
+            identity = f["a.png"].attrs["descriptor_identity"]
+        assert ("min patch side 40," in identity) == (value == "card"), identity
+
+
 def test_ratio_auto_applies_the_exemplar_ratio_to_exemplar_descriptors_only():
     auto = SfmSettings()
     assert auto.ratio == "auto"
