@@ -10,9 +10,10 @@ not train on, and writes the adapted model only if it is better there:
 2. **Training**, the training command's code path (:func:`.training.loop.train`,
    :func:`.train.finish_model`) with ``--preset adapt``: the ``--base`` model (the shipped
    default) fine-tuned on the other photos for ``--minutes`` (15) with ``--loss``
-   (softmax+triplet), its head and magnification kept (:func:`.training.init_model.model_settings`),
-   with the preset's 2000 surrogate classes or as many as the photos give where fewer. Every
-   training option can be given (the "training" options of ``--help``).
+   (softmax+triplet), its head, magnification and smallest patch side kept
+   (:func:`.training.init_model.model_settings`), with the preset's 2000 surrogate classes or
+   as many as the photos give where fewer. Every training option can be given (the
+   "training" options of ``--help``).
 3. **Proof.** Each held-out photo, downscaled to 1024 px, becomes a six-image sequence of one
    kind of change (viewpoint, zoom+rotation, light, noise, JPEG, blur, in turn) with exact
    homographies, by the validation set's generator (:func:`benchmarks.validation.ensure_sequences`);
@@ -77,7 +78,7 @@ MAIN_FIELDS = ("init", "time_budget_minutes", "loss", "device", "num_threads")
 ADAPT_SPELLING: dict[str, dict[str, Any]] = {
     **SPELLING,
     "init": {"flag": "--base", "metavar": "MODEL", "help": "the model to adapt and to compare with: a shipped name or "
-             "a model card (.json) path; the adapted model keeps its head's form and magnification"},
+             "a model card (.json) path; the adapted model keeps its head's form, magnification and smallest patch side"},
     "time_budget_minutes": {"flag": "--minutes", "metavar": "M", "help": "minutes of training, the lr schedule "
                             "following the wall time (the seed patches, the head and the comparison take more)"},
     "loss": {"choices": LOSSES, "metavar": "LOSS"},

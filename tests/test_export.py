@@ -77,7 +77,7 @@ def test_metadata_and_signature(exported):
     proto = onnx.load(str(exported))
     card = load_model(None)[1]
     assert {p.key: p.value for p in proto.metadata_props} == {
-        "model": DEFAULT_MODEL, "sha256": card["sha256"], "magnification": "10.0", "min_patch_side": "0.0", "patch_size": "32",
+        "model": DEFAULT_MODEL, "sha256": card["sha256"], "magnification": "10.0", "min_patch_side": "22.0", "patch_size": "32",
         "descriptor_size": "128",
     }
     (inp,), (out,) = proto.graph.input, proto.graph.output
@@ -117,7 +117,7 @@ def test_command_line_writes_the_file_and_replaces_an_existing_one(tmp_path, cap
     out.write_bytes(b"an older file")
     assert main(["--format", "onnx", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed == f"{DEFAULT_MODEL} (magnification 10.0, min_patch_side 0.0, patch_size 32, descriptor_size 128) -> {out}\n"
+    assert printed == f"{DEFAULT_MODEL} (magnification 10.0, min_patch_side 22.0, patch_size 32, descriptor_size 128) -> {out}\n"
     assert [p.name for p in tmp_path.iterdir()] == ["exemplar.onnx"]  # no temporary file left
     assert run_cv2(out, np.zeros((2, 1, 32, 32), np.float32)).shape == (2, 128)
 

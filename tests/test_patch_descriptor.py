@@ -92,7 +92,7 @@ def test_keypoint_lafs_upright_and_no_angle():
     assert torch.allclose(KF.get_laf_orientation(lafs)[0, :, 0], torch.tensor([-30.0, 0.0]), atol=1e-4)
     assert torch.allclose(KF.get_laf_orientation(keypoint_lafs(kps, 12.0, upright=True)), torch.zeros(1, 2, 1), atol=1e-4)
     assert torch.equal(lafs[0, :, :, 2], torch.tensor([[10.0, 20.0], [5.0, 6.0]]))
-    assert ExemplarPatchDescriptor().min_patch_side == 0.0
-    assert ExemplarPatchDescriptor("exemplar-fast-t005-pairs-nce-ms22").min_patch_side == 22.0
+    assert ExemplarPatchDescriptor().min_patch_side == 22.0  # the default's card
+    assert ExemplarPatchDescriptor("exemplar-fast-t005-pairs-nce").min_patch_side == 0.0
     floored = keypoint_lafs(kps, 12.0, min_side=36.0)  # sides 48 (kept) and 36 (from 24)
     assert torch.allclose(KF.get_laf_scale(floored)[0, :, 0, 0], torch.tensor([24.0, 18.0]))
