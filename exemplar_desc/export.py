@@ -22,7 +22,7 @@ from typing import Sequence
 from .checks import OptionError, check, check_output_file
 from .cli import ArgumentParser, report
 from .model_io import DEFAULT_MODEL
-from .onnx_export import OnnxDescriptorGraph, export_onnx
+from .onnx_export import GEOMETRY_KEYS, OnnxDescriptorGraph, export_onnx
 
 __all__ = ["main", "FORMATS"]
 
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         return report(err, parser)
     metadata = export_onnx(graph, out)
-    geometry = ", ".join(f"{key} {metadata[key]}" for key in ("magnification", "min_patch_side", "patch_size", "descriptor_size"))
+    geometry = ", ".join(f"{key} {metadata[key]}" for key in GEOMETRY_KEYS)
     print(f"{metadata['model']} ({geometry}) -> {out}")
     return 0
 

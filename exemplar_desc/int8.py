@@ -3,8 +3,9 @@
 The convolutions (each fused with its ReLU) and the head's projection run on 8-bit integers
 through PyTorch's oneDNN quantised engine, on x86 CPUs with AVX2 (:func:`int8_available`):
 weights symmetric int8 per output channel; activations unsigned 8-bit per tensor over their
-full range, or 7-bit on AVX512 CPUs without VNNI (:func:`activation_max`). The ranges of the activations (the trunk's input and each convolution's output,
-the projection's input and output) are calibrated once, on patches at SIFT keypoints of the
+full range, or 7-bit on AVX512 CPUs without VNNI (:func:`activation_max`). The ranges of the
+activations (the trunk's input and each convolution's output, the projection's input and
+output) are calibrated once, on patches at SIFT keypoints of the
 training photos, by the training command, which records them in the model card
 (``card["int8"]``); loading builds the quantised network from them, so the descriptors of
 every image share one scale. The head max-pools the trunk's integers (a maximum commutes

@@ -29,14 +29,17 @@ from .patches import normalize_patches
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OPSET", "INPUT_NAME", "OUTPUT_NAME", "METADATA_KEYS", "OnnxDescriptorGraph", "export_onnx"]
+__all__ = ["OPSET", "INPUT_NAME", "OUTPUT_NAME", "GEOMETRY_KEYS", "METADATA_KEYS", "OnnxDescriptorGraph", "export_onnx"]
 
 #: ONNX operator set of the exported graph (read by OpenCV 4.x and 5.x, ONNX Runtime).
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "patches", "descriptors"
-#: Keys of the file's metadata_props: model name, sha256 of its weights file, patch side in
-#: units of KeyPoint.size, patch side P in pixels, descriptor length D (all stored as strings).
-METADATA_KEYS = ("model", "sha256", "magnification", "min_patch_side", "patch_size", "descriptor_size")
+#: The metadata_props that give the patch geometry: patch side in units of KeyPoint.size,
+#: smallest patch side in pixels (0: none), network input side P, descriptor length D.
+GEOMETRY_KEYS = ("magnification", "min_patch_side", "patch_size", "descriptor_size")
+#: Keys of the file's metadata_props: model name, sha256 of its weights file, then
+#: :data:`GEOMETRY_KEYS` (all stored as strings).
+METADATA_KEYS = ("model", "sha256", *GEOMETRY_KEYS)
 
 
 class OnnxDescriptorGraph(nn.Module):
@@ -129,7 +132,8 @@ def export_onnx(
     proto = onnx.load_from_string(_onnx_bytes(graph.eval(), opset))
     metadata = {
         "model": str(card["name"]), "sha256": str(card["sha256"]), "magnification": repr(float(card["magnification"])),
-        "min_patch_side": repr(float(card["min_patch_side"])), "patch_size": str(graph.patch_size), "descriptor_size": str(int(card["head"]["dim"])),
+        "min_patch_side": repr(float(card["min_patch_side"])), "patch_size": str(graph.patch_size),
+        "descriptor_size": str(int(card["head"]["dim"])),
     }
     onnx.helper.set_model_props(proto, metadata)
     proto.doc_string = (
