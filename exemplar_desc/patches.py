@@ -230,27 +230,37 @@ def extract_patches(
     det = frames[:, 0, 0] * frames[:, 1, 1] - frames[:, 0, 1] * frames[:, 1, 0]  # no LU solver for 2x2 (CUDA)
     step = 2 * torch.sqrt(torch.abs(det)) / patch_size  # level-0 pixels per patch pixel
     level = torch.floor(torch.log2(step.clamp_min(1e-12))).clamp(0, len(pyramid) - 1).long()
-    cells = (2 * torch.arange(patch_size, device=device, dtype=torch.float32) + 1) / patch_size - 1
-    v, u = torch.meshgrid(cells, cells, indexing="ij")  # (P, P): u along a row, v down the rows
-    uv = torch.stack([u, v], -1)  # (P, P, 2)
-    levels = torch.unique(level).tolist() if len(pyramid) > 1 else [0]
-    for lev in levels:
-        idx = torch.nonzero(level == lev).flatten() if len(levels) > 1 else None
+    cells = (2 * torch.arange(patch_size, device=device, dtype=torch.float64) + 1) / patch_size - 1
+    # A patch whose samples all lie within the level's pixel area gets the same values from
+    # grid_sample's border padding as from its reflection, at half the cost on the CPU.
+    reach = frames.abs().sum(-1) * cells[-1]  # (n, 2): farthest sample from the centre, per axis
+    low = (centers - reach + 0.5) / 2.0 ** level[:, None]
+    high = (centers + reach + 0.5) / 2.0 ** level[:, None]
+    sizes = torch.tensor([level_image.shape[-1:-3:-1] for level_image in pyramid], dtype=torch.float64, device=device)
+    crossing = ((low < 0) | (high > sizes[level])).any(-1)
+    group = 2 * level + crossing.long()
+    groups = torch.unique(group).tolist() if n > 1 else [int(group[0])]
+    for key in groups:
+        lev, padding = key // 2, ("reflection" if key % 2 else "border")
+        idx = torch.nonzero(group == key).flatten() if len(groups) > 1 else None
         image = pyramid[lev]
         h, w = image.shape[-2:]
         # Level-0 pixel p maps to (p + 0.5) / 2^lev - 0.5 on level lev; grid_sample wants
         # (p_lev + 0.5) / size * 2 - 1, so both steps fold into one scale per axis.
         to_grid = torch.tensor([2.0 / (w * 2.0**lev), 2.0 / (h * 2.0**lev)], dtype=torch.float64, device=device)
         c, a = (centers, frames) if idx is None else (centers[idx], frames[idx])
-        offset = ((c + 0.5) * to_grid - 1).float()  # (n, 2)
-        a = (a * to_grid[:, None]).float()  # (n, 2, 2)
-        grid = offset[:, None, None, :] + torch.einsum("nij,pqj->npqi", a, uv)  # (n, P, P, 2)
+        a = a * to_grid[:, None]  # (n, 2, 2)
+        # Sample (row p, column q) is offset + a[:, 0] u_q + a[:, 1] v_p: a row term and a
+        # column term, summed into the (n, P, P, 2) grid in one pass.
+        rows = ((c + 0.5) * to_grid - 1)[:, None, :] + a[:, None, :, 1] * cells[None, :, None]  # (n, P, 2)
+        columns = a[:, None, :, 0] * cells[None, :, None]  # (n, P, 2)
+        grid = rows.float()[:, :, None, :] + columns.float()[:, None, :, :]  # (n, P, P, 2)
         # On the CPU grid_sample runs one thread per batch element: the level goes in as one
         # view per thread (no copy), each sampling its share of the grid rows.
         chunks = math.gcd(torch.get_num_threads(), len(grid) * patch_size) if device.type == "cpu" else 1
         sampled = F.grid_sample(
             image.expand(chunks, -1, -1, -1), grid.reshape(chunks, -1, patch_size, 2), mode="bilinear",
-            padding_mode="reflection", align_corners=False,
+            padding_mode=padding, align_corners=False,
         ).reshape(-1, 1, patch_size, patch_size)
         if idx is None:
             return sampled
