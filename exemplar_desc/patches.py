@@ -251,10 +251,12 @@ def extract_patches(
         c, a = (centers, frames) if idx is None else (centers[idx], frames[idx])
         a = a * to_grid[:, None]  # (n, 2, 2)
         # Sample (row p, column q) is offset + a[:, 0] u_q + a[:, 1] v_p: a row term and a
-        # column term, summed into the (n, P, P, 2) grid in one pass.
+        # column term, summed into the (n, P, P, 2) grid in one pass, as complex numbers (x + iy)
+        # so that the broadcast's innermost loop runs over P values, not over 2.
         rows = ((c + 0.5) * to_grid - 1)[:, None, :] + a[:, None, :, 1] * cells[None, :, None]  # (n, P, 2)
         columns = a[:, None, :, 0] * cells[None, :, None]  # (n, P, 2)
-        grid = rows.float()[:, :, None, :] + columns.float()[:, None, :, :]  # (n, P, P, 2)
+        rows, columns = (torch.view_as_complex(t.float()) for t in (rows, columns))
+        grid = torch.view_as_real(rows[:, :, None] + columns[:, None, :])  # (n, P, P, 2)
         # On the CPU grid_sample runs one thread per batch element: the level goes in as one
         # view per thread (no copy), each sampling its share of the grid rows.
         chunks = math.gcd(torch.get_num_threads(), len(grid) * patch_size) if device.type == "cpu" else 1
