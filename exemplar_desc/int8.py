@@ -231,5 +231,5 @@ class Int8DescriptorNet(nn.Module):
         self.head = net.head  # for its shape and device (exemplar_desc.descriptor.describe_images)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        pooled = _pooled(self.trunk(patches.float()), self.head.grid)
-        return F.normalize(self.projection(compress_nonnegative(pooled, self.head.power)), dim=1)
+        pooled = _pooled(self.trunk(patches.float()), self.head.grid)  # this call's own: compressed in place
+        return F.normalize(self.projection(compress_nonnegative(pooled, self.head.power, inplace=True)), dim=1)

@@ -243,16 +243,23 @@ def _compress(pooled: torch.Tensor, power: float) -> torch.Tensor:
     return pooled if power == 1 else pooled.sign() * pooled.abs().clamp_min(1e-12).pow(power)
 
 
-def compress_nonnegative(pooled: torch.Tensor, power: float) -> torch.Tensor:
-    """``pooled ** power`` of features that leave a ReLU (>= 0), as a new tensor: the descriptor head's power.
+def compress_nonnegative(pooled: torch.Tensor, power: float, inplace: bool = False) -> torch.Tensor:
+    """``pooled ** power`` of features that leave a ReLU (>= 0): the descriptor head's power.
 
     Zeros (a ReLU's) are raised as float32's smallest normal number (1e-19 after a square
     root, far below the rounding of the output): torch's vectorised root is several times
     slower on exact zeros, which are half the pooled values.
+
+    Args:
+        pooled: float tensor of any shape, >= 0.
+        power: exponent in (0, 1]; 1 returns ``pooled`` itself.
+        inplace: overwrite ``pooled`` (a temporary of the caller's) instead of a new tensor:
+            one fewer buffer of the batch's pooled size to allocate and fill.
     """
     if power == 1:
         return pooled
-    return pooled.clamp_min(torch.finfo(torch.float32).tiny).pow_(power)  # in place: one fewer large buffer
+    tiny = torch.finfo(torch.float32).tiny
+    return (pooled.clamp_min_(tiny) if inplace else pooled.clamp_min(tiny)).pow_(power)
 
 
 def _pair_moments(
@@ -408,13 +415,14 @@ class DescriptorHead(nn.Module):
         # fast-tiny students') is not pooled again: the identity pooling is slow.
         pooled = features if features.shape[-2:] == (self.grid, self.grid) else F.adaptive_max_pool2d(features, self.grid)
         pooled = pooled.float()
+        owned = pooled.untyped_storage().data_ptr() != features.untyped_storage().data_ptr()  # the caller's map stays
         projection = self.projection
         if not pooled.is_contiguous():  # channels-last: (B, F, g, g) stored as (B, g, g, F)
             pooled = pooled.permute(0, 2, 3, 1)
             projection = self.cell_major_projection()
         pooled = pooled.reshape(len(pooled), -1)
         projection = projection.reshape(pooled.shape[1], -1)
-        pooled = compress_nonnegative(pooled, self.power) if nonnegative else self._compress(pooled)
+        pooled = compress_nonnegative(pooled, self.power, inplace=owned) if nonnegative else self._compress(pooled)
         return F.normalize(torch.addmm(-(self.mean @ self.projection), pooled, projection), dim=1)
 
 
