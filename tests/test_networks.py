@@ -120,8 +120,10 @@ def test_the_heads_path_for_nonnegative_features_is_the_same_map(grid, side, pow
     reference = raw / raw.norm(dim=1, keepdim=True)
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = features.contiguous(memory_format=memory_format)
+        kept = x.clone()
         for out in (head(x), head(x, nonnegative=True)):
             assert ((out.double() - reference).abs() <= bound).all(), memory_format
+        assert torch.equal(x, kept)  # the power compresses its own copy, never the caller's map
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
