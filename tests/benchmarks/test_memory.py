@@ -18,6 +18,6 @@ def _extra_mib(keypoints: int, batch_size: int, model) -> float:
 
 
 def test_memory_is_bounded_by_the_batch(random_model):
-    # 3,000 keypoints in one batch take about 210 MiB above the loaded model (patches, sampling
+    # 3,000 keypoints in one batch take about 120 MiB above the loaded model (patches, sampling
     # grid, activations); in batches of 256 the same call must stay far below that.
     assert _extra_mib(3000, 256, random_model) < 80
