@@ -415,7 +415,7 @@ class DescriptorHead(nn.Module):
         # fast-tiny students') is not pooled again: the identity pooling is slow.
         pooled = features if features.shape[-2:] == (self.grid, self.grid) else F.adaptive_max_pool2d(features, self.grid)
         pooled = pooled.float()
-        owned = pooled.untyped_storage().data_ptr() != features.untyped_storage().data_ptr()  # the caller's map stays
+        owned = pooled is not features  # pooled or cast here; the caller's map itself stays as it is
         projection = self.projection
         if not pooled.is_contiguous():  # channels-last: (B, F, g, g) stored as (B, g, g, F)
             pooled = pooled.permute(0, 2, 3, 1)
