@@ -234,8 +234,8 @@ def extract_patches(
     # A patch whose samples all lie within the level's pixel area gets the same values from
     # grid_sample's border padding as from its reflection, at half the cost on the CPU.
     reach = frames.abs().sum(-1) * cells[-1]  # (n, 2): farthest sample from the centre, per axis
-    low = (centers - reach + 0.5) / 2.0 ** level[:, None]
-    high = (centers + reach + 0.5) / 2.0 ** level[:, None]
+    scale = 2.0 ** level[:, None]  # level-0 pixels per pixel of the patch's level
+    low, high = (centers - reach + 0.5) / scale, (centers + reach + 0.5) / scale
     sizes = torch.tensor([level_image.shape[-1:-3:-1] for level_image in pyramid], dtype=torch.float64, device=device)
     crossing = ((low < 0) | (high > sizes[level])).any(-1)
     group = 2 * level + crossing.long()
