@@ -472,6 +472,36 @@ def _check_args(args) -> tuple[list[str] | None, Path]:
     return names, cache
 
 
+def _data_folder(args: argparse.Namespace, cache: Path) -> Path:
+    """The sequence folder the options name: Oxford downloaded into ``cache``, ``--data``, the validation
+    sequences generated from ``--validation``'s photos, or the embedded synthetic sequences."""
+    if args.download:
+        from .download import download_oxford
+
+        data, failed = download_oxford(cache / "oxford")
+        for name, err in failed.items():
+            print(f"download of {name} failed: {err}", file=sys.stderr)
+        return data
+    if args.data:
+        return args.data
+    if args.validation:
+        return ensure_validation_dataset(args.validation, cache)
+    from .synthetic import ensure_synthetic_dataset
+
+    return ensure_synthetic_dataset(cache)
+
+
+def _protocol(args: argparse.Namespace, data: Path, descriptors: dict) -> dict:
+    """The results' ``protocol`` record: the data, keypoints, descriptor settings and match criteria of this run."""
+    return {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
+            "detector": args.detector, "num_features": args.num_features,
+            "magnification": args.magnification, "min_patch_side": args.min_patch_side,
+            "exemplar_precision": {n: d.precision for n, d in descriptors.items() if is_exemplar(n)},
+            "pixel_threshold": args.pixel_threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
+            "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS),
+            "homography_fit": HOMOGRAPHY_FIT}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status: 0 ok, 1 nothing to run (no usable
     sequence, no descriptor could be built), 2 a bad option or path (reported before any work)."""
@@ -494,20 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped {name}: {reason}", file=sys.stderr)
         print("error: no descriptor could be built", file=sys.stderr)
         return 1
-    if args.download:
-        from .download import download_oxford
-
-        data, failed = download_oxford(cache / "oxford")
-        for name, err in failed.items():
-            print(f"download of {name} failed: {err}", file=sys.stderr)
-    elif args.data:
-        data = args.data
-    elif args.validation:
-        data = ensure_validation_dataset(args.validation, cache)
-    else:
-        from .synthetic import ensure_synthetic_dataset
-
-        data = ensure_synthetic_dataset(cache)
+    data = _data_folder(args, cache)
     sequences, bad = load_sequences(data)
     for name, err in bad.items():
         print(f"skipped sequence {name}: {err}", file=sys.stderr)
@@ -521,13 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_benchmark(sequences, descriptors, args.detector, args.num_features, args.pixel_threshold,
                             not args.no_progress, args.ratio)
     results = {
-        "protocol": {"data": str(data), "validation_photos": None if args.validation is None else str(args.validation),
-                     "detector": args.detector, "num_features": args.num_features,
-                     "magnification": args.magnification, "min_patch_side": args.min_patch_side,
-                     "exemplar_precision": {n: d.precision for n, d in descriptors.items() if is_exemplar(n)},
-                     "pixel_threshold": args.pixel_threshold, "overlap_threshold": 0.5, "ratio": args.ratio,
-                     "mma_thresholds": list(MMA_THRESHOLDS), "homography_thresholds": list(HOMOGRAPHY_THRESHOLDS),
-                     "homography_fit": HOMOGRAPHY_FIT},
+        "protocol": _protocol(args, data, descriptors),
         "skipped_descriptors": skipped,
         "failed_sequences": bad,
         **summarise(results),
