@@ -269,7 +269,7 @@ def build_card(
     resumed: bool,
     result: dict,
     net: DescriptorNet,
-    explained: float,
+    explained: float | None,
     magnification: float,
     tuning: dict | None,
     preset: str | None = None,
@@ -285,7 +285,6 @@ def build_card(
         preset: the ``--preset`` the run started from, None for none.
         pairs: the record of the pairs whitening (:func:`fit_head_on_pairs`), None for the pca one.
     """
-    last = result["log"][-1] if result["log"] else {}
     return {
         "architecture": result["arch"].to_dict(),
         "architecture_name": cfg.arch,
@@ -294,48 +293,59 @@ def build_card(
         "min_patch_side": cfg.min_patch_side,
         "magnification_tuning": tuning,
         "input": "grey patch, standardised to zero mean and unit variance",
-        "head": {
-            "layer": net.layer,
-            "grid": cfg.head_grid,
-            "dim": cfg.head_dim,
-            "power": cfg.head_power,
-            "whiten": cfg.whiten,
-            "whitening": cfg.whitening,
-            "pca_patches": cfg.pca_patches,
-            "pca_source": cfg.pca_source,
-            "pairs": pairs,
-            "explained_variance": None if explained is None else round(explained, 4),
-        },
+        "head": _head_record(cfg, net, explained, pairs),
         "flops_per_patch": count_flops(net.trunk, (1, cfg.patch_size, cfg.patch_size)),
-        "training": {
-            "command": command,
-            "preset": preset,
-            "resumed": resumed,
-            "refit_head": result["refit_head"],
-            "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
-            "num_classes": cfg.num_classes,
-            "seed_scales": list(cfg.seed_scales),
-            "samples_per_class_per_epoch": cfg.samples_per_class,
-            "epochs": cfg.epochs,
-            "time_budget_minutes": cfg.time_budget_minutes,
-            "steps": result["steps"],
-            "samples_seen": result["samples_seen"],
-            "batch_size": cfg.batch_size,
-            "world_size": result["world_size"],
-            "global_batch_size": cfg.batch_size * result["world_size"],
-            "loss": _loss_record(cfg),
-            "optimizer": {"type": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "official steps"},
-            "transforms": cfg.transforms.to_dict(),
-            "device": result["trained_on"],
-            "head_fitted_on": str(result["device"]),
-            "wall_time_s": round(result["wall_time_s"], 1),
-            "seed_sampling_s": round(result["seed_time_s"], 1),
-            "final_train_accuracy": last.get("train_accuracy"),
-            "final_surrogate_val_accuracy": last.get("val_accuracy"),
-            "torch": torch.__version__,
-            "seed": cfg.seed,
-            "init": result["init"],
-        },
+        "training": _training_record(cfg, command, preset, resumed, result),
+    }
+
+
+def _head_record(cfg: TrainConfig, net: DescriptorNet, explained: float | None, pairs: dict | None) -> dict:
+    """The card's ``head`` record: the layer, pooling grid, dimension and whitening of the head (:func:`build_card`'s arguments)."""
+    return {
+        "layer": net.layer,
+        "grid": cfg.head_grid,
+        "dim": cfg.head_dim,
+        "power": cfg.head_power,
+        "whiten": cfg.whiten,
+        "whitening": cfg.whitening,
+        "pca_patches": cfg.pca_patches,
+        "pca_source": cfg.pca_source,
+        "pairs": pairs,
+        "explained_variance": None if explained is None else round(explained, 4),
+    }
+
+
+def _training_record(cfg: TrainConfig, command: str, preset: str | None, resumed: bool, result: dict) -> dict:
+    """The card's ``training`` record: the command, data, schedule, loss and outcome of the run (:func:`build_card`'s arguments)."""
+    last = result["log"][-1] if result["log"] else {}
+    return {
+        "command": command,
+        "preset": preset,
+        "resumed": resumed,
+        "refit_head": result["refit_head"],
+        "data": {"image_folders": list(cfg.images), "stl10": cfg.stl10},
+        "num_classes": cfg.num_classes,
+        "seed_scales": list(cfg.seed_scales),
+        "samples_per_class_per_epoch": cfg.samples_per_class,
+        "epochs": cfg.epochs,
+        "time_budget_minutes": cfg.time_budget_minutes,
+        "steps": result["steps"],
+        "samples_seen": result["samples_seen"],
+        "batch_size": cfg.batch_size,
+        "world_size": result["world_size"],
+        "global_batch_size": cfg.batch_size * result["world_size"],
+        "loss": _loss_record(cfg),
+        "optimizer": {"type": "SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "schedule": "official steps"},
+        "transforms": cfg.transforms.to_dict(),
+        "device": result["trained_on"],
+        "head_fitted_on": str(result["device"]),
+        "wall_time_s": round(result["wall_time_s"], 1),
+        "seed_sampling_s": round(result["seed_time_s"], 1),
+        "final_train_accuracy": last.get("train_accuracy"),
+        "final_surrogate_val_accuracy": last.get("val_accuracy"),
+        "torch": torch.__version__,
+        "seed": cfg.seed,
+        "init": result["init"],
     }
 
 
