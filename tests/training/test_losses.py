@@ -241,7 +241,7 @@ def test_photo_pairs_feed_the_triplet_term(folder, tmp_path, monkeypatch):
 
 
 def _distance_to_teacher(model: str, folder) -> float:
-    """Mean squared distance between ``model``'s descriptors and the default's at 300 SIFT keypoints of the folder's photos."""
+    """Mean squared distance between ``model``'s descriptors and exemplar-fast-t005-pairs' at 300 SIFT keypoints of the folder's photos."""
     image = cv2.imread(str(sorted(folder.iterdir())[0]))
     kps = cv2.SIFT_create(nfeatures=300).detect(image, None)
     _, student = ExemplarDescriptor(model, precision="fp32").compute(image, kps)
