@@ -49,16 +49,16 @@ def test_bad_input(module, patches, error, match):
 
 
 def test_laf_descriptor_agrees_with_exemplar_descriptor(module, photo_bgr):
-    """LAFDescriptor on laf_from_center_scale_ori(xy, m * size / 2, -angle) == ExemplarDescriptor.compute."""
+    """LAFDescriptor on laf_from_center_scale_ori(xy, max(m * size, floor) / 2, -angle) == ExemplarDescriptor.compute."""
     gray = cv2.cvtColor(photo_bgr, cv2.COLOR_BGR2GRAY)
     h, w = gray.shape
-    m = module.magnification
+    m, floor = module.magnification, module.min_patch_side
     # Keep patches (turned by any angle) inside the image: kornia repeats the border pixel
     # where ExemplarDescriptor reflects the image, so patches that cross the border differ.
     keypoints = [
         kp
         for kp in cv2.SIFT_create(nfeatures=300).detect(gray, None)
-        if (r := m * kp.size / 2 * 2**0.5) < kp.pt[0] < w - 1 - r and r < kp.pt[1] < h - 1 - r
+        if (r := max(m * kp.size, floor) / 2 * 2**0.5) < kp.pt[0] < w - 1 - r and r < kp.pt[1] < h - 1 - r
     ]
     assert len(keypoints) > 100
     kps, reference = ExemplarDescriptor(precision="fp32").compute(photo_bgr, keypoints)
@@ -74,14 +74,15 @@ def test_laf_descriptor_agrees_with_exemplar_descriptor(module, photo_bgr):
         assert desc.shape == (1, len(kps), 128)
         return float((desc[0].numpy() * reference).sum(1).mean())
 
-    lafs = KF.laf_from_center_scale_ori(xy, m * size / 2, -angle)
-    assert torch.allclose(keypoint_lafs(kps, m), lafs, atol=1e-3)
-    right = mean_cosine(m * size / 2, -angle)
-    assert right > 0.99, right  # measured 0.9987 over 217 keypoints
+    side = torch.clamp(m * size, min=floor)  # the card's smallest side widens the tiny keypoints' patches
+    lafs = KF.laf_from_center_scale_ori(xy, side / 2, -angle)
+    assert torch.allclose(keypoint_lafs(kps, m, min_side=floor), lafs, atol=1e-3)
+    right = mean_cosine(side / 2, -angle)
+    assert right > 0.99, right  # measured 0.9992 over 227 keypoints
     # A wrong scale or orientation convention describes other patches.
-    assert mean_cosine(1.5 * m * size / 2, -angle) < 0.9
-    assert mean_cosine(m * size / 2, angle) < 0.9
-    assert mean_cosine(m * size, -angle) < 0.9  # the patch side taken for the scale
+    assert mean_cosine(1.5 * side / 2, -angle) < 0.9
+    assert mean_cosine(side / 2, angle) < 0.9
+    assert mean_cosine(side, -angle) < 0.9  # the patch side taken for the scale
 
 
 def test_keypoint_lafs_upright_and_no_angle():
