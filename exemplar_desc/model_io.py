@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MODEL", "weights_dir", "list_models", "resolve_card_path", "save_model", "load_model", "save_torch", "sha256_of"]
 
 #: The model ExemplarDescriptor() loads when none is named.
-DEFAULT_MODEL = "exemplar-fast-t005-pairs-nce-ms22-e35"
+DEFAULT_MODEL = "exemplar-fast-t005-dtp60"
 CARD_FORMAT = 1
 
 

@@ -53,7 +53,7 @@ PAPER = Preset(
 
 FAST_T005 = Preset(
     "exemplar-fast-t005",
-    "the last training stage of exemplar-fast-t005, the shipped default's network (fine-tunes exemplar-fast-t01)",
+    "the last training stage of exemplar-fast-t005, the network the shipped default fine-tunes (fine-tunes exemplar-fast-t01)",
     """The recipe of ``exemplar-fast-t005``'s card (``training.command``), its last stage.
 
     ``exemplar-fast-t005`` was trained in three stages, each starting from the one before:
@@ -65,10 +65,11 @@ FAST_T005 = Preset(
     stages' commands are in their own cards. The time budget sets the run's length, so the
     number of steps depends on the machine: the shipped run made 13,495 steps of 256
     samples on one CPU thread (``num_threads`` 1, a machine setting the preset leaves alone).
-    The shipped default, ``exemplar-fast-t005-pairs-nce-ms22-e35``, is this network with a new
-    head (a whitening learned from positive pairs of patches at least 22 px wide, its
-    discriminant axes weighted, then tuned by InfoNCE), fitted by ``--refit-head --init
-    exemplar-fast-t005``; the command is in its card.""",
+    The shipped default, ``exemplar-fast-t005-dtp60``, is this network fine-tuned for 60 more
+    minutes (``--loss distill+triplet --triplet-pairs photos``, held near the previous default,
+    ``exemplar-fast-t005-pairs-nce-ms22-e35``, which is this network with a new head), with a
+    head that is a whitening learned from positive pairs of patches at least 22 px wide, its
+    discriminant axes weighted, then tuned by InfoNCE; both commands are in its card.""",
     MappingProxyType({
         "init": "exemplar-fast-t01",
         "num_classes": 2000,
@@ -88,8 +89,8 @@ ADAPT = Preset(
     "adapt",
     "fine-tune the shipped default on your own photos for 15 minutes with softmax+triplet (python -m exemplar_desc.adapt)",
     """The recipe of the adaptation command, ``python -m exemplar_desc.adapt``: the last
-    stage of the shipped default's network (``exemplar-fast-t005``, above) run once more,
-    from the shipped default itself (``init``: ``DEFAULT_MODEL``), for 15 minutes, with the
+    stage of ``exemplar-fast-t005`` (above), whose network the shipped default fine-tunes, run
+    once more from the shipped default itself (``init``: ``DEFAULT_MODEL``), for 15 minutes, with the
     softmax+triplet loss, which trains the distance matching compares as well as the
     surrogate classes, and the shipped default's head: the learned whitening of positive
     pairs (W 1, shrinkage 0.1, emphasis 0.35) tuned by 600 InfoNCE steps (temperature 0.03),
