@@ -178,10 +178,11 @@ class ExemplarDescriptor:
             convolutions in bfloat16 (the head stays float32): on CPUs with AVX512-BF16/AMX
             about 2x faster, descriptors within cosine 0.999 of fp32's and the same benchmark
             results (docs/throughput.md), but slow on CPUs without them. ``"int8"`` (x86 CPUs
-            with AVX2) runs them on 8-bit integers with the
-            ranges calibrated in the model card (:mod:`exemplar_desc.int8`), within 0.2 points of
-            fp32's per-kind mAP and MMA@3 on the validation set and Oxford (docs/throughput.md). ``"auto"`` takes int8 on those CPUs when the card holds the calibration, else
-            bf16 where the device has bfloat16 hardware, else fp32 (:func:`resolve_precision`);
+            with AVX2) runs them on 8-bit integers with the ranges calibrated in the model card
+            (:mod:`exemplar_desc.int8`), within 0.2 points of fp32's per-kind mAP and MMA@3 on
+            the validation set and Oxford (docs/throughput.md). ``"auto"`` takes int8 on those
+            CPUs when the card holds the calibration, else bf16 where the device has bfloat16
+            hardware, else fp32 (:func:`resolve_precision`);
             ``self.precision`` holds the choice.
     """
 
