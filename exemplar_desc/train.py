@@ -99,6 +99,7 @@ SPELLING: dict[str, dict[str, Any]] = {
     "whitening": {"choices": WHITENINGS},
     "triplet_pairs": {"choices": TRIPLET_PAIRS},
     "distill_photos": {"action": argparse.BooleanOptionalAction},
+    "distill_cross": {"action": argparse.BooleanOptionalAction},
 }
 
 
@@ -360,6 +361,8 @@ def _loss_record(cfg: TrainConfig) -> dict:
         record.update(distill_relation=cfg.distill_relation, distill_temperature=cfg.distill_temperature)
     if cfg.distill_photos:
         record["distill_photos"] = True
+    if cfg.distill_cross:
+        record["distill_cross"] = True
     return record
 
 

@@ -84,6 +84,10 @@ class TrainConfig:
     distill_photos: bool = _setting(
         False, "the distill losses also teach the teacher's descriptors of batch_size / 2 photo pairs a step, beside the "
         "batch (the pool of triplet_pairs photos: real keypoint patches in synthetic views; needs magnification)")
+    distill_cross: bool = _setting(
+        False, "with distill_photos, each photo pair's view is taught the teacher's descriptor of the pair's photo patch, "
+        "not of the view's own patch: the student learns to give a warped, relit, blurred, noisy or compressed view "
+        "the undegraded patch's descriptor")
     patch_size: int = _setting(32, "side of the network's input patches in pixels")
     context: int = _setting(80, "side of the context crop kept around each seed in pixels")
     val_per_class: int = _setting(1, "held-out surrogate samples per class for the validation accuracy")
@@ -263,6 +267,7 @@ def _check_loss(cfg: TrainConfig) -> None:
               "photo pairs are cut at the descriptor's magnification before training: give magnification")
     for name in ("distill_relation", "distill_photos"):
         check(cfg.distills or not getattr(cfg, name), name, getattr(cfg, name), f"it is for the distill losses, not {cfg.loss}")
+    check(cfg.distill_photos or not cfg.distill_cross, "distill_cross", cfg.distill_cross, "it teaches the photo pairs: give distill_photos")
     if cfg.matching or cfg.paired_views:
         check(cfg.batch_size % 2 == 0 and cfg.batch_size >= 4, "batch_size", cfg.batch_size,
               f"loss {cfg.loss} takes batch_size / 2 pairs of views: the batch size must be even and at least 4")

@@ -222,6 +222,19 @@ def _device_description(device: torch.device, world_size: int = 1) -> str:
     return name if world_size == 1 else f"{world_size} x {name}"
 
 
+def _distill_targets(teacher: torch.nn.Module, batch: torch.Tensor, n: int, cfg: TrainConfig) -> torch.Tensor:
+    """The teacher's descriptors that the student's rows of ``batch`` learn: its own of the n surrogate
+    samples, and with ``distill_photos`` of the n / 2 photo patches and then of their views, or with
+    ``distill_cross`` of the photo patches again (the view learns the undegraded patch's descriptor)."""
+    with torch.no_grad():
+        if not cfg.distill_photos:
+            return teacher(batch[:n])
+        if not cfg.distill_cross:
+            return teacher(batch)
+        target = teacher(batch[: n + n // 2])
+        return torch.cat([target, target[n:]])
+
+
 def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, lr: float, amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One SGD step on ``cfg.batch_size`` fresh samples of this rank; nothing waits for the device.
 
@@ -257,8 +270,7 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
             first, second = pairs.float().chunk(2)
             loss = loss + cfg.triplet_weight * hardest_triplet_loss(first, second, cfg.margin)
         if state.teacher is not None:
-            with torch.no_grad():
-                target = state.teacher(batch if cfg.distill_photos else batch[:n])
+            target = _distill_targets(state.teacher, batch, n, cfg)
             loss = loss + distillation_loss(out[1][: len(target)], target)
             if cfg.distill_relation > 0:
                 start = n if cfg.distill_photos else 0  # the photo pairs, else the surrogate views

@@ -141,6 +141,30 @@ def test_the_relational_term_takes_pairs_of_views(folder, tmp_path, monkeypatch,
     assert loss.get("distill_photos", False) == photos
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_cross_distillation_teaches_each_view_the_photo_patchs_descriptor(folder, tmp_path, monkeypatch, cross):
+    """With distill_cross the teacher's target for a photo pair's view is its descriptor of the
+    pair's photo patch; without, of the view's own patch (the two patches differ here)."""
+    targets = []
+    patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    def pool(images, count, views, magnification, patch_size, seed, noise, jpeg, min_side):
+        yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
+
+    real_mse = loop_module.distillation_loss
+    monkeypatch.setattr(pairs_module, "warped_pairs", pool)
+    monkeypatch.setattr(loop_module, "distillation_loss", lambda s, t: targets.append(t) or real_mse(s, t))
+    argv = [str(folder), *TINY, "--head-dim", "128", "--loss", "distill", "--teacher", "exemplar-fast-t005-pairs", "--whitening",
+            "learned", "--pair-photos", "2", "--pair-views", "1", "--distill-photos", *(["--distill-cross"] if cross else []),
+            "--workdir", str(tmp_path / "w"), "--out-dir", str(tmp_path / "o"), "--name", "r"]
+    assert train_module.main(argv) == 0
+    target = targets[0]  # 16 surrogate samples, 8 photo patches, their 8 views
+    assert target.shape == (32, 128)
+    assert torch.equal(target[24:], target[16:24]) == cross
+    loss = json.loads((tmp_path / "o" / "r.json").read_text())["training"]["loss"]
+    assert loss.get("distill_cross", False) == cross
+
+
 @pytest.mark.parametrize(
     "settings, field",
     [({"loss": "hinge"}, "loss"), ({"loss": "triplet", "batch_size": 15}, "batch_size"),
@@ -152,6 +176,7 @@ def test_the_relational_term_takes_pairs_of_views(folder, tmp_path, monkeypatch,
      ({"loss": "softmax", "distill_relation": 1.0}, "distill_relation"), ({"distill_temperature": 0.0}, "distill_temperature"),
      ({"loss": "softmax+triplet", "distill_photos": True, "magnification": 10.0}, "distill_photos"),
      ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "distill_photos": True}, "distill_photos"),
+     ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "distill_cross": True, "magnification": 10.0}, "distill_cross"),
      ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "distill_relation": 1.0, "batch_size": 15}, "batch_size"),
      ({"loss": "distill", "teacher": "exemplar-fast-t005-pairs", "head_dim": 64}, "teacher"),
      ({"whitening": "learned"}, "whitening"), ({"triplet_pairs": "views"}, "triplet_pairs"),
