@@ -240,7 +240,8 @@ def train_step(state: TrainState, sampler: SurrogateSampler, cfg: TrainConfig, l
 
     With a matching loss (``cfg.matching``) the batch holds two views of each of B/2 seeds,
     or with ``triplet_pairs`` photos B/2 photo pairs follow the B samples; with ``distill``
-    the teacher describes the B samples, and with ``distill_photos`` B/2 photo pairs after them. Under DistributedDataParallel
+    the student learns the teacher's descriptors of the B samples, and with ``distill_photos``
+    of B/2 photo pairs after them (:func:`_distill_targets`). Under DistributedDataParallel
     the backward pass averages the gradients over the ranks, so each step uses the global batch.
 
     Returns:
