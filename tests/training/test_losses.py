@@ -106,6 +106,12 @@ def test_the_relational_loss_is_the_kl_divergence_of_the_views_rankings():
         relational_distillation_loss(views, views, 0.0)
 
 
+def _one_pair_pool(images, count, views, magnification, patch_size, seed, noise, jpeg, min_side):
+    """A stand-in for :func:`pairs.warped_pairs`: one pair of two distinct random patches, 20 times."""
+    patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
+    yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
+
+
 @pytest.mark.parametrize("photos", [False, True])
 def test_the_relational_term_takes_pairs_of_views(folder, tmp_path, monkeypatch, photos):
     """distill_relation ranks two surrogate views of each of B/2 seeds; with distill_photos, the B/2
@@ -115,17 +121,13 @@ def test_the_relational_term_takes_pairs_of_views(folder, tmp_path, monkeypatch,
     surrogate views of distinct seeds would not be.
     """
     calls = []
-    patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
-
-    def pool(images, count, views, magnification, patch_size, seed, noise, jpeg, min_side):
-        yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
 
     def relation(s, t, temperature):
         calls.append(("relation", tuple(s.shape), temperature, bool(torch.allclose(t[:8], t[:1].expand(8, -1), atol=1e-5))))
         return real_relation(s, t, temperature)
 
     real_ids, real_mse, real_relation = loop_module.paired_class_ids, loop_module.distillation_loss, loop_module.relational_distillation_loss
-    monkeypatch.setattr(pairs_module, "warped_pairs", pool)
+    monkeypatch.setattr(pairs_module, "warped_pairs", _one_pair_pool)
     monkeypatch.setattr(loop_module, "paired_class_ids", lambda *args: calls.append("ids") or real_ids(*args))
     monkeypatch.setattr(loop_module, "distillation_loss", lambda s, t: calls.append(("mse", len(s), len(t))) or real_mse(s, t))
     monkeypatch.setattr(loop_module, "relational_distillation_loss", relation)
@@ -146,13 +148,8 @@ def test_cross_distillation_teaches_each_view_the_photo_patchs_descriptor(folder
     """With distill_cross the teacher's target for a photo pair's view is its descriptor of the
     pair's photo patch; without, of the view's own patch (the two patches differ here)."""
     targets = []
-    patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
-
-    def pool(images, count, views, magnification, patch_size, seed, noise, jpeg, min_side):
-        yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
-
     real_mse = loop_module.distillation_loss
-    monkeypatch.setattr(pairs_module, "warped_pairs", pool)
+    monkeypatch.setattr(pairs_module, "warped_pairs", _one_pair_pool)
     monkeypatch.setattr(loop_module, "distillation_loss", lambda s, t: targets.append(t) or real_mse(s, t))
     argv = [str(folder), *TINY, "--head-dim", "128", "--loss", "distill", "--teacher", "exemplar-fast-t005-pairs", "--whitening",
             "learned", "--pair-photos", "2", "--pair-views", "1", "--distill-photos", *(["--distill-cross"] if cross else []),
@@ -243,11 +240,10 @@ def test_photo_pairs_feed_the_triplet_term(folder, tmp_path, monkeypatch):
     import exemplar_desc.training.loop as loop
 
     made, taken = [], []
-    patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
 
     def pool(images, photos, views, magnification, patch_size, seed, noise, jpeg, min_side):
         made.append((photos, views, magnification, seed))
-        yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
+        yield from _one_pair_pool(images, photos, views, magnification, patch_size, seed, noise, jpeg, min_side)
 
     def triplet(a, p, margin):
         taken.append((len(a), bool(torch.allclose(a, a[:1].expand_as(a), atol=1e-5))))
