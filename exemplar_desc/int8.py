@@ -8,9 +8,9 @@ activations (the trunk's input and each convolution's output, the projection's i
 output) are calibrated once, on patches at SIFT keypoints of the
 training photos, by the training command, which records them in the model card
 (``card["int8"]``); loading builds the quantised network from them, so the descriptors of
-every image share one scale. The head max-pools the trunk's integers (a maximum commutes
-with the positive scaling, so this is exact); its power and the final normalisation run in
-float32.
+every image share one scale. The head pools the trunk's integers (a maximum commutes
+with the positive scaling, so max-pooling is exact; a mean is rounded to the nearest code);
+its power and the final normalisation run in float32.
 
 Example::
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hardware import cpu_supports
-from .networks import DescriptorNet, compress_nonnegative
+from .networks import POOLINGS, DescriptorNet, compress_nonnegative
 
 __all__ = ["int8_available", "native_int8", "activation_max", "calibrate_int8", "Int8DescriptorNet"]
 
@@ -97,19 +97,22 @@ def _float_projection(net: DescriptorNet) -> nn.Sequential:
     return nn.Sequential(linear).eval()
 
 
-def _pooled(features: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, F, h, w) feature maps, quantised or float -> (B, grid * grid * F) float max-pooled features, cell by cell.
+def _pooled(features: torch.Tensor, grid: int, pooling: str = "max") -> torch.Tensor:
+    """(B, F, h, w) feature maps, quantised or float -> (B, grid * grid * F) float features pooled
+    by ``pooling`` (:data:`~exemplar_desc.networks.POOLINGS`), cell by cell.
 
-    A quantised map is pooled on its integers where the grid divides it (a maximum commutes
-    with the positive scaling, so this is exact; quantised pooling has no adaptive form).
+    A quantised map is pooled on its integers where the grid divides it (quantised pooling has
+    no adaptive form): a maximum commutes with the positive scaling, so max-pooling is exact; a
+    mean is rounded to the nearest code, at most half a code, the quantisation's own error.
     """
     if features.is_quantized:
         height, width = features.shape[-2:]
         if height % grid == 0 and width % grid == 0:
-            features = F.max_pool2d(features, (height // grid, width // grid))
+            kernel = (height // grid, width // grid)
+            features = F.max_pool2d(features, kernel) if pooling == "max" else F.avg_pool2d(features, kernel)
         features = features.dequantize()
     if features.shape[-2:] != (grid, grid):
-        features = F.adaptive_max_pool2d(features, grid)
+        features = POOLINGS[pooling](features, grid)
     return features.permute(0, 2, 3, 1).reshape(len(features), -1)
 
 
@@ -137,7 +140,7 @@ def _prepared_pair(
     with activation codes [0, ``quant_max``]."""
     trunk = _float_trunk(net)
     with torch.no_grad():  # the projection's example input, before any observer sees the trunk
-        pooled = compress_nonnegative(_pooled(trunk(example), net.head.grid), net.head.power)
+        pooled = compress_nonnegative(_pooled(trunk(example), net.head.grid, net.head.pooling), net.head.power)
     return (_prepare(trunk, activation_observer, example, True, quant_max),
             _prepare(_float_projection(net), activation_observer, pooled, False, quant_max))
 
@@ -180,7 +183,7 @@ def calibrate_int8(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> dict:
         if prepared is None:
             prepared = _prepared_pair(net, HistogramObserver, batch[:1])
         trunk, projection = prepared
-        projection(compress_nonnegative(_pooled(trunk(batch), net.head.grid), net.head.power))
+        projection(compress_nonnegative(_pooled(trunk(batch), net.head.grid, net.head.pooling), net.head.power))
         count += len(batch)
     if prepared is None:
         raise ValueError("batches is empty: int8 calibration needs patches")
@@ -231,5 +234,5 @@ class Int8DescriptorNet(nn.Module):
         self.head = net.head  # for its shape and device (exemplar_desc.descriptor.describe_images)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        pooled = _pooled(self.trunk(patches.float()), self.head.grid)  # this call's own: compressed in place
+        pooled = _pooled(self.trunk(patches.float()), self.head.grid, self.head.pooling)  # this call's own: compressed in place
         return F.normalize(self.projection(compress_nonnegative(pooled, self.head.power, inplace=True)), dim=1)

@@ -137,7 +137,8 @@ def load_model(model: str | os.PathLike | None = None, device: str | torch.devic
             f"weights file {weights_path} is corrupted or truncated: sha256 {digest[:12]}... "
             f"does not match {str(card['sha256'])[:12]}... recorded in {card_path.name}"
         )
-    net = DescriptorNet(arch, layer=head["layer"], grid=head["grid"], dim=head["dim"], power=head.get("power", 1.0))
+    net = DescriptorNet(arch, layer=head["layer"], grid=head["grid"], dim=head["dim"], power=head.get("power", 1.0),
+                        pooling=head.get("pooling", "max"))  # cards written before the setting pooled by maximum
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
         net.load_state_dict(state)

@@ -206,7 +206,7 @@ class ExemplarClassifier(nn.Module):
 class MatchingHead(nn.Module):
     """The descriptor head in training form, for the losses on descriptors: its projection is learned.
 
-    The map of :class:`DescriptorHead` (max-pool grid, power compression, centring,
+    The map of :class:`DescriptorHead` (pooling grid, power compression, centring,
     projection, L2 normalisation), with the projection a parameter, so that the loss trains
     the trunk through the descriptor that matching uses.
 
@@ -225,17 +225,22 @@ class MatchingHead(nn.Module):
         self.layer = layer
         self.grid = head.grid
         self.power = head.power
+        self.pooling = head.pooling
         self.probe_only = probe_only
         self.register_buffer("mean", head.mean.detach().clone())
         self.projection = nn.Parameter(head.projection.detach().clone())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize((_compress(_pool(features, self.grid), self.power) - self.mean) @ self.projection, dim=1)
+        return F.normalize((_compress(_pool(features, self.grid, self.pooling), self.power) - self.mean) @ self.projection, dim=1)
 
 
-def _pool(features: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, F, h, w) feature maps -> (B, F * grid * grid) max-pooled vectors."""
-    return F.adaptive_max_pool2d(features, grid).flatten(1)
+#: The head's pooling of each grid cell: its maximum (every shipped card) or its mean.
+POOLINGS = {"max": F.adaptive_max_pool2d, "avg": F.adaptive_avg_pool2d}
+
+
+def _pool(features: torch.Tensor, grid: int, pooling: str = "max") -> torch.Tensor:
+    """(B, F, h, w) feature maps -> (B, F * grid * grid) vectors pooled by ``pooling`` (:data:`POOLINGS`)."""
+    return POOLINGS[pooling](features, grid).flatten(1)
 
 
 def _compress(pooled: torch.Tensor, power: float) -> torch.Tensor:
@@ -277,35 +282,40 @@ def _pair_moments(
 
 
 class DescriptorHead(nn.Module):
-    """Conv features max-pooled to a ``grid x grid`` layout, power-compressed, PCA-projected, L2-normalised.
+    """Conv features pooled to a ``grid x grid`` layout, power-compressed, PCA-projected, L2-normalised.
 
     The PCA (mean and projection, whitening optional) is fitted on unlabeled patches by
     :meth:`fit`; before that the head holds zeros and refuses to run.
 
     Args:
         in_channels: channels F of the feature maps.
-        grid: side of the max-pooling grid.
+        grid: side of the pooling grid.
         dim: descriptor dimension after the PCA.
         power: exponent p in (0, 1] applied to the pooled features before the PCA, keeping
             the sign (0.5 is RootSIFT's square root: it damps the few large activations that
             would dominate Euclidean distances; 1 leaves the features unchanged).
+        pooling: ``"max"`` (each cell's strongest response) or ``"avg"`` (its mean, less
+            moved by a single response of JPEG blocks or sensor noise).
     """
 
-    def __init__(self, in_channels: int, grid: int = 4, dim: int = 128, power: float = 1.0) -> None:
+    def __init__(self, in_channels: int, grid: int = 4, dim: int = 128, power: float = 1.0, pooling: str = "max") -> None:
         super().__init__()
         in_dim = in_channels * grid * grid
         if not 1 <= dim <= in_dim:
             raise ValueError(f"descriptor dimension must be in [1, {in_dim}], got {dim}")
         if not 0 < power <= 1:
             raise ValueError(f"head power must be in (0, 1], got {power}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"head pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
         self.grid = grid
         self.power = float(power)
+        self.pooling = pooling
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("projection", torch.zeros(in_dim, dim))
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F, h, w) feature maps -> (B, F * grid * grid) pooled vectors."""
-        return _pool(features, self.grid)
+        return _pool(features, self.grid, self.pooling)
 
     def _compress(self, pooled: torch.Tensor) -> torch.Tensor:
         return _compress(pooled, self.power)
@@ -410,10 +420,11 @@ class DescriptorHead(nn.Module):
         """
         if not torch.any(self.projection):
             raise RuntimeError("descriptor head is not fitted: call fit() on pooled features first")
-        # Pooled before the cast to float32: a maximum of bfloat16 values is exact, and it leaves
-        # a grid x grid map to convert instead of the whole map. A map already grid x grid (the
-        # fast-tiny students') is not pooled again: the identity pooling is slow.
-        pooled = features if features.shape[-2:] == (self.grid, self.grid) else F.adaptive_max_pool2d(features, self.grid)
+        # Pooled before the cast to float32: it leaves a grid x grid map to convert instead of
+        # the whole map (a maximum of bfloat16 values is exact; a mean is rounded once to
+        # bfloat16). A map already grid x grid (the fast-tiny students') is not pooled again:
+        # the identity pooling is slow.
+        pooled = features if features.shape[-2:] == (self.grid, self.grid) else POOLINGS[self.pooling](features, self.grid)
         pooled = pooled.float()
         owned = pooled is not features  # pooled or cast here; the caller's map itself stays as it is
         projection = self.projection
@@ -429,13 +440,14 @@ class DescriptorHead(nn.Module):
 class DescriptorNet(nn.Module):
     """Inference network: normalised patches (B, 1, P, P) -> descriptors (B, dim), unit L2 norm."""
 
-    def __init__(self, arch: Architecture, layer: int = -1, grid: int = 4, dim: int = 128, power: float = 1.0) -> None:
+    def __init__(self, arch: Architecture, layer: int = -1, grid: int = 4, dim: int = 128, power: float = 1.0,
+                 pooling: str = "max") -> None:
         super().__init__()
         self.layer = layer % len(arch.convs)
         self.trunk = ConvTrunk(arch, in_channels=1)
         # Only the layers up to the descriptor layer are needed at inference time.
         self.trunk.blocks = self.trunk.blocks[: self.layer + 1]
-        self.head = DescriptorHead(arch.convs[self.layer][0], grid, dim, power)
+        self.head = DescriptorHead(arch.convs[self.layer][0], grid, dim, power, pooling)
 
     @torch.no_grad()
     def fuse_batch_norm(self) -> "DescriptorNet":

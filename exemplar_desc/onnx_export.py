@@ -5,7 +5,7 @@ The file maps ``patches`` (N, 1, P, P) float32 grey values in [0, 1] to ``descri
 :class:`~exemplar_desc.patch_descriptor.ExemplarPatchDescriptor`, with the per-patch
 standardisation inside the graph and N dynamic. The graph keeps to operators that
 ``cv2.dnn.readNetFromONNX`` reads: batch normalisation folded into the convolutions, the
-head's adaptive max-pool as a fixed max-pool, its signed power as a plain power, and the L2
+head's adaptive pooling as a fixed one (max or average, as the head pools), its signed power as a plain power, and the L2
 normalisation without shape arithmetic. The file's ``metadata_props`` record the model and
 its patch geometry (:data:`METADATA_KEYS`), so a program can cut patches as
 :meth:`~exemplar_desc.ExemplarDescriptor.compute` does without the model card.
@@ -57,7 +57,7 @@ class OnnxDescriptorGraph(nn.Module):
     Raises:
         FileNotFoundError: unknown model or missing file.
         ValueError: a corrupted or malformed model, a head that is not fitted, or a feature map
-            whose side is not a multiple of the head's grid (no fixed max-pool equals the adaptive one then).
+            whose side is not a multiple of the head's grid (no fixed pooling equals the adaptive one then).
     """
 
     def __init__(self, model: str | os.PathLike | None = None) -> None:
@@ -74,14 +74,15 @@ class OnnxDescriptorGraph(nn.Module):
         if height % grid or width % grid:
             raise ValueError(
                 f"model {name!r}: the {height}x{width} feature map of {self.patch_size}-pixel patches is not a multiple "
-                f"of the {grid}x{grid} pooling grid, so its adaptive max-pool has no fixed-size equivalent"
+                f"of the {grid}x{grid} pooling grid, so its adaptive pooling has no fixed-size equivalent"
             )
         self.kernel = (height // grid, width // grid)
+        self.pool = F.max_pool2d if net.head.pooling == "max" else F.avg_pool2d
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, 1, P, P) float32 grey patches in [0, 1] -> (N, D) float32 descriptors with unit L2 norm."""
         head = self.net.head
-        pooled = F.max_pool2d(self.net.features(normalize_patches(patches)), self.kernel).flatten(1)
+        pooled = self.pool(self.net.features(normalize_patches(patches)), self.kernel).flatten(1)
         if head.power != 1:
             # The trunk ends with a ReLU, so pooled >= 0 and sign(x) |x|^p is x^p (no Sign/Abs operators).
             pooled = pooled.pow(head.power)

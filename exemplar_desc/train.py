@@ -41,7 +41,7 @@ from .distributed import close_distributed, init_distributed, rank_from_env, wor
 from .images import gather_images
 from .int8 import calibrate_int8
 from .model_io import save_model
-from .networks import DescriptorNet, architecture_from_dict, count_flops
+from .networks import POOLINGS, DescriptorNet, architecture_from_dict, count_flops
 from .training.checkpoint import CheckpointMismatch
 from .training.config import PCA_SOURCES, TRIPLET_PAIRS, WHITENINGS, TrainConfig
 from .training.head import build_descriptor_net, fit_head_on_keypoints, fit_head_on_pairs, fit_head_on_surrogates, \
@@ -97,6 +97,7 @@ SPELLING: dict[str, dict[str, Any]] = {
     "time_budget_minutes": {"flag": "--time-budget", "metavar": "MINUTES"},
     "pca_source": {"choices": PCA_SOURCES},
     "whitening": {"choices": WHITENINGS},
+    "head_pooling": {"choices": tuple(POOLINGS)},
     "triplet_pairs": {"choices": TRIPLET_PAIRS},
     "distill_photos": {"action": argparse.BooleanOptionalAction},
     "distill_cross": {"action": argparse.BooleanOptionalAction},
@@ -307,6 +308,7 @@ def _head_record(cfg: TrainConfig, net: DescriptorNet, explained: float | None, 
         "grid": cfg.head_grid,
         "dim": cfg.head_dim,
         "power": cfg.head_power,
+        "pooling": cfg.head_pooling,
         "whiten": cfg.whiten,
         "whitening": cfg.whitening,
         "pca_patches": cfg.pca_patches,

@@ -90,10 +90,17 @@ def test_metadata_and_signature(exported):
     }
 
 
-@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "exemplar-fast-tiny-distilled", "random"])
+@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "exemplar-fast-tiny-distilled", "random", "random-avg"])
 def test_other_models(tmp_path, random_model, model):
-    # A card path with a head without power compression; the tiny student's 4x4 map, pooled 1x1 per cell.
-    model = random_model if model == "random" else model
+    # A card path with a head without power compression; the tiny student's 4x4 map, pooled 1x1 per cell;
+    # the same card with a head that pools by the mean (an AveragePool in the graph).
+    if model.startswith("random"):
+        card = json.loads(random_model.read_text())
+        card["head"]["pooling"] = "max" if model == "random" else "avg"
+        card["weights_file"] = str(random_model.with_suffix(".pt"))
+        model = tmp_path / f"{model}.json"
+        model.write_text(json.dumps(card))
+        assert load_model(model)[0].head.pooling == card["head"]["pooling"]
     metadata = export_onnx(model, tmp_path / "m.onnx")
     card = load_model(model)[1]
     assert metadata["model"] == card["name"] and metadata["magnification"] == repr(float(card["magnification"]))

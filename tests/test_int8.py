@@ -24,10 +24,10 @@ def _patches(count: int, seed: int) -> torch.Tensor:
     return normalize_patches(torch.rand(count, 1, 32, 32, generator=torch.Generator().manual_seed(seed)))
 
 
-def _one_conv_net() -> DescriptorNet:
+def _one_conv_net(pooling: str = "max") -> DescriptorNet:
     """A fitted descriptor network of one 4x4 stride-2 convolution (16 x 16 maps, pooled 4 x 4)."""
     torch.manual_seed(0)
-    net = DescriptorNet(parse_architecture("8c4s2", pool_after=0), grid=4, dim=16).eval()
+    net = DescriptorNet(parse_architecture("8c4s2", pool_after=0), grid=4, dim=16, pooling=pooling).eval()
     with torch.no_grad():
         net.head.fit(net.head.pool(net.features(_patches(256, 1))))
     return net
@@ -123,8 +123,21 @@ def test_pooling_on_the_integers_equals_pooling_the_floats(side):
     assert torch.equal(_pooled(features.dequantize(), 4), expected)
 
 
-def test_int8_descriptors_are_unit_vectors_near_float32s():
-    net = _one_conv_net()
+@pytest.mark.parametrize("side", [16, 10])
+def test_average_pooling_on_the_integers_is_within_half_a_code(side):
+    """A mean of whole cells is rounded to the map's codes (scale 0.01): within half a code of the floats' mean,
+    plus float32 rounding; without whole cells the floats are pooled, the same computation as on the floats."""
+    g = torch.Generator().manual_seed(6)
+    features = torch.quantize_per_tensor(torch.rand(8, 5, side, side, generator=g), 0.01, 0, torch.quint8)
+    expected = F.adaptive_avg_pool2d(features.dequantize(), 4).permute(0, 2, 3, 1).reshape(8, -1)
+    assert torch.equal(_pooled(features.dequantize(), 4, "avg"), expected)
+    error = (_pooled(features, 4, "avg") - expected).abs().max()
+    assert error <= (0.005 + 1e-6 if side % 4 == 0 else 0)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_int8_descriptors_are_unit_vectors_near_float32s(pooling):
+    net = _one_conv_net(pooling)
     int8 = Int8DescriptorNet(net, calibrate_int8(net, [_patches(256, 5)]))
     x = _patches(64, 7)
     with torch.no_grad():

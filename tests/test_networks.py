@@ -102,20 +102,24 @@ def test_head_power_and_partial_whitening():
         DescriptorHead(in_channels=8, grid=2, dim=4, power=0.0)
 
 
-@pytest.mark.parametrize("grid, side, power", [(4, 8, 0.5), (4, 4, 0.5), (2, 6, 1.0)])
-def test_the_heads_path_for_nonnegative_features_is_the_same_map(grid, side, power):
+@pytest.mark.parametrize("grid, side, power, pooling",
+                         [(4, 8, 0.5, "max"), (4, 4, 0.5, "max"), (2, 6, 1.0, "max"), (4, 8, 0.5, "avg"), (2, 6, 1.0, "avg")])
+def test_the_heads_path_for_nonnegative_features_is_the_same_map(grid, side, power, pooling):
     g = torch.Generator().manual_seed(0)
     features = torch.relu(torch.randn(64, 16, side, side, generator=g))
-    head = DescriptorHead(in_channels=16, grid=grid, dim=8, power=power)
+    head = DescriptorHead(in_channels=16, grid=grid, dim=8, power=power, pooling=pooling)
     head.fit(head.pool(features), whiten=0.5)
     # Float64 reference of the map; both float32 paths round K-term dot products of
     # (x - m) and the projection, each within K u sum|terms| (u = 2^-24), and a unit vector
     # r / |r| moves by at most |dr| / |r| per element (first order), plus a few u of its own.
+    # A float32 mean of a cell's c values is within (c + 1) u of its own value (c - 1 sums
+    # and a division), and the power p <= 1 does not raise a relative error: c + 1 more terms.
     pooled = head._compress(head.pool(features.double()))
     projection, mean = head.projection.double(), head.mean.double()
     raw = (pooled - mean) @ projection
     terms = (pooled.abs() + mean.abs()) @ projection.abs()
-    k, u = pooled.shape[1] + 2, 2.0**-24
+    cell = (side // grid) ** 2 + 1 if pooling == "avg" else 0
+    k, u = pooled.shape[1] + 2 + cell, 2.0**-24
     bound = (k * u * terms).norm(dim=1, keepdim=True) / raw.norm(dim=1, keepdim=True) + 4 * u
     reference = raw / raw.norm(dim=1, keepdim=True)
     for memory_format in (torch.contiguous_format, torch.channels_last):
@@ -142,6 +146,8 @@ def test_bfloat16_features_give_the_descriptors_of_their_float32_values(memory_f
 def test_head_dimension_is_a_parameter():
     with pytest.raises(ValueError):
         DescriptorHead(in_channels=2, grid=2, dim=9)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        DescriptorHead(in_channels=2, grid=2, dim=4, pooling="median")
     assert DescriptorNet(ARCHITECTURES["fast"], dim=64).head.projection.shape == (128 * 16, 64)
 
 

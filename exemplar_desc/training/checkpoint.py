@@ -31,7 +31,7 @@ __all__ = ["TrainState", "CheckpointMismatch", "save_checkpoint", "load_checkpoi
 #: Settings a run may change when it resumes: the machine's, and the head and magnification,
 #: which are fitted after training (a finished run is resumed to refit them).
 RESUME_FREE = ("device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
-               "head_power", "whiten", "pca_patches", "pca_source", "magnification", "min_patch_side", "whitening", "pair_photos",
+               "head_power", "head_pooling", "whiten", "pca_patches", "pca_source", "magnification", "min_patch_side", "whitening", "pair_photos",
                "pair_views", "pair_shrinkage", "pair_emphasis", "pair_tune_steps", "pair_temperature", "pair_noise", "pair_jpeg")
 
 
@@ -131,7 +131,7 @@ def config_record(cfg: TrainConfig) -> dict:
     """JSON-able record of the settings that must match for a resumed run (those that shape the training)."""
     # A loss on descriptors trains through the head, so the head's form shapes the training too;
     # with photo pairs (triplet term or distill_photos), the magnification and the pairs' settings make their pool.
-    free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power"} if cfg.learned_head else set())
+    free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power", "head_pooling"} if cfg.learned_head else set())
     if cfg.photo_pairs:
         free -= {"magnification", "min_patch_side", "pair_photos", "pair_views", "pair_noise", "pair_jpeg"}
     record = {k: v for k, v in vars(cfg).items() if k not in free and k != "transforms"}

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..checks import OptionError, check, check_device, check_number
 from ..images import gather_images
-from ..networks import ARCHITECTURES, Architecture, architecture_from_dict, resolve_architecture
+from ..networks import ARCHITECTURES, POOLINGS, Architecture, architecture_from_dict, resolve_architecture
 from .init_model import describe_architecture, load_init_model
 from .seeds import PAPER_SEED_SCALES, stl10_image_count
 from .transforms import FAMILY_RECORDS, TransformConfig
@@ -98,7 +98,8 @@ class TrainConfig:
     time_budget_minutes: float | None = _setting(
         None, "minutes of training after which the run stops; the lr schedule then follows wall time", "none: the epochs set the length")
     head_layer: int = _setting(-1, "conv layer of the descriptor (0-based, -1: the last)")
-    head_grid: int = _setting(4, "max-pooling grid of the descriptor (G x G cells)")
+    head_grid: int = _setting(4, "pooling grid of the descriptor (G x G cells)")
+    head_pooling: str = _setting("max", "how the head pools each grid cell: max (its strongest response) or avg (its mean)")
     head_dim: int = _setting(128, "descriptor dimension after the PCA")
     head_power: float = _setting(0.5, "exponent in (0, 1] on the pooled features before the PCA (0.5: square root, 1: none)")
     whiten: float = _setting(
@@ -186,6 +187,7 @@ class TrainConfig:
         check_number("head_layer", self.head_layer, low=-layers, high=layers - 1, integer=True)
         pooled = arch.convs[self.head_layer][0] * self.head_grid**2
         check_number("head_dim", self.head_dim, low=1, high=pooled, integer=True)
+        check(self.head_pooling in POOLINGS, "head_pooling", self.head_pooling, f"expected one of {', '.join(POOLINGS)}")
         check(self.pca_source in PCA_SOURCES, "pca_source", self.pca_source, f"expected one of {', '.join(PCA_SOURCES)}")
         _check_loss(self)
         check(self.whitening in WHITENINGS, "whitening", self.whitening, f"expected one of {', '.join(WHITENINGS)}")

@@ -41,14 +41,14 @@ def build_descriptor_net(classifier: ExemplarClassifier, cfg: TrainConfig) -> De
 
     Args:
         classifier: the trained surrogate-class classifier, on any device.
-        cfg: gives ``head_layer``, ``head_grid``, ``head_dim`` and ``head_power``.
+        cfg: gives ``head_layer``, ``head_grid``, ``head_dim``, ``head_power`` and ``head_pooling``.
 
     Returns:
         Descriptor network on the CPU in eval mode: the classifier's trunk up to ``cfg.head_layer``
         (weights and batch-norm statistics copied) and a head of zeros, fitted by
         :func:`fit_head_on_surrogates`, :func:`fit_head_on_keypoints` or :func:`fit_head_on_pairs`.
     """
-    net = DescriptorNet(classifier.trunk.arch, cfg.head_layer, cfg.head_grid, cfg.head_dim, cfg.head_power)
+    net = DescriptorNet(classifier.trunk.arch, cfg.head_layer, cfg.head_grid, cfg.head_dim, cfg.head_power, cfg.head_pooling)
     net.trunk.load_state_dict(classifier.trunk.state_dict(), strict=False)
     return net.eval()
 

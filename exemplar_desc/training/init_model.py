@@ -71,15 +71,15 @@ def init_trunk(model: ExemplarClassifier, init: str) -> dict:
 
 
 #: Keys of a model card's ``head`` and the TrainConfig fields they set.
-_HEAD_FIELDS = {"layer": "head_layer", "grid": "head_grid", "dim": "head_dim", "power": "head_power", "whiten": "whiten",
-                "whitening": "whitening", "pca_patches": "pca_patches", "pca_source": "pca_source"}
+_HEAD_FIELDS = {"layer": "head_layer", "grid": "head_grid", "dim": "head_dim", "power": "head_power", "pooling": "head_pooling",
+                "whiten": "whiten", "whitening": "whitening", "pca_patches": "pca_patches", "pca_source": "pca_source"}
 
 
 def model_settings(card: dict) -> dict[str, Any]:
     """TrainConfig settings that give a new model a saved model's descriptor: its head and magnification.
 
     A run with them on a model's trunk (``init``) fits the same form of head (layer, grid,
-    dimension, power), the same way (whitening, patches, the pairs' views, shrinkage, emphasis and tuning),
+    dimension, power, pooling), the same way (whitening, patches, the pairs' views, shrinkage, emphasis and tuning),
     and describes patches of the same size, so the two models compare like for like.
 
     Args:

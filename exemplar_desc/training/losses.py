@@ -154,12 +154,13 @@ def attach_matching_head(
             samples, M > ``cfg.head_dim``, on ``model``'s device.
     """
     layer = cfg.head_layer % len(model.trunk.blocks)
-    head = DescriptorHead(model.trunk.arch.convs[layer][0], cfg.head_grid, cfg.head_dim, cfg.head_power)
+    head = DescriptorHead(model.trunk.arch.convs[layer][0], cfg.head_grid, cfg.head_dim, cfg.head_power, cfg.head_pooling)
     source = None
     if cfg.init is not None:
         net, card = load_init_model(cfg.init)
-        form = (card["head"]["layer"] % len(model.trunk.blocks), card["head"]["grid"], card["head"]["dim"], card["head"].get("power", 1.0))
-        if form == (layer, cfg.head_grid, cfg.head_dim, cfg.head_power):
+        form = (card["head"]["layer"] % len(model.trunk.blocks), card["head"]["grid"], card["head"]["dim"], card["head"].get("power", 1.0),
+                card["head"].get("pooling", "max"))
+        if form == (layer, cfg.head_grid, cfg.head_dim, cfg.head_power, cfg.head_pooling):
             head.load_state_dict(net.head.state_dict())
             source = f"the head of {cfg.init}"
     if source is None and start_patches is not None:

@@ -2,6 +2,8 @@
 
 import json
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +50,7 @@ def test_run_starts_from_the_init_weights_and_records_them(random_model, folder,
     assert card["training"]["init"] == {"model": str(random_model), "sha256": init_card["sha256"], "conv_layers": "3 of 3"}
     assert card["training"]["steps"] == 2
     assert card["min_patch_side"] == 0.0  # none asked
+    assert card["head"]["pooling"] == "max"  # the default
     # Every written card carries its int8 calibration, from patches of the training photos.
     assert len(card["int8"]["activation_ranges"]) == 6 and card["int8"]["patches"] > 0  # input, 3 convolutions, projection in and out
     if int8_available():
@@ -61,11 +64,20 @@ def test_run_starts_from_the_init_weights_and_records_them(random_model, folder,
 
     # --resume of the finished run takes the trunk from the checkpoint, never again from --init.
     monkeypatch.setattr(loop, "init_trunk", lambda *a: pytest.fail("--resume re-initialised from --init"))
-    assert train_module.main([*args, "--resume", "--head-dim", "8", "--min-patch-side", "20"]) == 0
+    assert train_module.main([*args, "--resume", "--head-dim", "8", "--min-patch-side", "20", "--head-pooling", "avg"]) == 0
     refitted = json.loads((out / "m.json").read_text())
     assert refitted["training"]["init"] == card["training"]["init"]
     assert refitted["min_patch_side"] == 20.0 and model_settings(refitted)["min_patch_side"] == 20.0  # a head setting
+    assert refitted["head"]["pooling"] == "avg" and model_settings(refitted)["head_pooling"] == "avg"
     assert ExemplarDescriptor(out / "m.json", precision="fp32").min_patch_side == 20.0
+    assert load_model(out / "m.json")[0].head.pooling == "avg"
+    if int8_available():  # int8 pools by the mean too: nearer the float32 descriptors than those of max-pooling
+        image = (np.random.default_rng(0).random((96, 96)) * 255).astype(np.uint8)
+        keypoints = [cv2.KeyPoint(float(x), float(y), 4, 30) for x in (30, 48, 66) for y in (30, 48, 66)]
+        avg, int8, max_pooled = (ExemplarDescriptor(out / "m.json", precision=p) for p in ("fp32", "int8", "fp32"))
+        max_pooled.net.head.pooling = "max"
+        avg, int8, max_pooled = (d.compute(image, keypoints)[1] for d in (avg, int8, max_pooled))
+        assert ((int8 - avg) ** 2).sum() < ((int8 - max_pooled) ** 2).sum()
 
 
 def test_a_run_without_init_records_none_and_resumes_a_checkpoint_older_than_the_light_families_and_seed_scales(folder, tmp_path, capsys):
