@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hardware import cpu_supports
-from .networks import POOLINGS, DescriptorNet, compress_nonnegative
+from .networks import FIXED_POOLINGS, POOLINGS, DescriptorNet, compress_nonnegative
 
 __all__ = ["int8_available", "native_int8", "activation_max", "calibrate_int8", "Int8DescriptorNet"]
 
@@ -108,8 +108,7 @@ def _pooled(features: torch.Tensor, grid: int, pooling: str = "max") -> torch.Te
     if features.is_quantized:
         height, width = features.shape[-2:]
         if height % grid == 0 and width % grid == 0:
-            kernel = (height // grid, width // grid)
-            features = F.max_pool2d(features, kernel) if pooling == "max" else F.avg_pool2d(features, kernel)
+            features = FIXED_POOLINGS[pooling](features, (height // grid, width // grid))
         features = features.dequantize()
     if features.shape[-2:] != (grid, grid):
         features = POOLINGS[pooling](features, grid)

@@ -236,6 +236,9 @@ class MatchingHead(nn.Module):
 
 #: The head's pooling of each grid cell: its maximum (every shipped card) or its mean.
 POOLINGS = {"max": F.adaptive_max_pool2d, "avg": F.adaptive_avg_pool2d}
+#: The same poolings with a fixed kernel, which equal them where the grid divides the map
+#: (quantised maps and ONNX graphs have no adaptive form).
+FIXED_POOLINGS = {"max": F.max_pool2d, "avg": F.avg_pool2d}
 
 
 def _pool(features: torch.Tensor, grid: int, pooling: str = "max") -> torch.Tensor:

@@ -5,8 +5,8 @@ The file maps ``patches`` (N, 1, P, P) float32 grey values in [0, 1] to ``descri
 :class:`~exemplar_desc.patch_descriptor.ExemplarPatchDescriptor`, with the per-patch
 standardisation inside the graph and N dynamic. The graph keeps to operators that
 ``cv2.dnn.readNetFromONNX`` reads: batch normalisation folded into the convolutions, the
-head's adaptive pooling as a fixed one (max or average, as the head pools), its signed power as a plain power, and the L2
-normalisation without shape arithmetic. The file's ``metadata_props`` record the model and
+head's adaptive pooling (max or average) as a fixed one, its signed power as a plain power,
+and the L2 normalisation without shape arithmetic. The file's ``metadata_props`` record the model and
 its patch geometry (:data:`METADATA_KEYS`), so a program can cut patches as
 :meth:`~exemplar_desc.ExemplarDescriptor.compute` does without the model card.
 """
@@ -20,11 +20,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_write
 from .model_io import load_model
+from .networks import FIXED_POOLINGS
 from .patches import normalize_patches
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class OnnxDescriptorGraph(nn.Module):
                 f"of the {grid}x{grid} pooling grid, so its adaptive pooling has no fixed-size equivalent"
             )
         self.kernel = (height // grid, width // grid)
-        self.pool = F.max_pool2d if net.head.pooling == "max" else F.avg_pool2d
+        self.pool = FIXED_POOLINGS[net.head.pooling]
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, 1, P, P) float32 grey patches in [0, 1] -> (N, D) float32 descriptors with unit L2 norm."""

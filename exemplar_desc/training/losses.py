@@ -158,8 +158,9 @@ def attach_matching_head(
     source = None
     if cfg.init is not None:
         net, card = load_init_model(cfg.init)
-        form = (card["head"]["layer"] % len(model.trunk.blocks), card["head"]["grid"], card["head"]["dim"], card["head"].get("power", 1.0),
-                card["head"].get("pooling", "max"))
+        # The loaded head's form, with the defaults load_model gives cards older than a setting.
+        form = (card["head"]["layer"] % len(model.trunk.blocks), net.head.grid, net.head.projection.shape[1], net.head.power,
+                net.head.pooling)
         if form == (layer, cfg.head_grid, cfg.head_dim, cfg.head_power, cfg.head_pooling):
             head.load_state_dict(net.head.state_dict())
             source = f"the head of {cfg.init}"
