@@ -32,7 +32,8 @@ __all__ = ["TrainState", "CheckpointMismatch", "save_checkpoint", "load_checkpoi
 #: which are fitted after training (a finished run is resumed to refit them).
 RESUME_FREE = ("device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
                "head_power", "head_pooling", "whiten", "pca_patches", "pca_source", "magnification", "min_patch_side", "whitening", "pair_photos",
-               "pair_views", "pair_shrinkage", "pair_emphasis", "pair_tune_steps", "pair_temperature", "pair_noise", "pair_jpeg")
+               "pair_views", "pair_shrinkage", "pair_emphasis", "pair_tune_steps", "pair_temperature", "pair_noise", "pair_jpeg",
+               "pair_shading")
 
 
 @dataclass
@@ -133,7 +134,7 @@ def config_record(cfg: TrainConfig) -> dict:
     # with photo pairs (triplet term or distill_photos), the magnification and the pairs' settings make their pool.
     free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power", "head_pooling"} if cfg.learned_head else set())
     if cfg.photo_pairs:
-        free -= {"magnification", "min_patch_side", "pair_photos", "pair_views", "pair_noise", "pair_jpeg"}
+        free -= {"magnification", "min_patch_side", "pair_photos", "pair_views", "pair_noise", "pair_jpeg", "pair_shading"}
     record = {k: v for k, v in vars(cfg).items() if k not in free and k != "transforms"}
     record["images"], record["seed_scales"] = list(record["images"]), list(record["seed_scales"])
     record["transforms"] = cfg.transforms.to_dict()

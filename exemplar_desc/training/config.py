@@ -115,6 +115,8 @@ class TrainConfig:
                                  "views, drawn uniformly per view (0: none)")
     pair_jpeg: int | None = _setting(None, "lowest JPEG quality of the pairs' views, drawn uniformly in [Q, 95] per view",
                                      "no compression")
+    pair_shading: float = _setting(0.0, "largest log-gain of a smooth shading on the pairs' views, drawn uniformly per view, "
+                                   "with 0 to 2 soft cast shadows, in linear light after the gamma and gain (0: neither)")
     pair_shrinkage: float = _setting(0.1, "shrinkage in [0, 1] of the within-pair covariance towards its mean eigenvalue")
     pair_emphasis: float = _setting(0.0, "exponent in [0, 1] on each kept axis' ratio of feature to within-pair variance, "
                                     "its weight in the descriptor (0: equal weights; more: fewer wrong nearest neighbours, "
@@ -224,6 +226,7 @@ _BOUNDS: dict[str, dict[str, Any]] = {
     "pair_tune_steps": {"low": 0, "integer": True},
     "pair_temperature": {"low": 0, "low_open": True},
     "pair_noise": {"low": 0},
+    "pair_shading": {"low": 0},
     "pair_jpeg": {"low": 1, "high": 95, "integer": True},
     "margin": {"low": 0, "low_open": True, "high": 2},
     "triplet_weight": {"low": 0, "low_open": True},

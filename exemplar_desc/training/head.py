@@ -207,7 +207,7 @@ def fit_head_on_pairs(net: DescriptorNet, images: Sequence[Path | np.ndarray], m
                 "negatives": "the other keypoints of the same view", "final_loss": round(loss, 4)}
     record = {"pairs": count, "photos": min(cfg.pair_photos, len(images)), "views_per_photo": cfg.pair_views,
               "shrinkage": cfg.pair_shrinkage, "emphasis": cfg.pair_emphasis, "tune": tune, "whiten": cfg.whiten,
-              "noise": cfg.pair_noise, "jpeg": cfg.pair_jpeg, **PAIR_SETTINGS}
+              "noise": cfg.pair_noise, "jpeg": cfg.pair_jpeg, "shading": cfg.pair_shading, **PAIR_SETTINGS}
     return float(ratio.sum()), record
 
 

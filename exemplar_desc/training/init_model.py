@@ -92,7 +92,8 @@ def model_settings(card: dict) -> dict[str, Any]:
     pairs = head.get("pairs") or {}
     if "views_per_photo" in pairs:
         settings.update(pair_views=pairs["views_per_photo"], pair_shrinkage=pairs["shrinkage"],
-                        pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"))
+                        pair_noise=pairs.get("noise", 0.0), pair_jpeg=pairs.get("jpeg"),
+                        pair_shading=pairs.get("shading", 0.0))
     # A head without them (another whitening, or a card older than the options) had neither: 0, whatever a preset says.
     tune = pairs.get("tune") or {}
     settings["pair_emphasis"] = pairs.get("emphasis", 0.0)

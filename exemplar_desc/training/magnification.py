@@ -23,7 +23,7 @@ from ..patches import build_pyramid, keypoint_frames, keypoints_to_arrays
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["random_homography", "synthetic_view", "downscale", "project", "read_gray", "tune_magnification", "CANDIDATES"]
+__all__ = ["random_homography", "shade", "synthetic_view", "downscale", "project", "read_gray", "tune_magnification", "CANDIDATES"]
 
 CANDIDATES = (6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0)
 
@@ -50,14 +50,48 @@ def downscale(gray: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(gray, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
 
 
+def shade(view: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """``view`` under a smooth shading and 0 to 2 soft cast shadows, applied in linear light.
+
+    The shading is exp(s * f), f a random quadratic in x, y (normalised to [-1, 1] over the
+    view) scaled to max |f| = 1, s uniform in [0, ``strength``]. Each shadow keeps a fraction
+    uniform in [0.3, 0.8] of the light beyond a random line, with a logistic edge of scale
+    uniform in [0.005, 0.05] (in those coordinates). The field multiplies (v / 255)^2.2.
+
+    Args:
+        view: (H, W) uint8 grey image.
+        strength: largest log-gain of the shading, > 0.
+
+    Returns:
+        (H, W) uint8.
+    """
+    h, w = view.shape
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    x, y = 2 * x / w - 1, 2 * y / h - 1
+    c = rng.normal(0, 1, 5).astype(np.float32)
+    f = c[0] * x + c[1] * y + c[2] * x * x + c[3] * y * y + c[4] * x * y
+    f = f / (np.abs(f).max() + 1e-6)
+    field = np.exp(rng.uniform(0, strength) * f)
+    for _ in range(int(rng.integers(0, 3))):
+        theta, offset = rng.uniform(0, 2 * np.pi), rng.uniform(-0.7, 0.7)
+        softness = rng.uniform(0.005, 0.05)
+        distance = np.cos(theta) * x + np.sin(theta) * y - offset
+        factor = rng.uniform(0.3, 0.8)
+        field = field * (1 - (1 - factor) / (1 + np.exp(-distance / softness)))
+    linear = (view / 255.0) ** 2.2 * field
+    return np.clip(255 * np.clip(linear, 0, 1) ** (1 / 2.2) + 0.5, 0, 255).astype(np.uint8)
+
+
 def synthetic_view(
-    gray: np.ndarray, rng: np.random.Generator, light: bool = False, noise: float = 0.0, jpeg: int | None = None
+    gray: np.ndarray, rng: np.random.Generator, light: bool = False, noise: float = 0.0, jpeg: int | None = None,
+    shading: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic second view of a photo whose ground truth is exact.
 
     A random homography (:func:`random_homography`), then a Gaussian blur of sigma drawn
     in [0, 2.5] pixels (none below 0.3); with ``light``, then a change of light: gamma in
-    [1/1.5, 1.5] and gain in [0.6, 1.5], both log-uniform; then Gaussian sensor noise of
+    [1/1.5, 1.5] and gain in [0.6, 1.5], both log-uniform; then a shading and shadows of
+    largest log-gain ``shading`` (:func:`shade`); then Gaussian sensor noise of
     sigma uniform in [0, ``noise``] grey levels, and JPEG compression at a quality uniform
     in [``jpeg``, 95]. Each step draws after the ones before, so the views without the
     later steps are those of the same ``rng`` state with them.
@@ -66,6 +100,7 @@ def synthetic_view(
         gray: (H, W) uint8 grey photo.
         noise: largest noise sigma in grey levels (of 255); 0: no noise.
         jpeg: lowest JPEG quality in [1, 95]; None: no compression.
+        shading: largest log-gain of the shading; 0: neither shading nor shadows (nothing drawn).
 
     Returns:
         ((H, W) uint8 warped view, (3, 3) float64 homography mapping ``gray``'s pixels (x, y) to the view's).
@@ -79,6 +114,8 @@ def synthetic_view(
     if light:
         gamma, gain = np.exp(rng.uniform(-np.log(1.5), np.log(1.5))), np.exp(rng.uniform(np.log(0.6), np.log(1.5)))
         warped = np.clip(255 * gain * (warped / 255.0) ** gamma + 0.5, 0, 255).astype(np.uint8)
+    if shading > 0:
+        warped = shade(warped, shading, rng)
     if noise > 0:
         sigma = rng.uniform(0, noise)
         warped = np.clip(warped + rng.normal(0, sigma, warped.shape) + 0.5, 0, 255).astype(np.uint8)

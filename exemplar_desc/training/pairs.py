@@ -28,7 +28,7 @@ __all__ = ["homography_jacobian", "match_frames", "warped_pairs", "configured_pa
 
 #: How the pairs are made (recorded in the model card with their number).
 PAIR_SETTINGS = {
-    "views": "synthetic views of each photo: random homography, blur, gamma and gain, then the sensor noise and JPEG "
+    "views": "synthetic views of each photo: random homography, blur, gamma and gain, then the shading, sensor noise and JPEG "
              "compression recorded beside (training.magnification.synthetic_view)",
     "max_side": 640,
     "keypoints_per_image": 1000,
@@ -92,7 +92,7 @@ def _keypoint_frames(sift: cv2.SIFT, gray: np.ndarray, magnification: float, min
 
 def warped_pairs(
     images: Sequence[Path | np.ndarray], photos: int, views: int, magnification: float, patch_size: int = 32, seed: int = 0,
-    noise: float = 0.0, jpeg: int | None = None, min_side: float = 0.0,
+    noise: float = 0.0, jpeg: int | None = None, min_side: float = 0.0, shading: float = 0.0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Patches of positive pairs (:func:`match_frames`) between photos and their synthetic views.
 
@@ -102,7 +102,7 @@ def warped_pairs(
     Args:
         images: paths or (H, W, 3) RGB / (H, W) grey uint8 arrays.
         magnification: patch side in units of ``KeyPoint.size``, the model's.
-        noise, jpeg: the views' sensor noise and JPEG compression (:func:`.magnification.synthetic_view`).
+        noise, jpeg, shading: the views' sensor noise, JPEG compression and shading (:func:`.magnification.synthetic_view`).
         min_side: smallest patch side in pixels, the model's (:func:`exemplar_desc.patches.keypoint_frames`).
 
     Yields:
@@ -119,7 +119,7 @@ def warped_pairs(
         xy0, frames0 = _keypoint_frames(sift, gray, magnification, min_side)
         pyramid = build_pyramid(gray.astype(np.float32) / 255)
         for _ in range(views):
-            view, hom = synthetic_view(gray, rng, light=True, noise=noise, jpeg=jpeg)
+            view, hom = synthetic_view(gray, rng, light=True, noise=noise, jpeg=jpeg, shading=shading)
             xy1, frames1 = _keypoint_frames(sift, view, magnification, min_side)
             pairs = match_frames((xy0, xy1), (frames0, frames1), hom)
             if len(pairs):
@@ -134,6 +134,6 @@ def configured_pairs(
     images: Sequence[Path | np.ndarray], magnification: float, cfg: "TrainConfig", seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """:func:`warped_pairs` with the run's pair settings (``pair_photos``, ``pair_views``,
-    ``pair_noise``, ``pair_jpeg``, ``patch_size``, ``min_patch_side``), drawn with ``seed``."""
+    ``pair_noise``, ``pair_jpeg``, ``pair_shading``, ``patch_size``, ``min_patch_side``), drawn with ``seed``."""
     return warped_pairs(images, cfg.pair_photos, cfg.pair_views, magnification, cfg.patch_size, seed, cfg.pair_noise, cfg.pair_jpeg,
-                        cfg.min_patch_side)
+                        cfg.min_patch_side, cfg.pair_shading)

@@ -106,7 +106,7 @@ def test_the_relational_loss_is_the_kl_divergence_of_the_views_rankings():
         relational_distillation_loss(views, views, 0.0)
 
 
-def _one_pair_pool(images, count, views, magnification, patch_size, seed, noise, jpeg, min_side):
+def _one_pair_pool(images, count, views, magnification, patch_size, seed, noise, jpeg, min_side, shading):
     """A stand-in for :func:`pairs.warped_pairs`: one pair of two distinct random patches, 20 times."""
     patches = normalize_patches(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)))
     yield patches[:1].expand(20, -1, -1, -1), patches[1:].expand(20, -1, -1, -1)
@@ -241,9 +241,9 @@ def test_photo_pairs_feed_the_triplet_term(folder, tmp_path, monkeypatch):
 
     made, taken = [], []
 
-    def pool(images, photos, views, magnification, patch_size, seed, noise, jpeg, min_side):
+    def pool(images, photos, views, magnification, patch_size, seed, noise, jpeg, min_side, shading):
         made.append((photos, views, magnification, seed))
-        yield from _one_pair_pool(images, photos, views, magnification, patch_size, seed, noise, jpeg, min_side)
+        yield from _one_pair_pool(images, photos, views, magnification, patch_size, seed, noise, jpeg, min_side, shading)
 
     def triplet(a, p, margin):
         taken.append((len(a), bool(torch.allclose(a, a[:1].expand_as(a), atol=1e-5))))
@@ -300,5 +300,5 @@ def test_a_resumed_photo_pair_run_keeps_the_pools_settings():
     """The pairs' settings and the magnification are free on --resume (head-fit settings) unless they make the triplet's pool."""
     photos = TrainConfig(images=("x",), loss="softmax+triplet", triplet_pairs="photos", magnification=10.0)
     views = replace(photos, triplet_pairs="surrogate")
-    pool = {"magnification", "pair_photos", "pair_views", "pair_noise", "pair_jpeg"}
+    pool = {"magnification", "pair_photos", "pair_views", "pair_noise", "pair_jpeg", "pair_shading"}
     assert pool <= set(config_record(photos)) and not pool & set(config_record(views))

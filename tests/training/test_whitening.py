@@ -17,8 +17,9 @@ from exemplar_desc.networks import DescriptorHead
 from exemplar_desc.patches import keypoint_frames
 from exemplar_desc.training import seeds as seeds_module
 from exemplar_desc.training.head import tune_head_on_pairs
+from exemplar_desc.training.init_model import model_settings
 from exemplar_desc.training.losses import info_nce_loss
-from exemplar_desc.training.magnification import project, random_homography, synthetic_view
+from exemplar_desc.training.magnification import project, random_homography, shade, synthetic_view
 from exemplar_desc.training.pairs import homography_jacobian, match_frames
 from tests.cli_checks import assert_bad_option
 
@@ -178,7 +179,7 @@ def test_match_frames_keeps_consistent_detections_once():
 def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_model, photo_bgr, capsys, monkeypatch):
     out = tmp_path / "out"
     argv = [str(folder), "--init", str(random_model), *TINY, "--whitening", "pairs", "--pair-photos", "3", "--pair-views", "1",
-            "--whiten", "1", "--pair-shrinkage", "0.2", "--pair-emphasis", "0.25", "--pair-tune-steps", "3", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--name", "pairs"]
+            "--whiten", "1", "--pair-shrinkage", "0.2", "--pair-emphasis", "0.25", "--pair-tune-steps", "3", "--pair-shading", "0.4", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--name", "pairs"]
     # With --magnification no tuning needs a surrogate PCA head, so none is fitted, and no seeds are drawn.
     monkeypatch.setattr(train_module, "fit_head_on_surrogates", lambda *args: pytest.fail("surrogate PCA fitted for nothing"))
     monkeypatch.setattr(seeds_module, "seed_candidates", lambda *args: pytest.fail("seeds drawn for nothing"))
@@ -192,7 +193,8 @@ def test_cli_refits_a_pairs_head_on_the_init_trunk(folder, tmp_path, random_mode
     head, training = card["head"], card["training"]
     assert head["whitening"] == "pairs" and head["whiten"] == 1.0 and head["dim"] == 16
     assert head["pairs"]["photos"] == 3 and head["pairs"]["views_per_photo"] == 1 and head["pairs"]["shrinkage"] == 0.2
-    assert head["pairs"]["emphasis"] == 0.25
+    assert head["pairs"]["emphasis"] == 0.25 and head["pairs"]["shading"] == 0.4
+    assert model_settings(card)["pair_shading"] == 0.4  # a refit on this model's trunk shades its pairs alike
     assert head["pairs"]["tune"]["steps"] == 3 and head["pairs"]["tune"]["temperature"] == 0.03
     assert math.isfinite(head["pairs"]["tune"]["final_loss"])
     assert head["pairs"]["pairs"] > 16 and 0 < head["explained_variance"] <= 1
@@ -229,6 +231,7 @@ def test_cli_refits_the_pca_head(folder, tmp_path, random_model):
     (["--pair-photos", "0"], "--pair-photos", "0"),
     (["--pair-noise", "-1"], "--pair-noise", "-1"),
     (["--pair-jpeg", "96"], "--pair-jpeg", "96"),
+    (["--pair-shading", "-0.1"], "--pair-shading", "-0.1"),
     (["--whitening", "pairs", "--pca-source", "keypoints"], "--pca-source", "keypoints"),
     (["--refit-head", "--resume", "--init", "INIT"], "--refit-head", "True"),
     (["--refit-head"], "--refit-head", "True"),
@@ -252,3 +255,34 @@ def test_sensor_noise_and_jpeg_come_after_the_views_other_draws():
     assert not np.array_equal(both, noisy)  # the compression changed the view
     again, _ = synthetic_view(gray, np.random.default_rng(1), light=True, noise=8.0, jpeg=10)
     assert np.array_equal(both, again)
+
+
+def test_shade_reaches_its_strength_and_casts_shadows():
+    """On a flat grey view, the field to the power 1/2.2: at most e^(S/2.2), at least (0.3^2 e^-S)^(1/2.2)."""
+    strength, rng = 0.6, np.random.default_rng(2)
+    ratios = np.stack([shade(np.full((60, 80), 128, np.uint8), strength, rng) / 128.0 for _ in range(60)])
+    half = 0.5 / 128  # the rounding to a grey level
+    assert ratios.max() <= np.exp(strength / 2.2) + half and ratios.min() >= (0.09 * np.exp(-strength)) ** (1 / 2.2) - half
+    assert ratios.max() > np.exp(0.9 * strength / 2.2)  # 60 draws come near the largest shading
+    assert ratios.min() < np.exp(-strength / 2.2)  # a shadow darkens beyond any shading
+
+
+def test_shading_comes_after_the_light_and_before_the_noise():
+    gray = cv2.cvtColor(cv2.resize(np.uint8(np.random.default_rng(0).integers(0, 256, (60, 80, 3))), (320, 240)), cv2.COLOR_BGR2GRAY)
+    plain, hom = synthetic_view(gray, np.random.default_rng(1), light=True)
+    strength = 0.6
+    shaded, hom_shaded = synthetic_view(gray, np.random.default_rng(1), light=True, shading=strength)
+    assert np.array_equal(hom, hom_shaded) and shaded.dtype == np.uint8 and shaded.shape == gray.shape
+    assert not np.array_equal(shaded, plain)
+    # In linear light the field lies in [0.3^2 e^-S, e^S] (two shadows keeping 0.3 at least); in grey
+    # levels that is a factor to the power 1/2.2 on the plain view, then rounded to half a grey level.
+    low, high = (0.09 * np.exp(-strength)) ** (1 / 2.2), np.exp(strength) ** (1 / 2.2)
+    p, s = plain.astype(float), shaded.astype(float)
+    assert np.all(s >= low * p - 0.5) and np.all(s <= np.minimum(255, high * p) + 0.5)
+    # The noise draws after the shading: the same field, so the views differ by the noise alone.
+    noisy, _ = synthetic_view(gray, np.random.default_rng(1), light=True, shading=strength, noise=8.0)
+    assert 0 < np.abs(noisy.astype(float) - s).mean() < 8
+    # Without shading nothing is drawn, so earlier runs keep their random stream.
+    kept, before = np.random.default_rng(1), np.random.default_rng(1)
+    synthetic_view(gray, kept, light=True, shading=0.0), synthetic_view(gray, before, light=True)
+    assert kept.random() == before.random()
