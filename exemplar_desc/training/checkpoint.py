@@ -28,12 +28,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TrainState", "CheckpointMismatch", "save_checkpoint", "load_checkpoint", "read_checkpoint", "restore_state", "config_record"]
 
+#: The head's form, which shapes the training when a loss on descriptors trains through the head.
+HEAD_FORM = ("head_layer", "head_grid", "head_dim", "head_power", "head_pooling")
+#: What makes the pool of photo pairs (triplet term or distill_photos): the patches and the pairs' views.
+PHOTO_POOL = ("magnification", "min_patch_side", "pair_photos", "pair_views", "pair_noise", "pair_jpeg", "pair_shading")
 #: Settings a run may change when it resumes: the machine's, and the head and magnification,
 #: which are fitted after training (a finished run is resumed to refit them).
-RESUME_FREE = ("device", "num_threads", "checkpoint_minutes", "head_layer", "head_grid", "head_dim",
-               "head_power", "head_pooling", "whiten", "pca_patches", "pca_source", "magnification", "min_patch_side", "whitening", "pair_photos",
-               "pair_views", "pair_shrinkage", "pair_emphasis", "pair_tune_steps", "pair_temperature", "pair_noise", "pair_jpeg",
-               "pair_shading")
+RESUME_FREE = ("device", "num_threads", "checkpoint_minutes", *HEAD_FORM, "whiten", "pca_patches", "pca_source", "whitening",
+               *PHOTO_POOL, "pair_shrinkage", "pair_emphasis", "pair_tune_steps", "pair_temperature")
 
 
 @dataclass
@@ -130,11 +132,7 @@ class CheckpointMismatch(OptionError):
 
 def config_record(cfg: TrainConfig) -> dict:
     """JSON-able record of the settings that must match for a resumed run (those that shape the training)."""
-    # A loss on descriptors trains through the head, so the head's form shapes the training too;
-    # with photo pairs (triplet term or distill_photos), the magnification and the pairs' settings make their pool.
-    free = set(RESUME_FREE) - ({"head_layer", "head_grid", "head_dim", "head_power", "head_pooling"} if cfg.learned_head else set())
-    if cfg.photo_pairs:
-        free -= {"magnification", "min_patch_side", "pair_photos", "pair_views", "pair_noise", "pair_jpeg", "pair_shading"}
+    free = set(RESUME_FREE) - set(HEAD_FORM if cfg.learned_head else ()) - set(PHOTO_POOL if cfg.photo_pairs else ())
     record = {k: v for k, v in vars(cfg).items() if k not in free and k != "transforms"}
     record["images"], record["seed_scales"] = list(record["images"]), list(record["seed_scales"])
     record["transforms"] = cfg.transforms.to_dict()
