@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_MODEL", "weights_dir", "list_models", "resolve_card_path", "save_model", "load_model", "save_torch", "sha256_of"]
 
 #: The model ExemplarDescriptor() loads when none is named.
-DEFAULT_MODEL = "exemplar-fast-t005-dtp60"
+DEFAULT_MODEL = "exemplar-fast-t005-shaded"
 CARD_FORMAT = 1
 
 

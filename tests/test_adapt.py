@@ -93,7 +93,8 @@ def test_the_adapt_preset_is_the_shipped_stage_from_the_default_with_its_head():
     fast = PRESETS["exemplar-fast-t005"].settings
     assert {k: v for k, v in ADAPT.settings.items() if fast.get(k) != v} == {
         "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet", "whitening": "pairs", "whiten": 1.0,
-        "pair_emphasis": 0.35, "pair_tune_steps": 600, "pair_temperature": 0.03, "min_patch_side": 22.0}
+        "pair_emphasis": 0.45, "pair_tune_steps": 600, "pair_temperature": 0.03, "pair_shading": 0.6, "head_pooling": "avg",
+        "min_patch_side": 22.0}
     _, card = load_init_model(DEFAULT_MODEL)
     layers = len(card["architecture"]["spec"].split("-")) - 1  # the convolutions
     preset, from_card = ADAPT.config(), ADAPT.config(**model_settings(card))
@@ -102,7 +103,8 @@ def test_the_adapt_preset_is_the_shipped_stage_from_the_default_with_its_head():
 
 
 @pytest.mark.parametrize("model, emphasis, steps", [
-    ("exemplar-fast-t005-pairs-emph", 0.175, 0), ("exemplar-fast-t005-pairs-nce", 0.25, 600), (DEFAULT_MODEL, 0.35, 600),
+    ("exemplar-fast-t005-pairs-emph", 0.175, 0), ("exemplar-fast-t005-pairs-nce", 0.25, 600), ("exemplar-fast-t005-dtp60", 0.35, 600),
+    (DEFAULT_MODEL, 0.45, 600),
     ("exemplar-fast-t005-pairs", 0.0, 0)])
 def test_a_base_model_gives_its_pairs_emphasis_and_tuning_to_the_new_head(model, emphasis, steps):
     # A card without the keys (exemplar-fast-t005-pairs', older than the options) fits the plain pairs head.

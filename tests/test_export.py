@@ -83,9 +83,11 @@ def test_metadata_and_signature(exported):
     (inp,), (out,) = proto.graph.input, proto.graph.output
     dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (inp, out)]
     assert (inp.name, out.name) == (INPUT_NAME, OUTPUT_NAME) and dims == [["N", 1, 32, 32], ["N", 128]]
-    # The operators docs/onnx.md lists: no Sign/Abs (the power after a ReLU), no Shape/Expand of N.
+    # The operators docs/onnx.md lists: no Sign/Abs (the power after a ReLU), no Shape/Expand of N; the head's
+    # pooling is the graph's only pooling.
+    pool = {"max": "MaxPool", "avg": "AveragePool"}[card["head"]["pooling"]]
     assert {node.op_type for node in proto.graph.node} - {"Constant"} == {
-        "ReduceMean", "ReduceSum", "Sub", "Mul", "Div", "Add", "Sqrt", "Conv", "Relu", "MaxPool", "Flatten", "Pow", "MatMul",
+        "ReduceMean", "ReduceSum", "Sub", "Mul", "Div", "Add", "Sqrt", "Conv", "Relu", pool, "Flatten", "Pow", "MatMul",
         "ReduceL2", "Clip",
     }
 

@@ -65,11 +65,12 @@ FAST_T005 = Preset(
     stages' commands are in their own cards. The time budget sets the run's length, so the
     number of steps depends on the machine: the shipped run made 13,495 steps of 256
     samples on one CPU thread (``num_threads`` 1, a machine setting the preset leaves alone).
-    The shipped default, ``exemplar-fast-t005-dtp60``, is this network fine-tuned for 60 more
-    minutes (``--loss distill+triplet --triplet-pairs photos``, held near the previous default,
-    ``exemplar-fast-t005-pairs-nce-ms22-e35``, which is this network with a new head), with a
-    head that is a whitening learned from positive pairs of patches at least 22 px wide, its
-    discriminant axes weighted, then tuned by InfoNCE; both commands are in its card.""",
+    The shipped default, ``exemplar-fast-t005-shaded``, is this network fine-tuned further
+    (``--loss distill+triplet --triplet-pairs photos``, each stage held near the one before:
+    60 minutes to ``exemplar-fast-t005-dtp60``, then three stages of 45 minutes on shaded
+    pairs), with a head that is a whitening learned from positive pairs of patches at least
+    22 px wide, on mean-pooled features, its discriminant axes weighted, then tuned by
+    InfoNCE; its card holds the head's and the last stage's commands.""",
     MappingProxyType({
         "init": "exemplar-fast-t01",
         "num_classes": 2000,
@@ -93,13 +94,13 @@ ADAPT = Preset(
     once more from the shipped default itself (``init``: ``DEFAULT_MODEL``), for 15 minutes, with the
     softmax+triplet loss, which trains the distance matching compares as well as the
     surrogate classes, and the shipped default's head: the learned whitening of positive
-    pairs (W 1, shrinkage 0.1, emphasis 0.35) tuned by 600 InfoNCE steps (temperature 0.03),
-    on patches at least 22 px wide. The command takes the head, the magnification and the
+    pairs of shaded views (W 1, shrinkage 0.1, emphasis 0.45, shading 0.6) on mean-pooled
+    features, tuned by 600 InfoNCE steps (temperature 0.03), on patches at least 22 px wide. The command takes the head, the magnification and the
     smallest patch side from the model it adapts (for the default, these settings), and
     gives a small folder fewer classes than 2000 when its photos give fewer seeds.""",
     MappingProxyType({**FAST_T005.settings, "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet",
-                      "whitening": "pairs", "whiten": 1.0, "pair_emphasis": 0.35, "pair_tune_steps": 600,
-                      "pair_temperature": 0.03, "min_patch_side": 22.0}),
+                      "whitening": "pairs", "whiten": 1.0, "pair_emphasis": 0.45, "pair_tune_steps": 600,
+                      "pair_temperature": 0.03, "pair_shading": 0.6, "head_pooling": "avg", "min_patch_side": 22.0}),
 )
 
 DISTILL = Preset(
