@@ -95,9 +95,10 @@ ADAPT = Preset(
     softmax+triplet loss, which trains the distance matching compares as well as the
     surrogate classes, and the shipped default's head: the learned whitening of positive
     pairs of shaded views (W 1, shrinkage 0.1, emphasis 0.45, shading 0.6) on mean-pooled
-    features, tuned by 600 InfoNCE steps (temperature 0.03), on patches at least 22 px wide. The command takes the head, the magnification and the
-    smallest patch side from the model it adapts (for the default, these settings), and
-    gives a small folder fewer classes than 2000 when its photos give fewer seeds.""",
+    features, tuned by 600 InfoNCE steps (temperature 0.03), on patches at least 22 px wide.
+    The command takes the head, the magnification and the smallest patch side from the model
+    it adapts (for the default, these settings), and gives a small folder fewer classes than
+    2000 when its photos give fewer seeds.""",
     MappingProxyType({**FAST_T005.settings, "init": DEFAULT_MODEL, "time_budget_minutes": 15.0, "loss": "softmax+triplet",
                       "whitening": "pairs", "whiten": 1.0, "pair_emphasis": 0.45, "pair_tune_steps": 600,
                       "pair_temperature": 0.03, "pair_shading": 0.6, "head_pooling": "avg", "min_patch_side": 22.0}),
