@@ -92,7 +92,7 @@ def test_metadata_and_signature(exported):
     }
 
 
-@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "exemplar-fast-tiny-distilled", "random", "random-avg"])
+@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "exemplar-fast-tiny-shaded", "random", "random-avg"])
 def test_other_models(tmp_path, random_model, model):
     # A card path with a head without power compression; the tiny student's 4x4 map, pooled 1x1 per cell;
     # the same card with a head that pools by the mean (an AveragePool in the graph).

@@ -106,16 +106,18 @@ ADAPT = Preset(
 
 DISTILL = Preset(
     "distill",
-    "distil exemplar-fast-t005-pairs-nce into fast-tiny, a network of a ninth of its FLOPs, in 40 minutes (loss distill)",
-    """The recipe of ``exemplar-fast-tiny-distilled`` (docs/distillation.md): the ``fast-tiny``
-    network from random weights learns the descriptors of ``exemplar-fast-t005-pairs-nce``
+    "distil exemplar-fast-t005-shaded into fast-tiny, a network of a ninth of its FLOPs, in 40 minutes (loss distill)",
+    """The recipe of ``exemplar-fast-tiny-shaded`` (docs/distillation.md): the ``fast-tiny``
+    network from random weights learns the descriptors of ``exemplar-fast-t005-shaded``
     (``teacher``, the shipped default when it was trained) on surrogate samples of 2000
     seeds, by the loss ``distill``, for 40 minutes at lr 0.25, and keeps the head it learned
-    (``whitening`` learned). The head's form and the magnification are the teacher's (layer
-    2 of 3, square root, 128-D, 10). The earlier student, ``exemplar-fast-small-distilled``,
-    spells its own recipe out in its card.""",
-    MappingProxyType({"arch": "fast-tiny", "loss": "distill", "teacher": "exemplar-fast-t005-pairs-nce", "whitening": "learned",
-                      "head_layer": 2, "head_power": 0.5, "magnification": 10.0, "num_classes": 2000,
+    (``whitening`` learned). The head's form, the magnification and the 22-pixel patch floor
+    are the teacher's (layer 2 of 3, square root, 128-D, 10, ``min_patch_side``). The earlier
+    students, ``exemplar-fast-small-distilled`` and ``exemplar-fast-tiny-distilled``, spell
+    their own recipes out in their cards (the tiny one's, taught by
+    ``exemplar-fast-t005-pairs-nce``, had no floor: ``--min-patch-side 0``).""",
+    MappingProxyType({"arch": "fast-tiny", "loss": "distill", "teacher": "exemplar-fast-t005-shaded", "whitening": "learned",
+                      "head_layer": 2, "head_power": 0.5, "magnification": 10.0, "min_patch_side": 22.0, "num_classes": 2000,
                       "samples_per_class": 1000, "epochs": 1000, "time_budget_minutes": 40.0, "batch_size": 256,
                       "lr": 0.25, "seed": 1}),
 )

@@ -34,7 +34,7 @@ def _recipe_arguments(command: str) -> list[str]:
     return kept
 
 
-@pytest.mark.parametrize("preset, model", [("exemplar-fast-t005", "exemplar-fast-t005"), ("distill", "exemplar-fast-tiny-distilled")])
+@pytest.mark.parametrize("preset, model", [("exemplar-fast-t005", "exemplar-fast-t005"), ("distill", "exemplar-fast-tiny-shaded")])
 def test_a_shipped_preset_is_the_shipped_cards_recipe(preset, model):
     card = json.loads(resolve_card_path(model).read_text())
     training = card["training"]
