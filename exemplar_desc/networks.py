@@ -109,6 +109,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "fast-small": parse_architecture("16c4s2-32c3s2-64c3-256f", pool_after=0, batch_norm=True),
     "fast-tiny": parse_architecture("16c4s2-32c3s2-64c3s2-256f", pool_after=0, batch_norm=True),
     "fast-medium": parse_architecture("32c4s2-48c3s2-64c3-256f", pool_after=0, batch_norm=True),
+    # fast with three quarters and half the filters of its third convolution, started from a fast model's channels
+    # of most weight (``init``, training/init_model.py); 0.8x and 0.6x fast's int8 network time.
+    "fast-96": parse_architecture("32c4s2-64c3s2-96c3-256f", pool_after=0, batch_norm=True),
+    "fast-64": parse_architecture("32c4s2-64c3s2-64c3-256f", pool_after=0, batch_norm=True),
 }
 
 

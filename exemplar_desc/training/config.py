@@ -10,7 +10,7 @@ from typing import Any
 from ..checks import OptionError, check, check_device, check_number
 from ..images import gather_images
 from ..networks import ARCHITECTURES, POOLINGS, Architecture, architecture_from_dict, resolve_architecture
-from .init_model import describe_architecture, load_init_model
+from .init_model import describe_architecture, load_init_model, narrows
 from .seeds import PAPER_SEED_SCALES, stl10_image_count
 from .transforms import FAMILY_RECORDS, TransformConfig
 
@@ -135,7 +135,8 @@ class TrainConfig:
         "min_patch_side / magnification get patches of this side (the head's, the int8 calibration's and the card's)")
     init: str | None = _setting(
         None, "model (shipped name or .pt/.json path) whose conv layers the run starts from; the classifier layers "
-        "start fresh, and arch must give the model's architecture", "random weights")
+        "start fresh; arch gives the model's architecture or one with fewer filters per convolution, which starts "
+        "from the model's channels of most weight", "random weights")
     transforms: TransformConfig = TransformConfig()
 
     @property
@@ -282,7 +283,7 @@ def _check_loss(cfg: TrainConfig) -> None:
 
 
 def _check_arch(cfg: TrainConfig) -> Architecture:
-    """The architecture ``arch`` names, checked to be the ``init`` model's."""
+    """The architecture ``arch`` names, checked to be the ``init`` model's or a narrower form of it (:func:`narrows`)."""
     try:
         arch = resolve_architecture(cfg.arch)
     except ValueError as err:
@@ -291,8 +292,9 @@ def _check_arch(cfg: TrainConfig) -> Architecture:
         _, card = load_init_model(cfg.init)
         init_arch = architecture_from_dict(card["architecture"])
         check(
-            arch == init_arch, "arch", cfg.arch,
-            f"the init model {cfg.init} has the architecture {describe_architecture(init_arch)}, not "
-            f"{describe_architecture(arch)}; leave arch unset to take the model's",
+            arch == init_arch or narrows(arch, init_arch), "arch", cfg.arch,
+            f"the init model {cfg.init} has the architecture {describe_architecture(init_arch)}, neither "
+            f"{describe_architecture(arch)} nor a form of it with fewer filters per convolution; leave arch unset "
+            "to take the model's",
         )
     return arch

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..networks import DescriptorHead, ExemplarClassifier, MatchingHead
 from .config import TrainConfig
-from .init_model import load_init_model
+from .init_model import head_rows, kept_channels, load_init_model
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,12 @@ def attach_matching_head(
         form = (card["head"]["layer"] % len(model.trunk.blocks), net.head.grid, net.head.projection.shape[1], net.head.power,
                 net.head.pooling)
         if form == (layer, cfg.head_grid, cfg.head_dim, cfg.head_power, cfg.head_pooling):
-            head.load_state_dict(net.head.state_dict())
+            state = net.head.state_dict()
+            if head.mean.shape != state["mean"].shape:  # a narrower trunk (init_trunk): the rows of the channels it kept
+                widths = [block[0].out_channels for block in model.trunk.blocks[: layer + 1]]
+                rows = head_rows(kept_channels(net, widths)[layer], net.head.grid)
+                state = {key: value[rows] for key, value in state.items()}
+            head.load_state_dict(state)
             source = f"the head of {cfg.init}"
     if source is None and start_patches is not None:
         patches = start_patches()

@@ -80,6 +80,50 @@ def test_run_starts_from_the_init_weights_and_records_them(random_model, folder,
         assert ((int8 - avg) ** 2).sum() < ((int8 - max_pooled) ** 2).sum()
 
 
+def test_narrows_takes_fewer_filters_of_the_same_layout_only():
+    fast = resolve_architecture("fast")
+    assert init_model.narrows(resolve_architecture("fast-96"), fast) and init_model.narrows(resolve_architecture("fast-small"), fast)
+    assert not init_model.narrows(fast, resolve_architecture("fast-96"))  # wider
+    assert not init_model.narrows(resolve_architecture("fast-tiny"), fast)  # a stride changed
+    assert not init_model.narrows(resolve_architecture("exemplar-small"), resolve_architecture("exemplar-nips"))  # no batch norm
+
+
+def test_a_narrower_trunk_starts_from_the_init_channels_of_most_weight(random_model):
+    source = load_model(random_model)[0].eval()
+    model = ExemplarClassifier(resolve_architecture("fast-96"), num_classes=8)
+    record = init_model.init_trunk(model, str(random_model))
+    assert record["channels_kept"] == ["32 of 32", "64 of 64", "96 of 128"] and record["conv_layers"] == "3 of 3"
+    kept = init_model.kept_channels(source, [32, 64, 96])
+    assert [len(k) for k in kept] == [32, 64, 96] and torch.equal(kept[0], torch.arange(32))
+    # The first two convolutions are whole, so the narrower trunk computes the init's kept maps (float64: no rounding
+    # beyond 1e-12 of these unit-scale maps).
+    patches = torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        narrow, whole = model.trunk.double().eval()(patches), source.trunk.double()(patches)
+    assert torch.allclose(narrow, whole[:, kept[2]], atol=1e-9, rtol=0)
+
+    # Channels that nothing reads, or that their batch norm keeps below zero, go first.
+    source = load_model(random_model)[0]
+    with torch.no_grad():
+        source.trunk.blocks[2][1].bias[:32] = -50.0  # dead after the ReLU
+        source.trunk.blocks[2][0].weight[:, 5] = 0.0  # conv 2's channel 5, read by nothing
+    kept = init_model.kept_channels(source, [32, 63, 96])
+    assert torch.equal(kept[2], torch.arange(32, 128)) and torch.equal(kept[1], torch.tensor([c for c in range(64) if c != 5]))
+
+
+def test_a_narrower_run_starts_from_the_init_head_rows_of_its_channels(random_model, folder, tmp_path):
+    out = tmp_path / "out"
+    args = [str(folder), *TINY, "--init", str(random_model), "--arch", "fast-96", "--loss", "distill", "--teacher",
+            str(random_model), "--whitening", "learned", "--head-dim", "128", "--head-power", "1", "--lr", "1e-30",
+            "--weight-decay", "0", "--workdir", str(tmp_path / "work"), "--out-dir", str(out), "--name", "m"]
+    assert train_module.main(args) == 0
+    card = json.loads((out / "m.json").read_text())
+    assert card["architecture_name"] == "fast-96" and card["training"]["init"]["channels_kept"][2] == "96 of 128"
+    source, trained = load_model(random_model)[0], load_model(out / "m.json")[0]
+    rows = init_model.head_rows(init_model.kept_channels(source, [32, 64, 96])[2], 4)
+    assert torch.allclose(trained.head.projection, source.head.projection[rows], atol=1e-20, rtol=0)
+
+
 def test_a_run_without_init_records_none_and_resumes_a_checkpoint_older_than_the_light_families_and_seed_scales(folder, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     args = [str(folder), *TINY, "--workdir", str(work), "--out-dir", str(out), "--name", "m"]
