@@ -92,9 +92,11 @@ def test_metadata_and_signature(exported):
     }
 
 
-@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "exemplar-fast-tiny-shaded", "random", "random-avg"])
+@pytest.mark.parametrize("model", ["exemplar-fast-t005-d256", "exemplar-fast-tiny-shaded", "exemplar-fast-64-shaded", "random",
+                                   "random-avg"])
 def test_other_models(tmp_path, random_model, model):
-    # A card path with a head without power compression; the tiny student's 4x4 map, pooled 1x1 per cell;
+    # A card path with a head without power compression; the tiny student's 4x4 map, pooled 1x1 per cell; the pruned
+    # student's 64 channels;
     # the same card with a head that pools by the mean (an AveragePool in the graph).
     if model.startswith("random"):
         card = json.loads(random_model.read_text())

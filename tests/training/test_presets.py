@@ -61,6 +61,18 @@ def test_a_shipped_preset_is_the_shipped_cards_recipe(preset, model):
     assert from_preset.magnification == card["magnification"]
 
 
+def test_the_pruned_student_is_the_distill_preset_from_the_default_channels():
+    card = json.loads(resolve_card_path("exemplar-fast-64-shaded").read_text())
+    training = card["training"]
+    cfg, args = _config(_recipe_arguments(training["command"]))
+    preset, _ = _config([*training["data"]["image_folders"], "--preset", "distill"])
+    changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(preset, f.name)}
+    assert args.preset == "distill" and changed == {"arch", "init", "head_pooling", "lr"}
+    assert (cfg.arch, cfg.init, cfg.teacher, cfg.head_pooling, cfg.lr) == ("fast-64", cfg.teacher, "exemplar-fast-t005-shaded", "avg", 0.05)
+    assert card["architecture_name"] == "fast-64" and card["head"]["pooling"] == "avg"
+    assert training["init"]["model"] == cfg.init and training["init"]["channels_kept"] == ["32 of 32", "64 of 64", "64 of 128"]
+
+
 def test_explicit_options_override_the_preset(tmp_path):
     cfg, _ = _config([str(tmp_path), "--translation", "0.1", "--preset", "exemplar-fast-t005", "--lr", "0.02", "--without", "blur"])
     assert cfg.transforms.translation == 0.1 and cfg.lr == 0.02 and cfg.transforms.blur == 0.0
