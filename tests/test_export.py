@@ -96,8 +96,7 @@ def test_metadata_and_signature(exported):
                                    "random-avg"])
 def test_other_models(tmp_path, random_model, model):
     # A card path with a head without power compression; the tiny student's 4x4 map, pooled 1x1 per cell; the pruned
-    # student's 64 channels;
-    # the same card with a head that pools by the mean (an AveragePool in the graph).
+    # student's 64 channels; the same card with a head that pools by the mean (an AveragePool in the graph).
     if model.startswith("random"):
         card = json.loads(random_model.read_text())
         card["head"]["pooling"] = "max" if model == "random" else "avg"

@@ -68,7 +68,8 @@ def test_the_pruned_student_is_the_distill_preset_from_the_default_channels():
     preset, _ = _config([*training["data"]["image_folders"], "--preset", "distill"])
     changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(preset, f.name)}
     assert args.preset == "distill" and changed == {"arch", "init", "head_pooling", "lr"}
-    assert (cfg.arch, cfg.init, cfg.teacher, cfg.head_pooling, cfg.lr) == ("fast-64", cfg.teacher, "exemplar-fast-t005-shaded", "avg", 0.05)
+    default = "exemplar-fast-t005-shaded"  # init and teacher alike: the student starts from the channels of its teacher
+    assert (cfg.arch, cfg.init, cfg.teacher, cfg.head_pooling, cfg.lr) == ("fast-64", default, default, "avg", 0.05)
     assert card["architecture_name"] == "fast-64" and card["head"]["pooling"] == "avg"
     assert training["init"]["model"] == cfg.init and training["init"]["channels_kept"] == ["32 of 32", "64 of 64", "64 of 128"]
 
