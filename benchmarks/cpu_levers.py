@@ -10,7 +10,10 @@ torch threads; SIFT's ``compute`` runs in every round. Rounds alternate all vari
 background load hits them alike; reported are the median time and the median over rounds
 of the time / SIFT's time of the same round. ``--int8`` adds the int8 convolutions
 (``precision="int8"``, :mod:`exemplar_desc.int8`, with the ranges calibrated in the model
-card); every variant's cosine similarity to float32 is reported (descriptors are unit vectors).
+card); ``--onnx`` adds the model's ONNX file (:mod:`exemplar_desc.onnx_export`) run by OpenCV's
+``cv2.dnn`` on the patches ``compute`` cuts, what an OpenCV program without torch runs
+(docs/onnx.md). Every variant's cosine similarity to float32 is reported (descriptors are
+unit vectors); the thread count applies to torch and OpenCV alike.
 
 ``--split`` instead says where one ``compute`` (float32, or ``--precision bf16``) spends
 its time, on one thread: pyramid, sampling, standardisation, each convolution with its
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -33,6 +38,7 @@ import torch
 from exemplar_desc import ExemplarDescriptor
 from exemplar_desc.cli import ArgumentParser, report
 from exemplar_desc.checks import check, check_number
+from exemplar_desc.onnx_export import export_onnx
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
 
 __all__ = ["main", "split_times"]
@@ -41,7 +47,19 @@ __all__ = ["main", "split_times"]
 def _keypoint_frames(descriptor: ExemplarDescriptor, keypoints: list[cv2.KeyPoint]) -> tuple[np.ndarray, np.ndarray]:
     """(N, 2) centres and (N, 2, 2) patch frames of ``keypoints``, in pixels, as ``descriptor.compute`` cuts them."""
     xy, size, angle = keypoints_to_arrays(keypoints)
-    return xy, keypoint_frames(size, None if descriptor.upright else angle, descriptor.magnification)
+    return xy, keypoint_frames(size, None if descriptor.upright else angle, descriptor.magnification, descriptor.min_patch_side)
+
+
+class _DnnVariant:
+    """``descriptor``'s ONNX file in ``cv2.dnn``, on the (N, 1, P, P) patches in [0, 1] that ``descriptor.compute`` cuts."""
+
+    def __init__(self, descriptor: ExemplarDescriptor, path: Path) -> None:
+        self.descriptor, self.net = descriptor, cv2.dnn.readNetFromONNX(str(path))
+
+    def compute(self, image: np.ndarray, keypoints: list[cv2.KeyPoint]) -> tuple[list[cv2.KeyPoint], np.ndarray]:
+        xy, frames = _keypoint_frames(self.descriptor, keypoints)
+        self.net.setInput(extract_patches(build_pyramid(gray_tensor(image)), xy, frames, self.descriptor.patch_size).numpy())
+        return keypoints, self.net.forward()
 
 
 @torch.inference_mode()
@@ -100,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-features", type=int, default=2000, help="SIFT keypoints (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="rounds (default: %(default)s)")
     p.add_argument("--int8", action="store_true", help="also time the int8 convolutions (the model card's calibration)")
+    p.add_argument("--onnx", action="store_true", help="also time the model's ONNX file in cv2.dnn (needs the onnx package)")
     p.add_argument("--split", action="store_true", help="instead, time each stage of one compute on one thread")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="with --split: the arithmetic of the convolutions (default: %(default)s)")
@@ -124,22 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"fp32": fp32, "fp32 NCHW": nchw, "bf16": bf16}
     if args.int8:
         variants["int8"] = ExemplarDescriptor(args.model, precision="int8")
+    if args.onnx:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            export_onnx(args.model, path)
+            variants["onnx cv2.dnn"] = _DnnVariant(fp32, path)
     reference = fp32.compute(image, keypoints)[1]
-    threads = torch.get_num_threads()
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     calls = {(name, t): d for name, d in variants.items() for t in sorted({1, threads})}
     times: dict[object, list[float]] = {key: [] for key in [*calls, "sift"]}
     for round_ in range(args.repeats + 1):  # round 0 warms up
         for key in times:
-            if key == "sift":
-                start = time.perf_counter()
-                sift.compute(image, keypoints)
-            else:
-                torch.set_num_threads(key[1])
-                start = time.perf_counter()
-                calls[key].compute(image, keypoints)
+            torch.set_num_threads(threads if key == "sift" else key[1])
+            cv2.setNumThreads(cv_threads if key == "sift" else key[1])
+            start = time.perf_counter()
+            (sift if key == "sift" else calls[key]).compute(image, keypoints)
             if round_:
                 times[key].append(time.perf_counter() - start)
     torch.set_num_threads(threads)
+    cv2.setNumThreads(cv_threads)
     print(f"image {image.shape[1]}x{image.shape[0]}, {len(keypoints)} SIFT keypoints, {args.repeats} rounds; "
           f"SIFT median {1000 * statistics.median(times['sift']):.1f} ms")
     print(f"{'variant':<12s} {'threads':>7s} {'median ms':>10s} {'x SIFT':>7s} {'min cos':>8s} {'median cos':>10s}")

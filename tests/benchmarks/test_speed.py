@@ -6,6 +6,7 @@ import re
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import benchmarks.speed as speed
 from benchmarks.speed import main
@@ -115,3 +116,15 @@ def test_cpu_levers_split_times_every_stage_and_the_convolutions_rate(images, ca
     assert names[3:6] == ["conv 1 1->16 on 32x32", "conv 2 16->32 on 16x16", "conv 3 32->64 on 8x8"]
     assert names[6] == "head" and re.fullmatch(r"matrix product \d+x288 @ 288x64", names[7])
     assert all(m[3] is not None for m in stages[3:6]) and stages[7][3] is not None and stages[6][3] is None
+
+
+def test_cpu_levers_times_the_onnx_file_in_cv2_dnn_on_the_patches_compute_cuts(images, capsys):
+    from benchmarks.cpu_levers import main as levers
+
+    path = images[0].split(":")[0]
+    assert levers(["--image", path, "--num-features", "30", "--repeats", "1", "--onnx", "--model", "exemplar-fast-small-distilled"]) == 0
+    rows = re.findall(r"^onnx cv2\.dnn\s+(\d+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)$", capsys.readouterr().out, re.M)
+    assert sorted(int(r[0]) for r in rows) == sorted({1, torch.get_num_threads()})
+    # The same patches through both: float32 rounding in another order, within 1e-4 per entry of a
+    # unit 128-vector (tests/test_export.py), so a cosine of at least 1 - 128e-8 / 2 > 0.99999.
+    assert all(float(r[3]) >= 0.9999 for r in rows), rows
