@@ -10,7 +10,8 @@ torch threads; SIFT's ``compute`` runs in every round. Rounds alternate all vari
 background load hits them alike; reported are the median time and the median over rounds
 of the time / SIFT's time of the same round. ``--int8`` adds the int8 convolutions
 (``precision="int8"``, :mod:`exemplar_desc.int8`, with the ranges calibrated in the model
-card); ``--onnx`` adds the model's ONNX file (:mod:`exemplar_desc.onnx_export`) run by OpenCV's
+card); ``--qnnpack`` adds them packed for QNNPACK, ARM's quantised engine, whose portable
+kernels give ARM's descriptors on any CPU (their time on x86 says nothing of ARM's); ``--onnx`` adds the model's ONNX file (:mod:`exemplar_desc.onnx_export`) run by OpenCV's
 ``cv2.dnn`` on the patches ``compute`` cuts, what an OpenCV program without torch runs
 (docs/onnx.md). Every variant's cosine similarity to float32 is reported (descriptors are
 unit vectors); the thread count applies to torch and OpenCV alike.
@@ -37,6 +38,7 @@ import torch
 
 from exemplar_desc import ExemplarDescriptor
 from exemplar_desc.cli import ArgumentParser, report
+from exemplar_desc.int8 import ENGINES, Int8DescriptorNet
 from exemplar_desc.checks import check, check_number
 from exemplar_desc.onnx_export import export_onnx
 from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-features", type=int, default=2000, help="SIFT keypoints (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="rounds (default: %(default)s)")
     p.add_argument("--int8", action="store_true", help="also time the int8 convolutions (the model card's calibration)")
+    p.add_argument("--qnnpack", action="store_true",
+                   help="also run int8 packed for QNNPACK, ARM's engine: ARM's descriptors (not ARM's time)")
     p.add_argument("--onnx", action="store_true", help="also time the model's ONNX file in cv2.dnn (needs the onnx package)")
     p.add_argument("--split", action="store_true", help="instead, time each stage of one compute on one thread")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"fp32": fp32, "fp32 NCHW": nchw, "bf16": bf16}
     if args.int8:
         variants["int8"] = ExemplarDescriptor(args.model, precision="int8")
+    if args.qnnpack:
+        arm = ExemplarDescriptor(args.model, precision="fp32")
+        arm.net = Int8DescriptorNet(arm.net, arm.card.get("int8"), engine=ENGINES["arm"])
+        variants["int8 qnnpack"] = arm
     if args.onnx:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.onnx"

@@ -38,7 +38,7 @@ from exemplar_desc.cli import ArgumentParser, add_shared_options, report
 from exemplar_desc.checks import OptionError, check, check_device, check_number, check_output_dir
 from exemplar_desc.descriptor import native_bf16
 from exemplar_desc.hardware import cpu_supports
-from exemplar_desc.int8 import ENGINE as INT8_ENGINE, INT8_CPUS, native_int8
+from exemplar_desc.int8 import INT8_CPUS, int8_available
 from exemplar_desc.registry import is_exemplar
 
 from .descriptors import build_descriptors, catalogue
@@ -159,8 +159,8 @@ def _variants(name: str, wanted: list[str], device: torch.device, batch_size: in
             skipped[variant] = ("no bfloat16 hardware (AVX512-BF16 or AMX) on this CPU" if device.type == "cpu" else
                                 "no bfloat16 hardware on this GPU (compute capability 8.0+)") + "; emulated bf16 is slower than fp32"
             continue
-        if variant == "int8" and not native_int8(device):
-            skipped[variant] = f"int8 needs {INT8_CPUS} (torch's {INT8_ENGINE} quantised engine)"
+        if variant == "int8" and not int8_available(device):
+            skipped[variant] = f"int8 needs {INT8_CPUS} and torch's quantised engine for it"
             continue
         made, reasons = build_descriptors([name], device=str(device), precision=variant, batch_size=batch_size)
         if name in made:

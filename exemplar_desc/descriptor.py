@@ -12,7 +12,7 @@ import torch
 
 from .checks import check, check_number
 from .hardware import cpu_supports
-from .int8 import ENGINE as INT8_ENGINE, INT8_CPUS, Int8DescriptorNet, native_int8
+from .int8 import INT8_CPUS, Int8DescriptorNet, int8_available, native_int8
 from .model_io import load_model
 from .networks import DescriptorNet
 from .quantization import quantize_uint8
@@ -207,8 +207,8 @@ class ExemplarDescriptor:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' requested but CUDA is not available; use device='cpu'")
         resolve_precision(precision, self.device)  # a bad value fails before the model loads
-        check(precision != "int8" or native_int8(self.device), "precision", precision,
-              f"needs {INT8_CPUS} (torch's {INT8_ENGINE} quantised engine); use 'auto' or 'fp32'")
+        check(precision != "int8" or int8_available(self.device), "precision", precision,
+              f"needs {INT8_CPUS} and torch's quantised engine for it; use 'auto' or 'fp32'")
         self.net, self.card = load_model(model, self.device)
         if precision == "auto":
             precision = resolve_precision(precision, self.device, int8_calibrated=bool(self.card.get("int8")))

@@ -6,9 +6,19 @@ They decide which arithmetic ``precision="auto"`` takes (:func:`exemplar_desc.de
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
-__all__ = ["cpu_supports"]
+__all__ = ["cpu_family", "cpu_supports"]
+
+
+def cpu_family() -> str:
+    """``"x86"``, ``"arm"`` or ``"other"``: the instruction-set family of this machine's CPU, from ``platform.machine()``."""
+    machine = platform.machine().lower()
+    if machine in {"x86_64", "amd64", "i386", "i686", "x86"}:
+        return "x86"
+    return "arm" if machine in {"aarch64", "arm64"} or machine.startswith("arm") else "other"
 
 
 def cpu_supports(feature: str) -> bool:

@@ -1,9 +1,9 @@
-"""int8 inference of the descriptor network on x86 CPUs: static quantisation.
+"""int8 inference of the descriptor network on x86 and ARM CPUs: static quantisation.
 
 The convolutions (each fused with its ReLU) and the head's projection run on 8-bit integers
-through PyTorch's oneDNN quantised engine, on x86 CPUs with AVX2 (:func:`int8_available`):
-weights symmetric int8 per output channel; activations unsigned 8-bit per tensor over their
-full range, or 7-bit on AVX512 CPUs without VNNI (:func:`activation_max`). The ranges of the
+through PyTorch's oneDNN quantised engine on x86 CPUs with AVX2, and through QNNPACK on ARM
+(:func:`int8_engine`): weights symmetric int8 per output channel; activations unsigned 8-bit
+per tensor over their full range, or 7-bit on AVX512 CPUs without VNNI (:func:`activation_max`). The ranges of the
 activations (the trunk's input and each convolution's output, the projection's input and
 output) are calibrated once, on patches at SIFT keypoints of the
 training photos, by the training command, which records them in the model card
@@ -28,52 +28,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hardware import cpu_supports
+from .hardware import cpu_family, cpu_supports
 from .networks import FIXED_POOLINGS, POOLINGS, DescriptorNet, compress_nonnegative
 
-__all__ = ["int8_available", "native_int8", "activation_max", "calibrate_int8", "Int8DescriptorNet"]
+__all__ = ["int8_engine", "int8_available", "native_int8", "activation_max", "calibrate_int8", "Int8DescriptorNet"]
 
-#: PyTorch's quantised engine the int8 path runs on. Not "x86": that engine hands the
-#: convolutions to FBGEMM on CPUs without AVX512-VNNI and on every OS but Linux, and FBGEMM's
-#: AVX2 and AVX512 kernels saturate the cards' full-range activations (the default's min cosine on graf 0.965 on AVX2).
-ENGINE = "onednn"
+#: PyTorch's quantised engine the int8 path runs on, per CPU family (:func:`int8_engine`). On x86
+#: not "x86": that engine hands the convolutions to FBGEMM on CPUs without AVX512-VNNI and on every
+#: OS but Linux, and FBGEMM's AVX2 and AVX512 kernels saturate the cards' full-range activations (the
+#: default's min cosine on graf 0.965 on AVX2). On ARM QNNPACK, the engine of PyTorch's ARM builds.
+ENGINES = {"x86": "onednn", "arm": "qnnpack"}
 #: The CPUs :func:`int8_available` accepts, for messages.
-INT8_CPUS = "an x86 CPU with AVX2"
+INT8_CPUS = "an x86 CPU with AVX2 or an ARM CPU"
 _QMIN, _QMAX = 0, 255  # unsigned 8-bit activations over their full range: the calibration's codes
 
 
-def int8_available() -> bool:
-    """Whether this machine runs the int8 network as it was measured: torch's oneDNN quantised
-    engine on an x86 CPU with AVX2 (with AVX512-VNNI, AVX512 without VNNI, or AVX2 alone).
+def int8_engine() -> str | None:
+    """PyTorch's quantised engine that runs the int8 network on this machine (:data:`ENGINES`):
+    ``"onednn"`` on an x86 CPU with AVX2, ``"qnnpack"`` on ARM; None on other CPUs, or where this
+    torch was built without the engine."""
+    family = cpu_family()
+    engine = ENGINES.get(family) if family != "x86" or cpu_supports("avx2") else None
+    return engine if engine in torch.backends.quantized.supported_engines else None
 
-    Refused on ARM, whose kernels were not measured (docs/model-development.md, section 9).
-    """
-    return ENGINE in torch.backends.quantized.supported_engines and cpu_supports("avx2")
+
+def int8_available(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` runs the int8 network: a CPU with an engine of :func:`int8_engine`
+    (oneDNN with AVX512-VNNI, AVX512 without VNNI or AVX2 alone on x86; QNNPACK on ARM)."""
+    return torch.device(device).type == "cpu" and int8_engine() is not None
 
 
-def activation_max() -> int:
-    """The largest activation code of the int8 network on this CPU: 255, or 127 on AVX512 CPUs without VNNI.
+def activation_max(engine: str | None = None) -> int:
+    """The largest activation code of the int8 network on this CPU (``engine``: the quantised engine it
+    runs on, default :func:`int8_engine`): 255, or 127 for oneDNN on AVX512 CPUs without VNNI.
 
     Without VNNI, oneDNN's AVX512 kernels sum two products of 8-bit activations and weights
     in 16 bits, which 255 x 127 x 2 overflows and 127 x 127 x 2 does not (the default model's
     min cosine to float32 on graf: 0.959 with 8-bit activations, 0.992 with 7-bit ones). Its
-    AVX2 kernels and its VNNI ones keep 8 bits (0.996). The card's ranges serve both: 7 bits spread the
-    same range over half the codes.
+    AVX2 kernels and its VNNI ones keep 8 bits (0.996), as QNNPACK does, which widens each code to 16 bits
+    and sums the products in 32. The card's ranges serve both: 7 bits spread the same range over half the codes.
     """
+    if (engine or int8_engine()) == ENGINES["arm"]:
+        return _QMAX
     return _QMAX if cpu_supports("vnni") or not cpu_supports("avx512") else _QMAX // 2
 
 
 def native_int8(device: str | torch.device) -> bool:
-    """Whether ``device`` runs int8 (:func:`int8_available` on the CPU): there it is the fastest
-    arithmetic that keeps the benchmark results (docs/throughput.md), so ``precision="auto"`` takes it."""
-    return torch.device(device).type == "cpu" and int8_available()
+    """Whether ``precision="auto"`` takes int8 on ``device``: an x86 CPU where :func:`int8_available`
+    holds. There it is the fastest arithmetic that keeps the benchmark results (docs/throughput.md).
+    On ARM int8 runs when asked for, but ``auto`` does not take it: its speed there was not measured."""
+    return int8_available(device) and int8_engine() == ENGINES["x86"]
 
 
 @contextmanager
-def _engine() -> Iterator[None]:
-    """:data:`ENGINE` while weights are packed (the packing picks the kernels); the caller's engine is restored afterwards."""
+def _engine(engine: str) -> Iterator[None]:
+    """``engine`` while weights are packed (the packing picks the kernels); the caller's engine is restored afterwards."""
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = ENGINE
+    torch.backends.quantized.engine = engine
     try:
         yield
     finally:
@@ -195,7 +206,7 @@ def calibrate_int8(net: DescriptorNet, batches: Iterable[torch.Tensor]) -> dict:
 
 
 class Int8DescriptorNet(nn.Module):
-    """A :class:`DescriptorNet` run in int8 (x86, :func:`int8_available`) with its card's calibration: the
+    """A :class:`DescriptorNet` run in int8 (:func:`int8_available`) with its card's calibration: the
     trunk's convolutions and the head's projection on 8-bit integers (activations over
     :func:`activation_max` codes), the pooling on the trunk's integers, the power and the
     normalisation in float32.
@@ -204,15 +215,25 @@ class Int8DescriptorNet(nn.Module):
         - Input: (B, 1, P, P) float standardised patches.
         - Output: (B, dim) float32 unit-length descriptors, as ``DescriptorNet``'s.
 
+    Args:
+        net: the float network.
+        calibration: the card's ``int8`` record (:func:`calibrate_int8`).
+        engine: the quantised engine to pack for, a value of :data:`ENGINES` (default: :func:`int8_engine`,
+            this CPU's). QNNPACK's kernels are portable: packed for it, an x86 CPU computes ARM's descriptors.
+
     Raises:
-        ValueError: the card holds no int8 calibration, or the number of its ranges does not fit the network.
-        RuntimeError: int8 does not run on this machine (:func:`int8_available`).
+        ValueError: the card holds no int8 calibration, or the number of its ranges does not fit the
+            network, or ``engine`` is not a value of :data:`ENGINES`.
+        RuntimeError: int8 does not run on this machine (:func:`int8_available`), or this torch lacks ``engine``.
     """
 
-    def __init__(self, net: DescriptorNet, calibration: dict | None) -> None:
+    def __init__(self, net: DescriptorNet, calibration: dict | None, engine: str | None = None) -> None:
         super().__init__()
-        if not int8_available():
-            raise RuntimeError(f"int8 needs {INT8_CPUS} and PyTorch's {ENGINE} quantised engine "
+        if engine is not None and engine not in ENGINES.values():
+            raise ValueError(f"engine must be one of {', '.join(ENGINES.values())} or None, got {engine!r}")
+        engine = engine or int8_engine()
+        if engine not in torch.backends.quantized.supported_engines:
+            raise RuntimeError(f"int8 needs {INT8_CPUS} and PyTorch's quantised engine for it ({ENGINES}) "
                                f"(engines here: {', '.join(torch.backends.quantized.supported_engines)}); "
                                "use precision='fp32' or 'auto'")
         if not calibration or "activation_ranges" not in calibration:
@@ -221,13 +242,13 @@ class Int8DescriptorNet(nn.Module):
         from torch.ao.quantization.observer import MinMaxObserver
         from torch.ao.quantization.quantize_fx import convert_fx
 
-        prepared = _prepared_pair(net, MinMaxObserver, torch.zeros(1, 1, 32, 32), activation_max())
+        prepared = _prepared_pair(net, MinMaxObserver, torch.zeros(1, 1, 32, 32), activation_max(engine))
         observers, ranges = _activation_observers(*prepared), calibration["activation_ranges"]
         if len(ranges) != len(observers):
             raise ValueError(f"the card's int8 calibration has {len(ranges)} ranges, the network needs {len(observers)}")
         for observer, (low, high) in zip(observers, ranges):
             observer.min_val, observer.max_val = torch.tensor(float(low)), torch.tensor(float(high))
-        with _engine(), warnings.catch_warnings():
+        with _engine(engine), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notices of quantised tensors
             self.trunk, self.projection = (convert_fx(module) for module in prepared)
         self.head = net.head  # for its shape and device (exemplar_desc.descriptor.describe_images)

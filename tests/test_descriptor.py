@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from exemplar_desc import ExemplarDescriptor
+from exemplar_desc import ExemplarDescriptor, int8
 from exemplar_desc.checks import OptionError
 from exemplar_desc.descriptor import native_bf16, resolve_precision
-from exemplar_desc.int8 import ENGINE as INT8_ENGINE, activation_max, native_int8
+from exemplar_desc.int8 import ENGINES, activation_max, int8_available, native_int8
 
 
 @pytest.fixture(scope="module")
@@ -278,21 +278,25 @@ def test_bf16_stays_within_cosine_0999_of_fp32(photo_bgr, keypoints):
         ExemplarDescriptor(precision="int4")
 
 
-@pytest.mark.parametrize("vnni, avx2, avx512, codes", [
-    (True, True, True, 255),  # AVX512-VNNI
-    (False, True, False, 255),  # AVX2 alone: oneDNN's AVX2 kernels keep 8-bit activations
-    (False, True, True, 127),  # AVX512 without VNNI: its kernels sum pairs in 16 bits, so 7-bit activations
-    (False, False, False, None),  # neither (and ARM)
+@pytest.mark.parametrize("family, vnni, avx2, avx512, codes", [
+    ("x86", True, True, True, 255),  # AVX512-VNNI
+    ("x86", False, True, False, 255),  # AVX2 alone: oneDNN's AVX2 kernels keep 8-bit activations
+    ("x86", False, True, True, 127),  # AVX512 without VNNI: its kernels sum pairs in 16 bits, so 7-bit activations
+    ("x86", False, False, False, None),  # neither
+    ("arm", False, False, False, 255),  # QNNPACK sums in 32 bits
+    ("other", False, False, False, None),
 ])
-def test_int8_runs_on_the_cpus_its_kernels_were_measured_on(monkeypatch, vnni, avx2, avx512, codes):
+def test_int8_runs_on_the_cpus_its_kernels_were_measured_on(monkeypatch, family, vnni, avx2, avx512, codes):
     for probe, value in (("_is_vnni_supported", vnni), ("_is_avx2_supported", avx2), ("_is_avx512_supported", avx512)):
         monkeypatch.setattr(torch.cpu, probe, lambda value=value: value)
-    engine = INT8_ENGINE in torch.backends.quantized.supported_engines
-    assert native_int8("cpu") == (codes is not None and engine)
-    if native_int8("cpu"):
+    monkeypatch.setattr(int8, "cpu_family", lambda: family)
+    engine = ENGINES.get(family) in torch.backends.quantized.supported_engines
+    assert int8_available("cpu") == (codes is not None and engine) and not int8_available("meta")
+    assert native_int8("cpu") == (int8_available("cpu") and family == "x86")  # auto: x86 only, where it was timed
+    if int8_available("cpu"):
         assert activation_max() == codes
     else:
-        with pytest.raises(OptionError, match="precision 'int8': needs an x86 CPU with AVX2"):
+        with pytest.raises(OptionError, match="precision 'int8': needs an x86 CPU with AVX2 or an ARM CPU"):
             ExemplarDescriptor(device="cpu", precision="int8")
 
 

@@ -11,13 +11,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exemplar_desc import ExemplarDescriptor
+from exemplar_desc import ExemplarDescriptor, int8 as int8_module
 from exemplar_desc.hardware import cpu_supports
-from exemplar_desc.int8 import INT8_CPUS, Int8DescriptorNet, _pooled, activation_max, calibrate_int8, int8_available
+from exemplar_desc.int8 import ENGINES, INT8_CPUS, Int8DescriptorNet, _pooled, activation_max, calibrate_int8, int8_available
 from exemplar_desc.networks import DescriptorNet, parse_architecture
 from exemplar_desc.patches import normalize_patches
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason=f"int8 needs {INT8_CPUS}")
+
+#: The CPU families whose int8 engine runs here. QNNPACK (ARM's) is portable: x86 builds of torch
+#: carry it, so its arithmetic is tested on x86 machines too.
+_FAMILIES = [family for family, engine in ENGINES.items() if engine in torch.backends.quantized.supported_engines
+             and (family != "x86" or cpu_supports("avx2"))]
+
+
+@pytest.fixture(params=_FAMILIES)
+def family(request, monkeypatch) -> str:
+    """Each CPU family's int8 engine in turn, as :func:`exemplar_desc.int8.int8_engine` picks it on such a CPU."""
+    monkeypatch.setattr(int8_module, "cpu_family", lambda: request.param)
+    return request.param
 
 
 def _patches(count: int, seed: int) -> torch.Tensor:
@@ -55,7 +67,11 @@ def _step_edges(count: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("weights", ["random", "positive"])
-def test_int8_convolution_stays_within_its_rounding_bound(weights):
+def test_int8_convolution_stays_within_its_rounding_bound(weights, family):
+    check_rounding_bound(weights)
+
+
+def check_rounding_bound(weights: str) -> None:
     """|int8 - float| per output <= sum_i |w_i| s_x / 2 + |x_i| s_w / 2 (+ their product) + s_x s_w / 2 + s_y / 2:
     input, weight, bias and output rounding, no clipping (the ranges cover the activations).
 
@@ -105,7 +121,7 @@ def test_int8_convolution_keeps_its_bound_with_the_kernels_of_cpus_without_vnni(
         pytest.skip(f"this CPU has no {isa}")
     variables, probe = _KERNELS_WITHOUT_VNNI[isa]
     code = (f"import torch; {probe}import tests.test_int8 as t; from exemplar_desc.int8 import activation_max; "
-            "[t.test_int8_convolution_stays_within_its_rounding_bound(w) for w in ('random', 'positive')]; "
+            "[t.check_rounding_bound(w) for w in ('random', 'positive')]; "
             "print('codes', activation_max())")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **variables}, capture_output=True, text=True,
                           timeout=300, cwd=Path(__file__).parents[1])
@@ -136,7 +152,7 @@ def test_average_pooling_on_the_integers_is_within_half_a_code(side):
 
 
 @pytest.mark.parametrize("pooling", ["max", "avg"])
-def test_int8_descriptors_are_unit_vectors_near_float32s(pooling):
+def test_int8_descriptors_are_unit_vectors_near_float32s(pooling, family):
     net = _one_conv_net(pooling)
     int8 = Int8DescriptorNet(net, calibrate_int8(net, [_patches(256, 5)]))
     x = _patches(64, 7)
@@ -153,11 +169,13 @@ def test_int8_needs_the_cards_calibration(random_model):
         Int8DescriptorNet(net, None)
     with pytest.raises(ValueError, match="has 1 ranges, the network needs 4"):
         Int8DescriptorNet(net, {"activation_ranges": [[0.0, 1.0]]})
-    with pytest.raises(ValueError, match="precision 'int8': needs an x86 CPU with AVX2"):
+    with pytest.raises(ValueError, match="engine must be one of onednn, qnnpack or None, got 'fbgemm'"):
+        Int8DescriptorNet(net, calibrate_int8(net, [_patches(8, 2)]), engine="fbgemm")
+    with pytest.raises(ValueError, match="precision 'int8': needs an x86 CPU with AVX2 or an ARM CPU"):
         ExemplarDescriptor(random_model, device="meta", precision="int8")
 
 
-def test_shipped_default_runs_in_int8(photo_bgr):
+def test_shipped_default_runs_in_int8(photo_bgr, family):
     """The default's card carries its calibration; int8 descriptors are unit vectors near float32's."""
     keypoints = cv2.SIFT_create(nfeatures=300).detect(photo_bgr, None)
     fp32 = ExemplarDescriptor(precision="fp32").compute(photo_bgr, keypoints)[1]

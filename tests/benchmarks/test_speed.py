@@ -36,7 +36,7 @@ def _rows(out):
 
 def test_speed_table_has_every_image_threads_and_variant(capsys, tmp_path, random_model, images, monkeypatch):
     monkeypatch.setattr(speed, "native_bf16", lambda device: False)  # bf16 and int8 show as skipped on any CPU
-    monkeypatch.setattr(speed, "native_int8", lambda device: False)
+    monkeypatch.setattr(speed, "int8_available", lambda device: False)
     assert main(["--descriptor", f"exemplar:{random_model}", "--small", images[0], "--large", images[1],
                  "--threads", "1,2", "--repeats", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -128,3 +128,16 @@ def test_cpu_levers_times_the_onnx_file_in_cv2_dnn_on_the_patches_compute_cuts(i
     # The same patches through both: float32 rounding in another order, within 1e-4 per entry of a
     # unit 128-vector (tests/test_export.py), so a cosine of at least 1 - 128e-8 / 2 > 0.99999.
     assert all(float(r[3]) >= 0.9999 for r in rows), rows
+
+
+@pytest.mark.skipif("qnnpack" not in torch.backends.quantized.supported_engines, reason="this torch has no QNNPACK")
+def test_cpu_levers_runs_int8_packed_for_arms_engine(images, capsys, random_model):
+    from benchmarks.cpu_levers import main as levers
+
+    path = images[0].split(":")[0]
+    assert levers(["--image", path, "--num-features", "30", "--repeats", "1", "--qnnpack", "--model", str(random_model)]) == 0
+    rows = re.findall(r"^int8 qnnpack\s+(\d+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)\s+([\d.]+)$", capsys.readouterr().out, re.M)
+    assert sorted(int(r[0]) for r in rows) == sorted({1, torch.get_num_threads()})
+    # Near float32's: the cosine of two unrelated unit 128-vectors has standard deviation 1 / sqrt(128) = 0.09,
+    # so a median over 30 keypoints above 0.5 is not chance. (The random model's int8 is coarse: min 0.57 on oneDNN too.)
+    assert all(float(r[4]) > 0.5 for r in rows), rows
