@@ -43,11 +43,11 @@ INT8_CPUS = "an x86 CPU with AVX2 or an ARM CPU"
 _QMIN, _QMAX = 0, 255  # unsigned 8-bit activations over their full range: the calibration's codes
 
 
-def int8_engine() -> str | None:
-    """PyTorch's quantised engine that runs the int8 network on this machine (:data:`ENGINES`):
-    ``"onednn"`` on an x86 CPU with AVX2, ``"qnnpack"`` on ARM; None on other CPUs, or where this
-    torch was built without the engine."""
-    family = cpu_family()
+def int8_engine(family: str | None = None) -> str | None:
+    """PyTorch's quantised engine that runs the int8 network on a CPU of ``family`` (default: this
+    machine's, :func:`~exemplar_desc.hardware.cpu_family`; :data:`ENGINES`): ``"onednn"`` on an x86 CPU
+    with AVX2, ``"qnnpack"`` on ARM; None on other CPUs, or where this torch was built without the engine."""
+    family = family or cpu_family()
     engine = ENGINES.get(family) if family != "x86" or cpu_supports("avx2") else None
     return engine if engine in torch.backends.quantized.supported_engines else None
 
@@ -77,7 +77,7 @@ def native_int8(device: str | torch.device) -> bool:
     """Whether ``precision="auto"`` takes int8 on ``device``: an x86 CPU where :func:`int8_available`
     holds. There it is the fastest arithmetic that keeps the benchmark results (docs/throughput.md).
     On ARM int8 runs when asked for, but ``auto`` does not take it: its speed there was not measured."""
-    return int8_available(device) and int8_engine() == ENGINES["x86"]
+    return torch.device(device).type == "cpu" and int8_engine() == ENGINES["x86"]
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from exemplar_desc import ExemplarDescriptor, int8 as int8_module
 from exemplar_desc.hardware import cpu_supports
-from exemplar_desc.int8 import ENGINES, INT8_CPUS, Int8DescriptorNet, _pooled, activation_max, calibrate_int8, int8_available
+from exemplar_desc.int8 import ENGINES, INT8_CPUS, Int8DescriptorNet, _pooled, activation_max, calibrate_int8, int8_available, int8_engine
 from exemplar_desc.networks import DescriptorNet, parse_architecture
 from exemplar_desc.patches import normalize_patches
 
@@ -21,8 +21,7 @@ pytestmark = pytest.mark.skipif(not int8_available(), reason=f"int8 needs {INT8_
 
 #: The CPU families whose int8 engine runs here. QNNPACK (ARM's) is portable: x86 builds of torch
 #: carry it, so its arithmetic is tested on x86 machines too.
-_FAMILIES = [family for family, engine in ENGINES.items() if engine in torch.backends.quantized.supported_engines
-             and (family != "x86" or cpu_supports("avx2"))]
+_FAMILIES = [family for family in ENGINES if int8_engine(family)]
 
 
 @pytest.fixture(params=_FAMILIES)
