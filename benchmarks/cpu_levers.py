@@ -20,7 +20,11 @@ unit vectors); the thread count applies to torch and OpenCV alike.
 its time, on one thread: pyramid, sampling, standardisation, each convolution with its
 rate in GFLOP/s, and the head, beside the rate of a float32 matrix product of the same work
 (the third convolution's im2col shape), the most a float32 convolution can reach through a
-matrix product.
+matrix product. ``--shared`` adds the first convolution computed once per pyramid level and
+sampled at each keypoint's outputs (:func:`first_conv_at_keypoints`), the computation
+keypoints could share: only the first convolution is linear in the patch, so only it could
+be shared under the per-patch standardisation (whose mean and deviation are left out of this
+form's time, in its favour).
 """
 
 from __future__ import annotations
@@ -35,15 +39,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from exemplar_desc import ExemplarDescriptor
 from exemplar_desc.cli import ArgumentParser, report
 from exemplar_desc.int8 import ENGINES, Int8DescriptorNet
 from exemplar_desc.checks import check, check_number
 from exemplar_desc.onnx_export import export_onnx
-from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches
+from exemplar_desc.patches import build_pyramid, extract_patches, gray_tensor, keypoint_frames, keypoints_to_arrays, normalize_patches, \
+    patch_levels
 
-__all__ = ["main", "split_times"]
+__all__ = ["main", "split_times", "level_maps", "first_conv_at_keypoints"]
 
 
 def _keypoint_frames(descriptor: ExemplarDescriptor, keypoints: list[cv2.KeyPoint]) -> tuple[np.ndarray, np.ndarray]:
@@ -64,9 +70,64 @@ class _DnnVariant:
         return keypoints, self.net.forward()
 
 
+def level_maps(conv: torch.nn.Conv2d, pyramid: list[torch.Tensor], levels: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``conv`` run once over each pyramid level in ``levels`` (cast to its dtype): {level: (1, C, H_c, W_c) map}.
+
+    The maps are float32, as the patches are sampled (torch's CPU ``grid_sample`` in bfloat16 is slower and
+    fails on expanded inputs), and channels-last: sampling C channels at a point then reads them together
+    (3x faster on a CPU than NCHW).
+    """
+    return {lev: conv(pyramid[lev].to(conv.weight.dtype)).float().contiguous(memory_format=torch.channels_last)
+            for lev in torch.unique(levels).tolist()}
+
+
+def first_conv_at_keypoints(conv: torch.nn.Conv2d, maps: dict[int, torch.Tensor], centers: np.ndarray, frames: np.ndarray,
+                            levels: torch.Tensor, patch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sample :func:`level_maps` at the outputs that ``conv`` would give on each keypoint's patch.
+
+    Output ``(i, j)`` of ``conv`` on a patch is centred on patch pixel ``stride * (i, j) + (k - 1) / 2 - padding``;
+    its point of the patch's frame is sampled (bilinear) from the map of the patch's level, whose output
+    ``m`` is centred on that level's pixel ``stride * m + (k - 1) / 2 - padding``.
+
+    Args:
+        conv: the convolution (square kernel k, stride, padding).
+        maps: :func:`level_maps` of ``conv``.
+        centers: (N, 2) patch centres (x, y) in level-0 pixels.
+        frames: (N, 2, 2) patch frames in level-0 pixels (:func:`exemplar_desc.patches.keypoint_frames`).
+        levels: (N,) the patches' levels (:func:`exemplar_desc.patches.patch_levels`).
+        patch_size: the patch's side P in pixels.
+
+    Returns:
+        One ``(indices, outputs)`` per level, the next layer's batches as they come (no gather): the (n,) int64
+        indices of the level's patches and their (n, C, Q, Q) float32 outputs, Q the side of
+        ``conv``'s output on a P x P patch. They equal ``conv`` on each patch where the output's window lies
+        inside the patch and the patch's pixels fall on its level's.
+    """
+    k, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    q, offset = (patch_size + 2 * pad - k) // stride + 1, (k - 1) / 2 - pad
+    cells = torch.as_tensor((2 * (stride * np.arange(q) + offset) + 1) / patch_size - 1)  # patch coordinates in [-1, 1]
+    centers, frames = torch.as_tensor(centers, dtype=torch.float64), torch.as_tensor(frames, dtype=torch.float64)
+    out = []
+    for lev, fmap in maps.items():
+        idx = torch.nonzero(levels == lev).flatten()
+        # Level-0 point p is the map's output index ((p + 0.5) / 2^lev - 0.5 - offset) / stride, which
+        # grid_sample wants as (index + 0.5) / size * 2 - 1: one affine map per axis, folded into the
+        # patch's centre and frame (float64), then summed over the q x q outputs in float32.
+        size = torch.tensor(fmap.shape[-1:-3:-1], dtype=torch.float64)
+        scale = 2 / (2.0**lev * stride * size)
+        shift = ((0.5 / 2.0**lev - 0.5 - offset) / stride + 0.5) * 2 / size - 1
+        origin, a = (centers[idx] * scale + shift).float(), (frames[idx] * scale[:, None]).float()
+        rows, columns = a[:, None, :, 1] * cells[None, :, None].float(), a[:, None, :, 0] * cells[None, :, None].float()
+        grid = origin[:, None, None] + rows[:, :, None] + columns[:, None, :]  # (n, q, q, 2)
+        # One batch element per patch over the same map (expand: no copy), so the output needs no transpose.
+        out.append((idx, F.grid_sample(fmap.expand(len(idx), -1, -1, -1), grid, mode="bilinear", padding_mode="border",
+                                       align_corners=False)))
+    return out
+
+
 @torch.inference_mode()
 def split_times(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint],
-                repeats: int) -> list[tuple[str, float, float | None]]:
+                repeats: int, shared: bool = False) -> list[tuple[str, float, float | None]]:
     """Median milliseconds of each stage of ``descriptor.compute(image, keypoints)`` (one batch, CPU).
 
     The stages alternate within each round (:func:`benchmarks.speed.time_calls`).
@@ -74,7 +135,9 @@ def split_times(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: li
     Returns:
         ``(stage, ms, GFLOP/s or None)`` rows: pyramid, sampling, standardisation, each
         convolution block (convolution, folded batch norm, ReLU), head, and last a float32
-        matrix product with the FLOPs of the last convolution, ``(N h w, 9 C_in) @ (9 C_in, C_out)``.
+        matrix product with the FLOPs of the last convolution, ``(N h w, 9 C_in) @ (9 C_in, C_out)``;
+        with ``shared``, then the first convolution once over each level that holds patches
+        (:func:`level_maps`) and the sampling of its maps at the keypoints (:func:`first_conv_at_keypoints`).
     """
     from .speed import time_calls  # here, not at the top: benchmarks.speed imports this module
 
@@ -97,15 +160,25 @@ def split_times(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: li
     a, b = torch.randn(m, k, generator=torch.Generator().manual_seed(0)), torch.randn(k, n, generator=torch.Generator().manual_seed(1))
     name = f"matrix product {m}x{k} @ {k}x{n}"
     calls[name], flops[name] = partial(torch.matmul, a, b), 2 * m * k * n
+    if shared:
+        first = descriptor.net.trunk.blocks[0][0]
+        levels = patch_levels(torch.as_tensor(frames), len(pyramid), descriptor.patch_size)
+        first_maps = level_maps(first, pyramid, levels)
+        name = f"conv 1 once per level ({len(first_maps)} levels)"
+        calls[name] = partial(level_maps, first, pyramid, levels)
+        flops[name] = sum(2 * fmap.numel() * first.kernel_size[0] * first.kernel_size[1] for fmap in first_maps.values())
+        calls[f"sampling conv 1's {first.out_channels} maps"] = partial(
+            first_conv_at_keypoints, first, first_maps, xy, frames, levels, descriptor.patch_size)
     seconds = time_calls(calls, repeats)
     return [(name, 1000 * s, flops[name] / s / 1e9 if name in flops else None) for name, s in seconds.items()]
 
 
-def _print_split(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint], repeats: int) -> None:
+def _print_split(descriptor: ExemplarDescriptor, image: np.ndarray, keypoints: list[cv2.KeyPoint], repeats: int,
+                 shared: bool) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows = split_times(descriptor, image, keypoints, repeats)
+        rows = split_times(descriptor, image, keypoints, repeats, shared)
     finally:
         torch.set_num_threads(threads)
     print(f"{descriptor!r}, {len(keypoints)} keypoints, 1 thread, median of {repeats} runs")
@@ -124,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run int8 packed for QNNPACK, ARM's engine: ARM's descriptors (not ARM's time)")
     p.add_argument("--onnx", action="store_true", help="also time the model's ONNX file in cv2.dnn (needs the onnx package)")
     p.add_argument("--split", action="store_true", help="instead, time each stage of one compute on one thread")
+    p.add_argument("--shared", action="store_true",
+                   help="with --split: also time the first convolution once per pyramid level, sampled at the keypoints")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="with --split: the arithmetic of the convolutions (default: %(default)s)")
     p.add_argument("--model", default=None, help="model name or card (default: the shipped default)")
@@ -133,12 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         check_number("repeats", args.repeats, low=1, integer=True)
         image = cv2.imread(args.image, cv2.IMREAD_GRAYSCALE)
         check(image is not None, "image", args.image, "cannot be read as an image")
+        check(args.split or not args.shared, "shared", True, "it times a stage of --split; add --split")
     except ValueError as err:
         return report(err, p)
     keypoints = cv2.SIFT_create(nfeatures=args.num_features).detect(image, None)
     if args.split:
         split = ExemplarDescriptor(args.model, precision=args.precision, batch_size=max(1, len(keypoints)))
-        _print_split(split, image, keypoints, args.repeats)
+        _print_split(split, image, keypoints, args.repeats, args.shared)
         return 0
     sift = cv2.SIFT_create()
     fp32, bf16 = ExemplarDescriptor(args.model, precision="fp32"), ExemplarDescriptor(args.model, precision="bf16")

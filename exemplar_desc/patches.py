@@ -31,6 +31,7 @@ __all__ = [
     "keypoints_to_arrays",
     "build_pyramid",
     "keypoint_frames",
+    "patch_levels",
     "extract_patches",
     "normalize_patches",
 ]
@@ -196,6 +197,23 @@ def keypoint_frames(size: np.ndarray, angle: np.ndarray | None, magnification: f
     return rotation * (magnification * size / 2)[:, None, None]
 
 
+def patch_levels(frames: torch.Tensor, num_levels: int, patch_size: int = 32) -> torch.Tensor:
+    """The pyramid level each patch is sampled from: the one whose pixel step is closest below the patch's.
+
+    Args:
+        frames: (N, 2, 2) float64 frames ``A`` in level-0 pixels (:func:`keypoint_frames`).
+        num_levels: levels of the pyramid.
+        patch_size: the patch's side P in pixels.
+
+    Returns:
+        (N,) int64 levels, ``floor(log2(step))`` within ``[0, num_levels - 1]``, ``step`` the level-0
+        pixels per patch pixel.
+    """
+    det = frames[:, 0, 0] * frames[:, 1, 1] - frames[:, 0, 1] * frames[:, 1, 0]  # no LU solver for 2x2 (CUDA)
+    step = 2 * torch.sqrt(torch.abs(det)) / patch_size
+    return torch.floor(torch.log2(step.clamp_min(1e-12))).clamp(0, num_levels - 1).long()
+
+
 def extract_patches(
     pyramid: list[torch.Tensor],
     centers: np.ndarray | torch.Tensor,
@@ -227,9 +245,7 @@ def extract_patches(
     out = torch.empty((n, 1, patch_size, patch_size), dtype=torch.float32, device=device)
     if n == 0:
         return out
-    det = frames[:, 0, 0] * frames[:, 1, 1] - frames[:, 0, 1] * frames[:, 1, 0]  # no LU solver for 2x2 (CUDA)
-    step = 2 * torch.sqrt(torch.abs(det)) / patch_size  # level-0 pixels per patch pixel
-    level = torch.floor(torch.log2(step.clamp_min(1e-12))).clamp(0, len(pyramid) - 1).long()
+    level = patch_levels(frames, len(pyramid), patch_size)
     cells = (2 * torch.arange(patch_size, device=device, dtype=torch.float64) + 1) / patch_size - 1
     # A patch whose samples all lie within the level's pixel area gets the same values from
     # grid_sample's border padding as from its reflection, at half the cost on the CPU.

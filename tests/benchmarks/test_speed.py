@@ -94,8 +94,10 @@ def test_cpu_levers_rejects_bad_options(capsys, tmp_path):
 
     assert levers(["--image", str(tmp_path / "missing.ppm")]) == 2
     assert levers(["--image", str(tmp_path / "missing.ppm"), "--repeats", "0"]) == 2
+    cv2.imwrite(str(tmp_path / "img.png"), np.zeros((40, 40), np.uint8))
+    assert levers(["--image", str(tmp_path / "img.png"), "--shared"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert "missing.ppm" in err[0] and "--repeats 0" in err[1]
+    assert "missing.ppm" in err[0] and "--repeats 0" in err[1] and "--shared" in err[2] and "--split" in err[2]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -103,7 +105,7 @@ def test_cpu_levers_split_times_every_stage_and_the_convolutions_rate(images, ca
     from benchmarks.cpu_levers import main as levers
 
     path = images[0].split(":")[0]
-    argv = ["--image", path, "--num-features", "30", "--split", "--repeats", "1", "--model", "exemplar-fast-small-distilled"]
+    argv = ["--image", path, "--num-features", "30", "--split", "--shared", "--repeats", "1", "--model", "exemplar-fast-small-distilled"]
     assert levers([*argv, "--precision", precision]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "exemplar-fast-small-distilled" in lines[0] and "1 thread" in lines[0] and f"precision='{precision}'" in lines[0]
@@ -116,6 +118,37 @@ def test_cpu_levers_split_times_every_stage_and_the_convolutions_rate(images, ca
     assert names[3:6] == ["conv 1 1->16 on 32x32", "conv 2 16->32 on 16x16", "conv 3 32->64 on 8x8"]
     assert names[6] == "head" and re.fullmatch(r"matrix product \d+x288 @ 288x64", names[7])
     assert all(m[3] is not None for m in stages[3:6]) and stages[7][3] is not None and stages[6][3] is None
+    assert re.fullmatch(r"conv 1 once per level \(\d levels\)", names[8]) and stages[8][3] is not None
+    assert names[9:] == ["sampling conv 1's 16 maps"]
+
+
+def test_first_conv_at_keypoints_is_the_convolution_of_each_patch():
+    from benchmarks.cpu_levers import first_conv_at_keypoints, level_maps
+    from exemplar_desc.patches import build_pyramid, extract_patches, keypoint_frames, patch_levels
+
+    image = cv2.GaussianBlur(np.random.default_rng(0).random((200, 240), dtype=np.float32), (0, 0), 1.0)
+    pyramid = build_pyramid(image)
+    conv = torch.nn.Conv2d(1, 8, 4, stride=2, padding=1).requires_grad_(False)
+    torch.nn.init.normal_(conv.weight, generator=torch.Generator().manual_seed(0))
+    # Sides 32 and 64 px: steps 1 and 2, so levels 0 and 1, each patch's pixels on its level's pixels
+    # and its conv outputs on the level map's (centres chosen for both).
+    centers, frames = np.array([[101.5, 81.5], [131.5, 111.5]]), keypoint_frames(np.array([3.2, 6.4]), None, 10.0)
+    levels = patch_levels(torch.as_tensor(frames), len(pyramid), 32)
+    assert levels.tolist() == [0, 1]
+    with torch.no_grad():
+        maps = level_maps(conv, pyramid, levels)
+        shared = torch.empty(2, 8, 16, 16)
+        for idx, outputs in first_conv_at_keypoints(conv, maps, centers, frames, levels, 32):
+            shared[idx] = outputs
+        per_patch = conv(extract_patches(pyramid, centers, frames, 32))
+    # Both grids' float32 rounding moves a sample by at most ~1e-5 pixel (|grid| <= 1, a few operations,
+    # maps and levels under 240 px), so an output moves by that times the maps' largest step between
+    # neighbours, and a patch pixel by that times the image's (< 1), which the filter weighs by sum |w|.
+    step = max(float(torch.diff(m, dim=d).abs().max()) for m in maps.values() for d in (-1, -2))
+    bound = 1e-5 * (step + float(conv.weight.abs().sum()))
+    interior = (slice(None), slice(None), slice(1, -1), slice(1, -1))  # the border outputs see the patch's zero padding
+    assert float((shared - per_patch)[interior].abs().max()) <= bound
+    assert float((shared - per_patch).abs().max()) > 100 * bound
 
 
 def test_cpu_levers_times_the_onnx_file_in_cv2_dnn_on_the_patches_compute_cuts(images, capsys):
