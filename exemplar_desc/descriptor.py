@@ -13,7 +13,7 @@ import torch
 from .checks import check, check_number
 from .hardware import cpu_supports
 from .int8 import INT8_CPUS, Int8DescriptorNet, int8_available, native_int8
-from .model_io import load_model
+from .model_io import load_model, resolve_card_path
 from .networks import DescriptorNet
 from .quantization import quantize_uint8
 from .patches import (
@@ -210,6 +210,7 @@ class ExemplarDescriptor:
         check(precision != "int8" or int8_available(self.device), "precision", precision,
               f"needs {INT8_CPUS} and torch's quantised engine for it; use 'auto' or 'fp32'")
         self.net, self.card = load_model(model, self.device)
+        self._card_path = resolve_card_path(model).resolve()  # for pickling: the card, wherever the copy runs
         if precision == "auto":
             precision = resolve_precision(precision, self.device, int8_calibrated=bool(self.card.get("int8")))
             logger.info("precision='auto' runs %s on %s for %s", precision, self.device, self.card["name"])
@@ -227,7 +228,21 @@ class ExemplarDescriptor:
         self.upright = upright
         self.batch_size = int(batch_size)
         self.output_dtype = np.dtype(output_dtype)
+        self._own_detector = detector is None  # SIFT, which a pickled copy recreates
         self.detector = detector if detector is not None else cv2.SIFT_create()
+
+    def __reduce__(self) -> tuple:
+        """Pickle (``multiprocessing``, ``joblib``, ``copy.deepcopy``) as what rebuilds it: the model card's path,
+        the settings and the arithmetic it runs, so a copy in another process computes the same descriptors.
+
+        Raises:
+            TypeError: it was given its own ``detector``, which cannot be pickled (OpenCV's detectors cannot).
+        """
+        if not self._own_detector:
+            raise TypeError("an ExemplarDescriptor given its own detector cannot be pickled, since OpenCV's detectors "
+                            "cannot; create it in each process, or pickle one with the default detector")
+        return (type(self), (str(self._card_path), str(self.device), self.upright, self.magnification, self.min_patch_side,
+                             self.batch_size, None, self.output_dtype.type, self.precision))
 
     def __repr__(self) -> str:
         return (

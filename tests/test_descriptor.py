@@ -1,5 +1,9 @@
+import copy
 import json
+import pickle
 import shutil
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 import cv2
 import numpy as np
@@ -108,6 +112,38 @@ def test_detector_is_replaceable(random_model, photo_bgr):
     orb = ExemplarDescriptor(random_model, detector=cv2.ORB_create(50))
     kps, desc = orb.detectAndCompute(photo_bgr)
     assert 0 < len(kps) <= 50 and desc.shape == (len(kps), 128)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_pickled_copies_compute_the_same_descriptors(random_model, photo_bgr, keypoints, precision):
+    if precision == "int8" and not int8_available():
+        pytest.skip("int8 does not run on this CPU")
+    original = ExemplarDescriptor(random_model, upright=True, magnification=8, min_patch_side=20, batch_size=64,
+                                  output_dtype=np.uint8, precision=precision)
+    want = original.compute(photo_bgr, keypoints)[1]
+    for twin in (pickle.loads(pickle.dumps(original)), copy.deepcopy(original)):
+        assert repr(twin) == repr(original)
+        assert (twin.min_patch_side, twin.batch_size, twin.output_dtype) == (20, 64, np.uint8)
+        assert np.array_equal(twin.compute(photo_bgr, keypoints)[1], want)
+
+
+def _describe_in_worker(descriptor, image, points, threads):
+    torch.set_num_threads(threads)
+    return descriptor.compute(image, [cv2.KeyPoint(x, y, size, angle) for x, y, size, angle in points])[1]
+
+
+def test_a_pickled_copy_describes_in_a_spawned_process(descriptor, photo_bgr, keypoints):
+    points = [(*kp.pt, kp.size, kp.angle) for kp in keypoints]
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        theirs = pool.submit(_describe_in_worker, descriptor, photo_bgr, points, torch.get_num_threads()).result()
+    # The same float32 arithmetic on the same CPU and thread count; a library that summed in
+    # another order would still stay within float32's rounding of unit vectors (< 1e-5).
+    assert np.abs(theirs - descriptor.compute(photo_bgr, keypoints)[1]).max() < 1e-5
+
+
+def test_a_descriptor_with_its_own_detector_is_not_pickled(random_model):
+    with pytest.raises(TypeError, match="own detector"):
+        pickle.dumps(ExemplarDescriptor(random_model, detector=cv2.ORB_create(50)))
 
 
 def test_upright_ignores_angles(random_model, photo_bgr, keypoints):
