@@ -105,7 +105,8 @@ def first_conv_at_keypoints(conv: torch.nn.Conv2d, maps: dict[int, torch.Tensor]
     """
     k, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     q, offset = (patch_size + 2 * pad - k) // stride + 1, (k - 1) / 2 - pad
-    cells = torch.as_tensor((2 * (stride * np.arange(q) + offset) + 1) / patch_size - 1)  # patch coordinates in [-1, 1]
+    cells = torch.as_tensor((2 * (stride * np.arange(q) + offset) + 1) / patch_size - 1, dtype=torch.float32)[None, :, None]
+    # cells: (1, q, 1) patch coordinates in [-1, 1] of the outputs' centres
     centers, frames = torch.as_tensor(centers, dtype=torch.float64), torch.as_tensor(frames, dtype=torch.float64)
     out = []
     for lev, fmap in maps.items():
@@ -117,7 +118,7 @@ def first_conv_at_keypoints(conv: torch.nn.Conv2d, maps: dict[int, torch.Tensor]
         scale = 2 / (2.0**lev * stride * size)
         shift = ((0.5 / 2.0**lev - 0.5 - offset) / stride + 0.5) * 2 / size - 1
         origin, a = (centers[idx] * scale + shift).float(), (frames[idx] * scale[:, None]).float()
-        rows, columns = a[:, None, :, 1] * cells[None, :, None].float(), a[:, None, :, 0] * cells[None, :, None].float()
+        rows, columns = a[:, None, :, 1] * cells, a[:, None, :, 0] * cells
         grid = origin[:, None, None] + rows[:, :, None] + columns[:, None, :]  # (n, q, q, 2)
         # One batch element per patch over the same map (expand: no copy), so the output needs no transpose.
         out.append((idx, F.grid_sample(fmap.expand(len(idx), -1, -1, -1), grid, mode="bilinear", padding_mode="border",
